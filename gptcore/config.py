@@ -1,0 +1,315 @@
+"""Typed, validated configuration: the one description of every run.
+
+``params.yaml`` is parsed into :class:`Params` (one dataclass per section). Every
+field is type-checked and range-checked at construction, and unknown keys are
+rejected, so a typo in params.yaml fails loudly before any output is touched.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing, unknown, mistyped or out of range."""
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(path: str, value: Any, tp: Any) -> Any:
+    """Check ``value`` against the annotation ``tp``; ints are accepted for floats."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(path, value, arg)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(errors[0] if errors else f"{path}: invalid value {value!r}")
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{path} must be a list, got {value!r}")
+        return [_coerce(f"{path}[{i}]", v, item_tp) for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path} must be a mapping, got {value!r}")
+        return dict(value)
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        return from_dict(tp, value, path)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{path} must be true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{path} must be an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{path} must be a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{path} must be a string, got {value!r}")
+        return value
+    raise TypeError(f"unsupported config type {_type_name(tp)} at {path}")  # programming error
+
+
+def from_dict(cls: type, data: Any, path: str = "") -> Any:
+    """Build dataclass ``cls`` from a mapping, rejecting unknown keys and bad types."""
+    where = path or cls.__name__
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where} must be a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls) if f.init]
+    unknown = sorted(set(data) - set(names))
+    if unknown:
+        raise ConfigError(
+            f"{where}: unknown key(s) {', '.join(map(repr, unknown))}; allowed: {', '.join(names)}"
+        )
+    kwargs = {}
+    for name in names:
+        if name in data:
+            kwargs[name] = _coerce(f"{path + '.' if path else ''}{name}", data[name], hints[name])
+    try:
+        return cls(**kwargs)
+    except ConfigError as exc:
+        # Re-prefix errors from __post_init__ with the section they belong to.
+        msg = str(exc)
+        raise ConfigError(f"{path}.{msg}" if path and not msg.startswith(path) else msg) from None
+
+
+def to_dict(obj: Any) -> dict:
+    return dataclasses.asdict(obj)
+
+
+def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    """``{"model": {"n_layer": 4}}`` -> ``{"model.n_layer": 4}`` (for MLflow params)."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def _check(ok: bool, name: str, value: Any, allowed: str) -> None:
+    if not ok:
+        raise ConfigError(f"{name}={value!r} is invalid; allowed: {allowed}")
+
+
+def _check_choice(name: str, value: Any, choices: tuple) -> None:
+    _check(value in choices, name, value, " | ".join(map(str, choices)))
+
+
+@dataclass(frozen=True)
+class GPTConfig:
+    """Architecture of the GPT. Defaults are the reference model (7,259,008 parameters)."""
+
+    vocab_size: int = 50257
+    block_size: int = 256
+    n_layer: int = 4
+    n_head: int = 4
+    n_embd: int = 128
+    dropout: float = 0.0
+    bias: bool = True
+    attn_impl: str = "sdpa"  # "sdpa" (fast, default) or "math" (the explicit equations)
+    layer_norm_eps: float = 1e-5
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
+            value = getattr(self, name)
+            _check(isinstance(value, int) and not isinstance(value, bool) and value > 0,
+                   name, value, "a positive integer")
+        _check(self.n_embd % self.n_head == 0, "n_embd", self.n_embd,
+               f"a multiple of n_head={self.n_head}")
+        _check(isinstance(self.dropout, (int, float)) and 0.0 <= self.dropout < 1.0,
+               "dropout", self.dropout, "0 <= dropout < 1")
+        _check(self.layer_norm_eps > 0, "layer_norm_eps", self.layer_norm_eps, "> 0")
+        _check_choice("attn_impl", self.attn_impl, ("sdpa", "math"))
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "GPTConfig":
+        return from_dict(cls, data)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class SourceFile:
+    url: str
+    sha256: str
+
+    def __post_init__(self) -> None:
+        _check(len(self.sha256) == 64 and all(c in "0123456789abcdef" for c in self.sha256),
+               "sha256", self.sha256, "64 lowercase hex digits")
+
+
+def _default_sources() -> dict[str, SourceFile]:
+    from .tokenizer import GPT2_FILES
+
+    return {
+        "input.txt": SourceFile(
+            "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt",
+            "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"),
+        "vocab.bpe": SourceFile(
+            "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/vocab.bpe",
+            GPT2_FILES["vocab.bpe"]),
+        "encoder.json": SourceFile(
+            "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/encoder.json",
+            GPT2_FILES["encoder.json"]),
+    }
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    raw_dir: str = "data/raw"
+    processed_dir: str = "data/processed"
+    val_fraction: float = 0.1
+    retries: int = 4
+    timeout_s: float = 60.0
+    sources: dict = field(default_factory=_default_sources)
+
+    def __post_init__(self) -> None:
+        _check(0.0 < self.val_fraction < 1.0, "val_fraction", self.val_fraction, "0 < val_fraction < 1")
+        _check(self.retries >= 0, "retries", self.retries, ">= 0")
+        _check(self.timeout_s > 0, "timeout_s", self.timeout_s, "> 0")
+        srcs = {}
+        for name, spec in self.sources.items():
+            srcs[name] = spec if isinstance(spec, SourceFile) else from_dict(SourceFile, spec, f"data.sources.{name}")
+        object.__setattr__(self, "sources", srcs)
+        _check("input.txt" in srcs, "sources", sorted(srcs), "a mapping that includes 'input.txt'")
+
+
+@dataclass(frozen=True)
+class TokenizerConfig:
+    kind: str = "gpt2"  # "gpt2" (tiktoken BPE) or "char"
+
+    def __post_init__(self) -> None:
+        _check_choice("kind", self.kind, ("gpt2", "char"))
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    out_dir: str = "models"
+    seed: int = 1337
+    device: str = "auto"  # auto | cpu | cuda
+    dtype: str = "bfloat16"  # compute dtype under autocast: float32 | bfloat16 | float16
+    compile: bool = False
+    batch_size: int = 16
+    grad_accum_steps: int = 1
+    max_steps: int = 1000
+    learning_rate: float = 3e-3
+    min_lr: float = 3e-4
+    warmup_steps: int = 50
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.99
+    grad_clip: float = 1.0
+    eval_interval: int = 100
+    eval_batches: int = 20
+    patience: int = 5
+    checkpoint_interval: int = 100
+    log_interval: int = 10
+    threads: int = 0  # 0 = torch's default
+
+    def __post_init__(self) -> None:
+        for name in ("batch_size", "grad_accum_steps", "max_steps", "eval_interval",
+                     "eval_batches", "checkpoint_interval", "log_interval"):
+            _check(getattr(self, name) > 0, name, getattr(self, name), "a positive integer")
+        for name in ("warmup_steps", "patience", "threads", "seed"):
+            _check(getattr(self, name) >= 0, name, getattr(self, name), ">= 0 (0 disables patience)")
+        _check(self.learning_rate > 0, "learning_rate", self.learning_rate, "> 0")
+        _check(0 <= self.min_lr <= self.learning_rate, "min_lr", self.min_lr, f"0 <= min_lr <= learning_rate ({self.learning_rate})")
+        _check(self.weight_decay >= 0, "weight_decay", self.weight_decay, ">= 0")
+        _check(0 <= self.beta1 < 1, "beta1", self.beta1, "0 <= beta1 < 1")
+        _check(0 <= self.beta2 < 1, "beta2", self.beta2, "0 <= beta2 < 1")
+        _check(self.grad_clip >= 0, "grad_clip", self.grad_clip, ">= 0 (0 disables clipping)")
+        _check_choice("device", self.device, ("auto", "cpu", "cuda"))
+        _check_choice("dtype", self.dtype, ("float32", "bfloat16", "float16"))
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    batch_size: int = 8
+    dtype: str = "float32"
+
+    def __post_init__(self) -> None:
+        _check(self.batch_size > 0, "batch_size", self.batch_size, "a positive integer")
+        _check_choice("dtype", self.dtype, ("float32", "bfloat16", "float16"))
+
+
+@dataclass(frozen=True)
+class SampleConfig:
+    prompts: list[str] = field(default_factory=lambda: ["HAMLET:", "First Citizen:", "ROMEO:"])
+    max_new_tokens: int = 200
+    temperature: float = 0.8
+    top_k: int = 200
+    top_p: float = 0.95
+    repetition_penalty: float = 1.0
+    seed: int = 1337
+
+    def __post_init__(self) -> None:
+        from .generate import SamplingConfig  # validation lives with the sampler
+
+        _check(len(self.prompts) > 0, "prompts", self.prompts, "a non-empty list of strings")
+        SamplingConfig(max_new_tokens=self.max_new_tokens, temperature=self.temperature,
+                       top_k=self.top_k, top_p=self.top_p,
+                       repetition_penalty=self.repetition_penalty, seed=self.seed)
+
+
+@dataclass(frozen=True)
+class Params:
+    """Everything in params.yaml."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    model: GPTConfig = field(default_factory=GPTConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Params":
+        return from_dict(cls, data)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    """Read and validate params.yaml; errors name the file and the field."""
+    import yaml
+
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: file not found") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    try:
+        return Params.from_dict(raw or {})
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None

@@ -1,0 +1,212 @@
+"""A GPT-2-style decoder written from the equations.
+
+Names follow GPT-2's own (``wte``, ``wpe``, ``c_attn``, ``c_proj``, ``ln_f``, ``lm_head``)
+so that importing or exporting GPT-2 weights is a table, not a puzzle (see ``hf.py``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torch.utils.checkpoint
+
+from ..config import GPTConfig
+
+
+@dataclass
+class KVCache:
+    """Keys and values of every layer for positions ``0 .. length-1``.
+
+    Preallocated to ``block_size`` so a decoding step writes one slot instead of
+    concatenating (which would copy the whole cache every token).
+    """
+
+    k: list[torch.Tensor]  # per layer: (B, nh, block_size, hs)
+    v: list[torch.Tensor]
+    length: int = 0
+
+    @classmethod
+    def empty(cls, config: GPTConfig, batch_size: int, device, dtype) -> "KVCache":
+        hs = config.n_embd // config.n_head
+        shape = (batch_size, config.n_head, config.block_size, hs)
+        return cls(
+            k=[torch.empty(shape, device=device, dtype=dtype) for _ in range(config.n_layer)],
+            v=[torch.empty(shape, device=device, dtype=dtype) for _ in range(config.n_layer)],
+        )
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.n_head = config.n_head
+        self.n_embd = config.n_embd
+        self.impl = config.attn_impl
+        self.dropout = config.dropout
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)  # fused Q, K, V
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.attn_dropout = nn.Dropout(config.dropout)
+        self.resid_dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+        B, T, C = x.shape
+        hs = C // self.n_head
+        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
+        q = q.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
+        k = k.view(B, T, self.n_head, hs).transpose(1, 2)
+        v = v.view(B, T, self.n_head, hs).transpose(1, 2)
+
+        past = 0
+        if cache is not None:
+            past = cache.length
+            cache.k[layer][:, :, past:past + T] = k
+            cache.v[layer][:, :, past:past + T] = v
+            k = cache.k[layer][:, :, :past + T]  # (B, nh, past+T, hs)
+            v = cache.v[layer][:, :, :past + T]
+
+        if self.impl == "math":
+            y = self._math_attention(q, k, v, past)
+        else:
+            y = self._sdpa_attention(q, k, v, past)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # concat heads: (B, T, C)
+        return self.resid_dropout(self.c_proj(y))
+
+    def _math_attention(self, q, k, v, past: int) -> torch.Tensor:
+        """softmax(Q K^T / sqrt(d_k) + causal mask) V, exactly as written."""
+        T, S = q.size(-2), k.size(-2)
+        att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.size(-1)))  # (B, nh, T, S)
+        # Query i sits at absolute position past+i and may see keys 0..past+i.
+        mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(diagonal=past)
+        att = att.masked_fill(~mask, float("-inf"))
+        att = F.softmax(att.float(), dim=-1).to(q.dtype)
+        att = self.attn_dropout(att)
+        return att @ v  # (B, nh, T, hs)
+
+    def _sdpa_attention(self, q, k, v, past: int) -> torch.Tensor:
+        T, S = q.size(-2), k.size(-2)
+        dropout_p = self.dropout if self.training else 0.0
+        if past == 0:
+            return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
+        if T == 1:  # one new token attends to everything cached: no mask needed
+            return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
+        mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(diagonal=past)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
+
+
+class MLP(nn.Module):
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.gelu = nn.GELU(approximate="tanh")  # GPT-2's "gelu_new"
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
+
+
+class Block(nn.Module):
+    """Pre-LayerNorm transformer block."""
+
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps, bias=config.bias)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps, bias=config.bias)
+        self.mlp = MLP(config)
+
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), cache, layer)
+        x = x + self.mlp(self.ln_2(x))
+        return x
+
+
+class GPT(nn.Module):
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(config.vocab_size, config.n_embd),
+            wpe=nn.Embedding(config.block_size, config.n_embd),
+            drop=nn.Dropout(config.dropout),
+            h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+            ln_f=nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps, bias=config.bias),
+        ))
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.lm_head.weight = self.transformer.wte.weight  # tied embeddings
+        self.apply(self._init_weights)
+        # GPT-2: residual projections scaled by 1/sqrt(2 * n_layer), since each block adds
+        # two contributions to the residual stream.
+        for name, p in self.named_parameters():
+            if name.endswith("c_proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def num_parameters(self) -> int:
+        """Trainable parameters, the tied embedding counted once."""
+        return sum(p.numel() for p in self.parameters() if p.requires_grad)
+
+    def hidden_states(self, idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        """Final-LayerNorm outputs (B, T, n_embd) for token ids ``idx`` (B, T)."""
+        B, T = idx.shape
+        past = cache.length if cache is not None else 0
+        if past + T > self.config.block_size:
+            raise ValueError(
+                f"sequence of {past + T} tokens exceeds block_size={self.config.block_size}; "
+                "crop the input to the last block_size tokens")
+        pos = torch.arange(past, past + T, dtype=torch.long, device=idx.device)
+        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
+        for i, block in enumerate(self.transformer.h):
+            x = block(x, cache, i)
+        if cache is not None:
+            cache.length = past + T
+        return self.transformer.ln_f(x)
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
+                cache: KVCache | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Logits (B, T, vocab) and, given ``targets`` (B, T), the mean cross-entropy.
+
+        Targets equal to -1 are ignored.
+        """
+        x = self.hidden_states(idx, cache)
+        logits = self.lm_head(x)
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1),
+                                   ignore_index=-1)
+        return logits, loss
+
+    def loss(self, idx: torch.Tensor, targets: torch.Tensor, chunk_size: int = 2048,
+             reduction: str = "mean") -> torch.Tensor:
+        """Cross-entropy without materialising all (B*T, vocab) logits at once.
+
+        The LM head and the loss run per chunk of positions under activation
+        checkpointing, so peak memory holds one chunk of logits, not all of them;
+        gradients equal ``forward``'s. Targets equal to -1 are ignored.
+        """
+        x = self.hidden_states(idx).reshape(-1, self.config.n_embd)
+        t = targets.reshape(-1)
+        total = x.new_zeros((), dtype=torch.float32)
+        for start in range(0, x.size(0), chunk_size):
+            xs, ts = x[start:start + chunk_size], t[start:start + chunk_size]
+            total = total + torch.utils.checkpoint.checkpoint(
+                _chunk_loss, xs, ts, self.lm_head.weight, use_reentrant=False)
+        if reduction == "sum":
+            return total
+        return total / (t != -1).sum().clamp(min=1)
+
+
+def _chunk_loss(x: torch.Tensor, t: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    logits = F.linear(x, weight)
+    return F.cross_entropy(logits.float(), t, ignore_index=-1, reduction="sum")

@@ -1,0 +1,108 @@
+"""GPT-2 weights in Hugging Face layout <-> gptcore.
+
+HF's GPT-2 stores its projections as ``Conv1D`` with weights shaped (in, out), the
+transpose of ``nn.Linear``'s (out, in); everything else maps one to one by name.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from ..config import GPTConfig
+from .gpt import GPT
+
+# Parameters stored transposed by HF's Conv1D.
+_CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+
+
+def _is_conv1d(name: str) -> bool:
+    return name.endswith(_CONV1D)
+
+
+def to_hf_state_dict(model: GPT) -> dict[str, torch.Tensor]:
+    """The model's weights under HF GPT2LMHeadModel names (tied head omitted)."""
+    out = {}
+    for name, tensor in model.state_dict().items():
+        if name == "lm_head.weight":
+            continue  # tied to transformer.wte.weight; HF re-ties on load
+        t = tensor.detach()
+        out[name] = (t.t() if _is_conv1d(name) else t).contiguous().clone()
+    return out
+
+
+def from_hf_state_dict(state_dict: dict[str, torch.Tensor], config: GPTConfig) -> GPT:
+    """Build a gptcore GPT from a GPT2LMHeadModel state dict."""
+    model = GPT(config)
+    ours = model.state_dict()
+    expected = {k for k in ours if k != "lm_head.weight"}
+    # Older HF versions carry non-parameter attention buffers; they hold no weights.
+    theirs = {k: v for k, v in state_dict.items()
+              if not k.endswith((".attn.bias", ".attn.masked_bias")) and k != "lm_head.weight"}
+    missing, unexpected = sorted(expected - set(theirs)), sorted(set(theirs) - expected)
+    if missing or unexpected:
+        raise ValueError(f"GPT-2 state dict does not match config: missing {missing[:5]}, "
+                         f"unexpected {unexpected[:5]}")
+    converted = {}
+    for name in expected:
+        t = theirs[name]
+        t = t.t() if _is_conv1d(name) else t
+        if t.shape != ours[name].shape:
+            raise ValueError(f"{name}: shape {tuple(t.shape)} does not match the config's "
+                             f"{tuple(ours[name].shape)}")
+        converted[name] = t
+    converted["lm_head.weight"] = converted["transformer.wte.weight"]
+    model.load_state_dict(converted)
+    return model
+
+
+def hf_config_dict(config: GPTConfig) -> dict:
+    """A GPT2Config as JSON, equivalent to ``config``."""
+    return {
+        "architectures": ["GPT2LMHeadModel"],
+        "model_type": "gpt2",
+        "vocab_size": config.vocab_size,
+        "n_positions": config.block_size,
+        "n_embd": config.n_embd,
+        "n_layer": config.n_layer,
+        "n_head": config.n_head,
+        "n_inner": None,
+        "activation_function": "gelu_new",
+        "resid_pdrop": config.dropout,
+        "embd_pdrop": config.dropout,
+        "attn_pdrop": config.dropout,
+        "layer_norm_epsilon": config.layer_norm_eps,
+        "initializer_range": 0.02,
+        "bos_token_id": 50256,
+        "eos_token_id": 50256,
+        "tie_word_embeddings": True,
+    }
+
+
+def config_from_hf(hf: dict) -> GPTConfig:
+    """GPTConfig from a GPT2Config dict (its ``to_dict()`` or config.json)."""
+    if hf.get("n_inner") not in (None, 4 * hf["n_embd"]):
+        raise ValueError(f"n_inner={hf['n_inner']} unsupported; gptcore's MLP is 4 * n_embd")
+    if hf.get("activation_function", "gelu_new") != "gelu_new":
+        raise ValueError(f"activation_function={hf['activation_function']!r} unsupported; "
+                         "gptcore uses gelu_new (tanh GELU)")
+    return GPTConfig(vocab_size=hf["vocab_size"], block_size=hf["n_positions"],
+                     n_layer=hf["n_layer"], n_head=hf["n_head"], n_embd=hf["n_embd"],
+                     dropout=float(hf.get("resid_pdrop", 0.0)),
+                     layer_norm_eps=float(hf.get("layer_norm_epsilon", 1e-5)))
+
+
+def export_hf(model: GPT, directory: str | Path) -> Path:
+    """Write ``config.json`` + ``model.safetensors`` that ``GPT2LMHeadModel.from_pretrained`` loads."""
+    from safetensors.torch import save_file
+
+    from ..io import atomic_dir
+
+    if not model.config.bias:
+        raise ValueError("GPT-2 layout needs bias=True")
+    with atomic_dir(directory) as tmp:
+        (tmp / "config.json").write_text(json.dumps(hf_config_dict(model.config), indent=2))
+        save_file(to_hf_state_dict(model), str(tmp / "model.safetensors"), metadata={"format": "pt"})
+    return Path(directory)
