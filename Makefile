@@ -12,6 +12,8 @@ export DO_NOT_TRACK := 1
 export DVC_NO_ANALYTICS := 1
 export DVC_NO_UPDATE_CHECK := 1
 export HF_HUB_OFFLINE := 1
+# Stages run `python`: make it the venv's.
+export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
 .PHONY: setup repro test bench clean-venv
 

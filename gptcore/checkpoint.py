@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import pickle
+import re
 from pathlib import Path
 from typing import Any
 
@@ -64,9 +65,11 @@ def read_config(directory: str | Path) -> tuple[GPTConfig, dict]:
         raise CheckpointError(f"{path}: missing; not a gptcore checkpoint") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise CheckpointError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{path}: expected a JSON object, got {type(raw).__name__}")
     if raw.get("format") != FORMAT:
         raise CheckpointError(f"{path}: format {raw.get('format')!r} is not {FORMAT!r} "
-                              "(for a Hugging Face GPT-2 directory use gptcore.hf import)")
+                              "(a Hugging Face GPT-2 directory is imported with gptcore.model.hf)")
     if raw.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(f"{path}: format_version {raw.get('format_version')!r} unsupported; "
                               f"this gptcore reads version {FORMAT_VERSION}")
@@ -123,13 +126,24 @@ def load_trainer_state(directory: str | Path) -> dict[str, Any] | None:
     Uses ``weights_only=True``: a pickle that tries to build arbitrary objects or run
     code is refused before anything in it executes.
     """
-    path = Path(directory) / TRAINER_STATE
+    path = recover_dir(directory) / TRAINER_STATE
     if not path.exists():
         return None
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        raise CheckpointError(f"{path}: refused to load: it contains objects beyond plain tensors "
-                              f"and containers, which could run code ({str(exc).splitlines()[0]})") from None
+        raise CheckpointError(f"{path}: refused to load: it holds more than tensors and plain "
+                              "containers, and unpickling it could run code "
+                              f"({_unpickling_reason(exc)})") from None
     except (RuntimeError, EOFError, OSError) as exc:
         raise CheckpointError(f"{path}: corrupt or truncated: {exc}") from None
+
+
+def _unpickling_reason(exc: Exception) -> str:
+    """torch's reason in a few words, without its advice to retry with weights_only=False."""
+    text = " ".join(str(exc).split())
+    found = re.search(r"GLOBAL ([\w.]+)", text)
+    if found:
+        return f"it references {found.group(1)}"
+    found = re.search(r"WeightsUnpickler error: ([^.]*)", text)
+    return found.group(1).strip() if found else "not a weights-only pickle"

@@ -39,12 +39,13 @@ def _coerce(path: str, value: Any, tp: Any) -> Any:
             except ConfigError as exc:
                 errors.append(str(exc))
         raise ConfigError(errors[0] if errors else f"{path}: invalid value {value!r}")
-    if origin is list:
-        (item_tp,) = typing.get_args(tp)
+    # A bare ``list`` / ``dict`` annotation has no origin; treat it like list[Any] / dict[...].
+    if origin is list or tp is list:
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{path} must be a list, got {value!r}")
+        (item_tp,) = typing.get_args(tp) or (Any,)
         return [_coerce(f"{path}[{i}]", v, item_tp) for i, v in enumerate(value)]
-    if origin is dict:
+    if origin is dict or tp is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"{path} must be a mapping, got {value!r}")
         return dict(value)
@@ -67,6 +68,8 @@ def _coerce(path: str, value: Any, tp: Any) -> Any:
     if tp is str:
         if not isinstance(value, str):
             raise ConfigError(f"{path} must be a string, got {value!r}")
+        return value
+    if tp is Any:
         return value
     raise TypeError(f"unsupported config type {_type_name(tp)} at {path}")  # programming error
 
@@ -94,7 +97,7 @@ def from_dict(cls: type, data: Any, path: str = "") -> Any:
     except ConfigError as exc:
         # Re-prefix errors from __post_init__ with the section they belong to.
         msg = str(exc)
-        raise ConfigError(f"{path}.{msg}" if path and not msg.startswith(path) else msg) from None
+        raise ConfigError(f"{path}.{msg}" if path and not msg.startswith(path + ".") else msg) from None
 
 
 def to_dict(obj: Any) -> dict:
@@ -145,7 +148,10 @@ class GPTConfig:
                f"a multiple of n_head={self.n_head}")
         _check(isinstance(self.dropout, (int, float)) and 0.0 <= self.dropout < 1.0,
                "dropout", self.dropout, "0 <= dropout < 1")
-        _check(self.layer_norm_eps > 0, "layer_norm_eps", self.layer_norm_eps, "> 0")
+        # Type checks here too: GPTConfig(...) is also built directly, without from_dict.
+        _check(isinstance(self.layer_norm_eps, (int, float)) and self.layer_norm_eps > 0,
+               "layer_norm_eps", self.layer_norm_eps, "a number > 0")
+        _check(isinstance(self.bias, bool), "bias", self.bias, "true | false")
         _check_choice("attn_impl", self.attn_impl, ("sdpa", "math"))
 
     @classmethod
@@ -215,7 +221,7 @@ class TrainConfig:
     out_dir: str = "models"
     seed: int = 1337
     device: str = "auto"  # auto | cpu | cuda
-    dtype: str = "bfloat16"  # compute dtype under autocast: float32 | bfloat16 | float16
+    dtype: str = "bfloat16"  # matmul dtype under autocast (weights stay fp32): float32 | bfloat16
     compile: bool = False
     batch_size: int = 16
     grad_accum_steps: int = 1
@@ -247,7 +253,7 @@ class TrainConfig:
         _check(0 <= self.beta2 < 1, "beta2", self.beta2, "0 <= beta2 < 1")
         _check(self.grad_clip >= 0, "grad_clip", self.grad_clip, ">= 0 (0 disables clipping)")
         _check_choice("device", self.device, ("auto", "cpu", "cuda"))
-        _check_choice("dtype", self.dtype, ("float32", "bfloat16", "float16"))
+        _check_choice("dtype", self.dtype, ("float32", "bfloat16"))
 
 
 @dataclass(frozen=True)
@@ -257,7 +263,7 @@ class EvaluateConfig:
 
     def __post_init__(self) -> None:
         _check(self.batch_size > 0, "batch_size", self.batch_size, "a positive integer")
-        _check_choice("dtype", self.dtype, ("float32", "bfloat16", "float16"))
+        _check_choice("dtype", self.dtype, ("float32", "bfloat16"))
 
 
 @dataclass(frozen=True)

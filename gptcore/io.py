@@ -31,11 +31,20 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        # mkstemp creates the file 0600; give it the mode a plain open() would have,
+        # so outputs stay readable by whoever could read a normally written file.
+        os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -72,9 +81,13 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp's 0700 would make the output private
         yield tmp
         _fsync_tree(tmp)
         old = path.with_name(path.name + ".old")
+        # A crash between the renames of an earlier save leaves only <path>.old: put it
+        # back first, or the rmtree below would delete the only complete copy.
+        recover_dir(path)
         if old.exists():
             shutil.rmtree(old)
         if path.exists():
@@ -107,3 +120,14 @@ def sha256_file(path: str | Path) -> str:
 
 def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
+
+
+def copy_dir(src: str | Path, dst: str | Path) -> Path:
+    """Atomically replace ``dst`` with a copy of directory ``src``."""
+    with atomic_dir(dst) as tmp:
+        for item in Path(src).iterdir():
+            if item.is_file():
+                shutil.copy2(item, tmp / item.name)
+            else:
+                shutil.copytree(item, tmp / item.name)
+    return Path(dst)

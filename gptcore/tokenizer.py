@@ -125,7 +125,7 @@ class CharTokenizer(Tokenizer):
     kind = "char"
 
     def __init__(self, chars: list[str]) -> None:
-        if len(set(chars)) != len(chars) or any(len(c) != 1 for c in chars):
+        if any(not isinstance(c, str) or len(c) != 1 for c in chars) or len(set(chars)) != len(chars):
             raise TokenizerError("char vocabulary must be distinct single characters")
         self.chars = list(chars)
         self.stoi = {c: i for i, c in enumerate(self.chars)}
@@ -172,9 +172,12 @@ def load_tokenizer(directory: str | Path) -> Tokenizer:
         raise TokenizerError(f"{path}: missing") from None
     except json.JSONDecodeError as exc:
         raise TokenizerError(f"{path}: not valid JSON ({exc})") from None
-    kind = spec.get("kind")
+    kind = spec.get("kind") if isinstance(spec, dict) else None
     if kind == "gpt2":
         return GPT2Tokenizer(directory)
     if kind == "char":
-        return CharTokenizer(spec.get("chars", []))
+        chars = spec.get("chars")
+        if not isinstance(chars, list) or not chars:
+            raise TokenizerError(f"{path}: 'chars' must be a non-empty list of characters")
+        return CharTokenizer(chars)
     raise TokenizerError(f"{path}: unknown tokenizer kind {kind!r}; allowed: gpt2 | char")

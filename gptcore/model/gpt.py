@@ -12,9 +12,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-import torch.utils.checkpoint
 
 from ..config import GPTConfig
+from .loss import linear_cross_entropy
 
 
 @dataclass
@@ -187,26 +187,12 @@ class GPT(nn.Module):
                                    ignore_index=-1)
         return logits, loss
 
-    def loss(self, idx: torch.Tensor, targets: torch.Tensor, chunk_size: int = 2048,
-             reduction: str = "mean") -> torch.Tensor:
-        """Cross-entropy without materialising all (B*T, vocab) logits at once.
-
-        The LM head and the loss run per chunk of positions under activation
-        checkpointing, so peak memory holds one chunk of logits, not all of them;
-        gradients equal ``forward``'s. Targets equal to -1 are ignored.
-        """
+    def loss(self, idx: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+        """Cross-entropy through the fused LM-head + loss (see ``loss.py``): the same value
+        and gradients as ``forward``'s, without materialising all (B*T, vocab) logits.
+        Targets equal to -1 are ignored."""
         x = self.hidden_states(idx).reshape(-1, self.config.n_embd)
-        t = targets.reshape(-1)
-        total = x.new_zeros((), dtype=torch.float32)
-        for start in range(0, x.size(0), chunk_size):
-            xs, ts = x[start:start + chunk_size], t[start:start + chunk_size]
-            total = total + torch.utils.checkpoint.checkpoint(
-                _chunk_loss, xs, ts, self.lm_head.weight, use_reentrant=False)
+        total = linear_cross_entropy(x, self.lm_head.weight, targets)
         if reduction == "sum":
             return total
-        return total / (t != -1).sum().clamp(min=1)
-
-
-def _chunk_loss(x: torch.Tensor, t: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    logits = F.linear(x, weight)
-    return F.cross_entropy(logits.float(), t, ignore_index=-1, reduction="sum")
+        return total / (targets != -1).sum().clamp(min=1)

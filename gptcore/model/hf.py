@@ -35,12 +35,24 @@ def to_hf_state_dict(model: GPT) -> dict[str, torch.Tensor]:
 
 def from_hf_state_dict(state_dict: dict[str, torch.Tensor], config: GPTConfig) -> GPT:
     """Build a gptcore GPT from a GPT2LMHeadModel state dict."""
-    model = GPT(config)
+    # Built on the meta device: a random init of weights about to be overwritten only costs
+    # time (seconds at GPT-2 small). to_empty() gives each module its own new Parameter,
+    # so the head is re-tied afterwards.
+    with torch.device("meta"):
+        model = GPT(config)
+    model.to_empty(device="cpu")
+    model.lm_head.weight = model.transformer.wte.weight
     ours = model.state_dict()
     expected = {k for k in ours if k != "lm_head.weight"}
     # Older HF versions carry non-parameter attention buffers; they hold no weights.
     theirs = {k: v for k, v in state_dict.items()
               if not k.endswith((".attn.bias", ".attn.masked_bias")) and k != "lm_head.weight"}
+    # gptcore always ties the LM head to wte; dropping a different head would silently
+    # load another model.
+    head, wte = state_dict.get("lm_head.weight"), theirs.get("transformer.wte.weight")
+    if head is not None and wte is not None and not torch.equal(head, wte):
+        raise ValueError("lm_head.weight differs from transformer.wte.weight; gptcore needs "
+                         "tied embeddings (tie_word_embeddings=True)")
     missing, unexpected = sorted(expected - set(theirs)), sorted(set(theirs) - expected)
     if missing or unexpected:
         raise ValueError(f"GPT-2 state dict does not match config: missing {missing[:5]}, "
@@ -88,6 +100,11 @@ def config_from_hf(hf: dict) -> GPTConfig:
     if hf.get("activation_function", "gelu_new") != "gelu_new":
         raise ValueError(f"activation_function={hf['activation_function']!r} unsupported; "
                          "gptcore uses gelu_new (tanh GELU)")
+    # GPT-2 options that change the equations gptcore implements: refuse, don't diverge.
+    for key, supported in (("scale_attn_weights", True), ("scale_attn_by_inverse_layer_idx", False),
+                           ("tie_word_embeddings", True), ("add_cross_attention", False)):
+        if hf.get(key, supported) != supported:
+            raise ValueError(f"{key}={hf[key]!r} unsupported; gptcore needs {key}={supported}")
     return GPTConfig(vocab_size=hf["vocab_size"], block_size=hf["n_positions"],
                      n_layer=hf["n_layer"], n_head=hf["n_head"], n_embd=hf["n_embd"],
                      dropout=float(hf.get("resid_pdrop", 0.0)),

@@ -1,0 +1,230 @@
+"""The ``gptcore`` command: ``gptcore generate`` streams text from a checkpoint.
+
+    gptcore generate --checkpoint models/best --prompt "ROMEO:" --temperature 0.8
+    gptcore generate --interactive            # a prompt loop; /help lists its commands
+
+One-shot mode prints the prompt and then the completion as it is generated. Problems a
+user can fix (missing or corrupt checkpoint, invalid sampling value, text the tokenizer
+cannot encode) are one line on stderr and exit code 2, never a traceback. Input that is
+not valid UTF-8 is decoded with U+FFFD replacement characters; so is output the terminal
+cannot encode.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+
+PROG = "gptcore"
+HELP = """commands:
+  /set NAME VALUE   change a setting, e.g. /set temperature 0.5, /set seed none,
+                    /set stop \\n\\n (escapes \\n \\t \\\\), /set stop (no value: clear)
+  /show             the current settings
+  /help             this text
+  /quit             exit (so does Ctrl-D)
+Ctrl-C stops a completion, or clears the line at the prompt."""
+
+
+def _parser() -> argparse.ArgumentParser:
+    from .generate import SamplingConfig
+
+    d = SamplingConfig()
+    parser = argparse.ArgumentParser(prog=PROG, description="A from-scratch GPT: generate text from a checkpoint.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    g = sub.add_parser("generate", help="stream text from a checkpoint",
+                       description="Stream a completion to stdout as it is generated.",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g.add_argument("--checkpoint", default="models/best", help="checkpoint directory")
+    g.add_argument("--prompt", default="", help="text to continue ('' starts from end-of-text)")
+    g.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens)
+    g.add_argument("--temperature", type=float, default=d.temperature, help="0 = greedy")
+    g.add_argument("--top-k", type=int, default=d.top_k, help="0 = off")
+    g.add_argument("--top-p", type=float, default=d.top_p, help="1 = off")
+    g.add_argument("--repetition-penalty", type=float, default=d.repetition_penalty, help="1 = off")
+    g.add_argument("--stop", action="append", default=[], metavar="TEXT",
+                   help="stop before this text (repeatable)")
+    g.add_argument("--seed", type=int, default=None, help="sample i uses seed + i (default: random)")
+    g.add_argument("--num-samples", type=int, default=1)
+    g.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    g.add_argument("--interactive", action="store_true", help="read prompts in a loop")
+    return parser
+
+
+class _UsageError(Exception):
+    """A problem the user can fix; printed as one line, exit code 2."""
+
+
+def _out(text: str) -> None:
+    sys.stdout.write(text)
+    sys.stdout.flush()
+
+
+def _err(text: str) -> None:
+    print(f"{PROG}: {text}", file=sys.stderr, flush=True)
+
+
+def _encode(model, tokenizer, prompt: str) -> list[int]:
+    """Token ids of ``prompt`` (raises TokenizerError), with a warning if they overflow."""
+    ids = tokenizer.encode(prompt)
+    block = model.config.block_size
+    if len(ids) > block:
+        _err(f"warning: the prompt is {len(ids)} tokens; only its last {block} (block_size) are used")
+    return ids
+
+
+def _complete(model, tokenizer, ids: list[int], cfg) -> None:
+    """Stream one completion to stdout."""
+    from .generate import stream
+
+    for piece in stream(model, tokenizer, ids, cfg):
+        _out(piece)
+
+
+def _unescape(text: str) -> str:
+    out, i = [], 0
+    while i < len(text):
+        if text[i] == "\\" and i + 1 < len(text) and text[i + 1] in "nt\\":
+            out.append({"n": "\n", "t": "\t", "\\": "\\"}[text[i + 1]])
+            i += 2
+        else:
+            out.append(text[i])
+            i += 1
+    return "".join(out)
+
+
+def _set(cfg, args: str):
+    """``/set NAME VALUE`` -> a new SamplingConfig (raises ConfigError or _UsageError)."""
+    name, _, value = args.strip().partition(" ")
+    names = [f.name for f in dataclasses.fields(cfg)]
+    if name not in names:
+        raise _UsageError(f"unknown setting {name!r}; settings: {', '.join(names)}")
+    value = value.strip()
+    if name == "stop":
+        return dataclasses.replace(cfg, stop=(_unescape(value),) if value else ())
+    current = getattr(cfg, name)
+    try:
+        if name == "seed" and value.lower() in ("none", "random", ""):
+            parsed = None
+        elif isinstance(current, bool):
+            if value.lower() not in ("true", "false", "on", "off", "1", "0"):
+                raise ValueError
+            parsed = value.lower() in ("true", "on", "1")
+        elif name in ("max_new_tokens", "top_k", "seed"):
+            parsed = int(value)
+        else:
+            parsed = float(value)
+    except ValueError:
+        raise _UsageError(f"{name}: cannot parse {value!r}") from None
+    return dataclasses.replace(cfg, **{name: parsed})
+
+
+def _repl(model, tokenizer, cfg) -> int:
+    from .config import ConfigError
+    from .tokenizer import TokenizerError
+
+    if sys.stdin.isatty():
+        try:
+            import readline  # noqa: F401  (line editing and history for input())
+        except ImportError:
+            pass
+    _err("interactive mode: type a prompt and press Enter; /help for commands, Ctrl-D to exit")
+    while True:
+        busy = False  # True while a completion streams
+        try:
+            try:
+                line = input(">>> ")
+            except EOFError:
+                _out("\n")
+                return 0
+            command, _, rest = line.strip().partition(" ")
+            if not command:
+                continue
+            if command in ("/quit", "/exit"):
+                return 0
+            elif command == "/help":
+                print(HELP, flush=True)
+            elif command == "/show":
+                print(cfg.describe(), flush=True)
+            elif command == "/set":
+                cfg = _set(cfg, rest)
+                print(cfg.describe(), flush=True)
+            elif command.startswith("/"):
+                raise _UsageError(f"unknown command {command!r}; /help lists the commands")
+            else:
+                ids = _encode(model, tokenizer, line)
+                busy = True
+                _complete(model, tokenizer, ids, cfg)
+                _out("\n")
+        except KeyboardInterrupt:  # during a completion: stop it; at the prompt: a fresh prompt
+            _out("\n[stopped]\n" if busy else "\n")
+        except (ConfigError, TokenizerError, _UsageError) as exc:
+            _err(f"error: {exc}")
+
+
+def _run(args: argparse.Namespace) -> int:
+    import torch
+
+    from .checkpoint import load_checkpoint
+    from .generate import SamplingConfig
+
+    cfg = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                         top_k=args.top_k, top_p=args.top_p, repetition_penalty=args.repetition_penalty,
+                         stop=tuple(args.stop), seed=args.seed)
+    if args.num_samples < 1:
+        raise _UsageError(f"--num-samples={args.num_samples} is invalid; allowed: an integer >= 1")
+    try:
+        device = torch.device(args.device)
+        torch.empty(0, device=device)  # fails now, clearly, if the device is unavailable
+    except (RuntimeError, AssertionError) as exc:
+        raise _UsageError(f"--device {args.device}: {str(exc).splitlines()[0]}") from None
+    model, tokenizer, _ = load_checkpoint(args.checkpoint, device=device)
+    if args.interactive:
+        return _repl(model, tokenizer, cfg)
+    ids = _encode(model, tokenizer, args.prompt)
+    for i in range(args.num_samples):
+        if args.num_samples > 1:
+            _out(f"{'' if i == 0 else chr(10)}--- sample {i + 1} ---\n")
+        seed = None if cfg.seed is None else cfg.seed + i
+        _out(args.prompt)
+        _complete(model, tokenizer, ids, dataclasses.replace(cfg, seed=seed))
+        _out("\n")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    # Never a UnicodeError on odd input or a terminal that cannot show a character.
+    for stream in (sys.stdin, sys.stdout, sys.stderr):
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="replace")
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help(sys.stderr)
+        return 2
+
+    from .checkpoint import CheckpointError
+    from .config import ConfigError
+    from .tokenizer import TokenizerError
+
+    try:
+        return _run(args)
+    except (CheckpointError, ConfigError, TokenizerError, _UsageError) as exc:
+        _err(f"error: {exc}")
+        return 2
+    except BrokenPipeError:
+        # The reader went away (e.g. `| head`): stop quietly, and keep Python's own
+        # final flush of stdout from failing again at exit.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+    except OSError as exc:  # e.g. an unreadable checkpoint file
+        _err(f"error: {exc}")
+        return 2
+    except KeyboardInterrupt:
+        _out("\n")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

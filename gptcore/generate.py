@@ -1,0 +1,442 @@
+"""Text generation: sampling strategies, a KV-cached decoding loop, streamed text.
+
+Layers, bottom up:
+
+* :class:`SamplingConfig` -- validated settings (errors name the field, the value and
+  what is allowed).
+* :func:`process_logits` -- repetition penalty -> temperature -> top-k -> top-p, and
+  :func:`sample_token`, which draws from the result (argmax when temperature is 0).
+* :func:`stream_ids` / :func:`generate_ids` -- the decoding loop over token ids.
+* :func:`stream` / :func:`generate` -- text in, text out: UTF-8 safe streaming and
+  stop strings.
+
+Decoding loop
+-------------
+The prompt is run once ("prefill") to fill the KV cache, then every step feeds the one
+new token at the next position. Positions are learned embeddings, so a cached key is
+only valid at the position it was computed for. When the sequence would outgrow
+``block_size``, the context is cropped to its most recent ``crop_to`` tokens (default
+``block_size // 2``, so the cost of the rebuild is paid once every ``block_size // 2``
+tokens instead of every token) and the cache is rebuilt by prefilling that window from
+position 0. ``crop_to=block_size`` gives an exact sliding window (a full prefill every
+step once the context is full). ``use_cache=False`` runs the same schedule with a full
+forward pass over the current window every step: the reference the cache is tested
+against.
+
+Prompts: an empty prompt starts from the end-of-text token, as GPT-2 does for
+unconditional samples (that token is context only, never output). A prompt longer than
+``block_size`` tokens is cut to its last ``block_size`` tokens (the CLI warns).
+"""
+
+from __future__ import annotations
+
+import codecs
+import math
+from dataclasses import dataclass, fields
+from typing import Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from .config import ConfigError
+from .model.gpt import GPT, KVCache
+
+__all__ = [
+    "SamplingConfig", "process_logits", "sample_token", "apply_repetition_penalty",
+    "apply_top_k", "apply_top_p", "stream_ids", "generate_ids", "decode_stream", "stream", "generate",
+]
+
+
+def _fail(name: str, value, allowed: str) -> None:
+    raise ConfigError(f"{name}={value!r} is invalid; allowed: {allowed}")
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    """How to pick each new token.
+
+    ``max_new_tokens`` may be 0 (nothing is generated). ``temperature`` 0 means greedy
+    (argmax; ties go to the lowest token id). ``top_k`` 0 and ``top_p`` 1 switch those
+    filters off; ``repetition_penalty`` 1 does. ``stop`` is a sequence of non-empty
+    strings (a single string counts as one stop string; stored as a tuple). ``seed``
+    None draws a fresh random seed per call.
+    """
+
+    max_new_tokens: int = 200
+    temperature: float = 0.8
+    top_k: int = 0
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+    stop_at_eot: bool = True
+
+    def __post_init__(self) -> None:
+        if not (_is_int(self.max_new_tokens) and self.max_new_tokens >= 0):
+            _fail("max_new_tokens", self.max_new_tokens, "an integer >= 0")
+        if not (_is_number(self.temperature) and self.temperature >= 0):
+            _fail("temperature", self.temperature, "a number >= 0 (0 = greedy)")
+        if not (_is_int(self.top_k) and self.top_k >= 0):
+            _fail("top_k", self.top_k, "an integer >= 0 (0 = off)")
+        if not (_is_number(self.top_p) and 0 < self.top_p <= 1):
+            _fail("top_p", self.top_p, "a number with 0 < top_p <= 1 (1 = off)")
+        if not (_is_number(self.repetition_penalty) and self.repetition_penalty > 0):
+            _fail("repetition_penalty", self.repetition_penalty, "a number > 0 (1 = off)")
+        stop = (self.stop,) if isinstance(self.stop, str) else self.stop
+        if not (isinstance(stop, (list, tuple)) and all(isinstance(s, str) and s for s in stop)):
+            _fail("stop", self.stop, "a list of non-empty strings")
+        if not (self.seed is None or (_is_int(self.seed) and 0 <= self.seed < 2**63)):
+            _fail("seed", self.seed, "None or an integer 0 <= seed < 2**63")
+        if not isinstance(self.stop_at_eot, bool):
+            _fail("stop_at_eot", self.stop_at_eot, "true | false")
+        object.__setattr__(self, "stop", tuple(stop))
+        object.__setattr__(self, "temperature", float(self.temperature))
+        object.__setattr__(self, "top_p", float(self.top_p))
+        object.__setattr__(self, "repetition_penalty", float(self.repetition_penalty))
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+    def describe(self) -> str:
+        return " ".join(f"{f.name}={getattr(self, f.name)!r}" for f in fields(self))
+
+
+# --------------------------------------------------------------------------- logits
+
+
+def apply_repetition_penalty(logits: torch.Tensor, seen_ids, penalty: float) -> torch.Tensor:
+    """CTRL's penalty: for every id in ``seen_ids``, divide a positive logit by
+    ``penalty`` and multiply a negative one by it (both lower it when penalty > 1).
+
+    ``logits`` is (..., vocab); ``seen_ids`` (..., n) or a list of ids shared by all
+    rows. Repeated ids count once. Returns a new tensor.
+    """
+    if penalty == 1.0 or seen_ids is None or len(seen_ids) == 0:
+        return logits
+    seen = torch.as_tensor(seen_ids, dtype=torch.long, device=logits.device)
+    if seen.dim() < logits.dim():
+        seen = seen.expand(*logits.shape[:-1], seen.size(-1))
+    score = logits.gather(-1, seen)
+    score = torch.where(score > 0, score / penalty, score * penalty)
+    return logits.scatter(-1, seen, score)  # duplicates write the same value
+
+
+def apply_top_k(logits: torch.Tensor, k: int) -> torch.Tensor:
+    """Keep exactly ``k`` logits per row (the rest become -inf); 0 = keep all.
+
+    Ties at the boundary are broken deterministically: among tokens whose logit equals
+    the k-th largest, the lowest token ids are kept, so exactly ``k`` survive.
+    """
+    if k <= 0 or k >= logits.size(-1):
+        return logits
+    kth = torch.topk(logits, k, dim=-1).values[..., -1:]
+    above = logits > kth
+    tied = logits == kth
+    room = k - above.sum(-1, keepdim=True)  # how many of the tied ones still fit
+    keep = above | (tied & (tied.cumsum(-1) <= room))
+    return logits.masked_fill(~keep, float("-inf"))
+
+
+def apply_top_p(logits: torch.Tensor, p: float) -> torch.Tensor:
+    """Nucleus filter: keep the smallest set of tokens, most probable first, whose total
+    probability reaches ``p`` (the rest become -inf); 1 = keep all.
+
+    Equal probabilities are ordered by token id (stable sort), lowest first. The most
+    probable token is always kept.
+    """
+    if p >= 1.0:
+        return logits
+    probs = F.softmax(logits.float(), dim=-1)
+    sorted_probs, order = torch.sort(probs, dim=-1, descending=True, stable=True)
+    mass_before = sorted_probs.cumsum(-1) - sorted_probs
+    # A token is needed while the tokens before it have not reached p yet.
+    drop_sorted = mass_before >= p
+    drop_sorted[..., 0] = False
+    drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+    return logits.masked_fill(drop, float("-inf"))
+
+
+def process_logits(logits: torch.Tensor, cfg: SamplingConfig, seen_ids=None) -> torch.Tensor:
+    """Repetition penalty, temperature, top-k, top-p -- in that order -- as float32.
+
+    With temperature 0 only the penalty is applied (greedy takes the argmax, which
+    every filter would keep anyway).
+    """
+    logits = apply_repetition_penalty(logits.float(), seen_ids, cfg.repetition_penalty)
+    if cfg.greedy:
+        return logits
+    if cfg.temperature != 1.0:
+        logits = logits / cfg.temperature
+    logits = apply_top_k(logits, cfg.top_k)
+    return apply_top_p(logits, cfg.top_p)
+
+
+def sample_token(logits: torch.Tensor, cfg: SamplingConfig,
+                 generator: torch.Generator | None = None, seen_ids=None) -> torch.Tensor:
+    """Next token id(s) (..., ) from raw logits (..., vocab)."""
+    logits = process_logits(logits, cfg, seen_ids)
+    if cfg.greedy:
+        return logits.max(-1).indices  # first maximum: lowest id on ties
+    probs = F.softmax(logits, dim=-1)
+    flat = probs.reshape(-1, probs.size(-1))
+    return torch.multinomial(flat, 1, generator=generator).view(probs.shape[:-1])
+
+
+# --------------------------------------------------------------------------- model runners
+
+
+class _Uncached:
+    """Reference runner: a full forward pass over the whole window every step."""
+
+    def __init__(self, model: GPT) -> None:
+        self.model = model
+        self.window: list[int] = []
+        self.device = next(model.parameters()).device
+
+    @torch.inference_mode()
+    def prefill(self, ids: list[int]) -> torch.Tensor:
+        self.window = list(ids)
+        idx = torch.tensor([self.window], dtype=torch.long, device=self.device)
+        logits, _ = self.model(idx)
+        return logits[0, -1].float()
+
+    def step(self, token: int) -> torch.Tensor:
+        return self.prefill(self.window + [token])
+
+
+class _Cached:
+    """KV-cached runner: ``prefill`` fills the cache from position 0, ``step`` adds one.
+
+    The cache is one preallocated buffer per layer, (1, 2, n_head, block_size, head_size)
+    holding K and V side by side, so a decoding step writes both with one copy; the
+    :class:`KVCache` handed to the model for prefill views the same memory.
+
+    In eval mode a step bypasses ``nn.Module`` calls and runs the block equations on the
+    model's own parameters (views, no copies): single-token decoding on a CPU is bound by
+    per-operation overhead, not arithmetic. It computes what ``GPT.forward`` computes
+    (tests compare the two at every step); dropout is off in eval mode, and for one query
+    the "sdpa" and "math" attentions are the same softmax(q K^T / sqrt(d)) V. In training
+    mode (dropout on) steps go through ``GPT.hidden_states``.
+    """
+
+    def __init__(self, model: GPT) -> None:
+        self.model = model
+        cfg = model.config
+        self.C, self.nh = cfg.n_embd, cfg.n_head
+        self.hs = cfg.n_embd // cfg.n_head
+        self.eps = cfg.layer_norm_eps
+        w = model.lm_head.weight
+        self.kv = [torch.empty(1, 2, cfg.n_head, cfg.block_size, self.hs, device=w.device, dtype=w.dtype)
+                   for _ in range(cfg.n_layer)]
+        self.cache = KVCache(k=[b[:, 0] for b in self.kv], v=[b[:, 1] for b in self.kv])
+        self.fast = not model.training
+        if self.fast:
+            tr = model.transformer
+
+            def bias(lin):  # addmm needs a bias; adding exact zeros changes nothing
+                return lin.bias if lin.bias is not None else torch.zeros(lin.out_features, device=w.device, dtype=w.dtype)
+
+            self.layers = [(b.ln_1.weight, b.ln_1.bias, b.attn.c_attn.weight.t(), bias(b.attn.c_attn),
+                            b.attn.c_proj.weight.t(), bias(b.attn.c_proj), b.ln_2.weight, b.ln_2.bias,
+                            b.mlp.c_fc.weight.t(), bias(b.mlp.c_fc), b.mlp.c_proj.weight.t(), bias(b.mlp.c_proj),
+                            kv[0]) for b, kv in zip(tr.h, self.kv)]
+            self.wte, self.wpe = tr.wte.weight, tr.wpe.weight
+            self.ln_f = (tr.ln_f.weight, tr.ln_f.bias)
+            self.head_t = w.t()
+
+    @torch.inference_mode()
+    def prefill(self, ids: list[int]) -> torch.Tensor:
+        self.cache.length = 0
+        idx = torch.tensor([ids], dtype=torch.long, device=self.model.lm_head.weight.device)
+        h = self.model.hidden_states(idx, self.cache)[:, -1]  # only the last position's logits
+        return self.model.lm_head(h)[0].float()
+
+    @torch.inference_mode()
+    def step(self, token: int) -> torch.Tensor:
+        if not self.fast:
+            idx = torch.tensor([[token]], dtype=torch.long, device=self.model.lm_head.weight.device)
+            return self.model.lm_head(self.model.hidden_states(idx, self.cache)[:, -1])[0].float()
+        pos = self.cache.length
+        if pos >= self.model.config.block_size:
+            raise ValueError(f"KV cache full ({pos} positions); crop and prefill again")
+        C, nh, hs, eps, shape = self.C, self.nh, self.hs, self.eps, (self.C,)
+        layer_norm, addmm, gelu, sdpa = F.layer_norm, torch.addmm, F.gelu, F.scaled_dot_product_attention
+        x = (self.wte[token] + self.wpe[pos]).view(1, C)
+        for ln1w, ln1b, attn_w, attn_b, proj_w, proj_b, ln2w, ln2b, fc_w, fc_b, mlp_w, mlp_b, kv in self.layers:
+            qkv = addmm(attn_b, layer_norm(x, shape, ln1w, ln1b, eps), attn_w).view(3, nh, 1, hs)
+            kv[:, :, pos] = qkv[1:, :, 0]  # K and V of this position, one write
+            y = sdpa(qkv[:1], kv[:1, :, :pos + 1], kv[1:, :, :pos + 1])  # (1, nh, 1, hs)
+            x = x + addmm(proj_b, y.view(1, C), proj_w)
+            x = x + addmm(mlp_b, gelu(addmm(fc_b, layer_norm(x, shape, ln2w, ln2b, eps), fc_w),
+                                      approximate="tanh"), mlp_w)
+        self.cache.length = pos + 1
+        x = layer_norm(x, shape, self.ln_f[0], self.ln_f[1], eps)
+        return torch.mm(x, self.head_t)[0].float()
+
+
+# --------------------------------------------------------------------------- decoding loop
+
+
+def _model_device(model: GPT, device) -> torch.device:
+    actual = next(model.parameters()).device
+    if device is not None:
+        wanted = torch.device(device)
+        if wanted.type != actual.type or (wanted.index is not None and wanted.index != actual.index):
+            raise ValueError(f"device={device!s} but the model is on {actual}; move the model first")
+    return actual
+
+
+def _make_generator(seed: int | None, device: torch.device) -> torch.Generator:
+    gen = torch.Generator(device=device)
+    if seed is None:
+        gen.seed()
+    else:
+        gen.manual_seed(seed)
+    return gen
+
+
+def stream_ids(model: GPT, prompt_ids: Sequence[int], cfg: SamplingConfig | None = None, *,
+               eot_id: int | None = None, device=None, use_cache: bool = True,
+               crop_to: int | None = None) -> Iterator[int]:
+    """Yield new token ids one at a time (see the module docstring for the context policy).
+
+    ``eot_id``: the end-of-text token; generation stops before it when
+    ``cfg.stop_at_eot``, and an empty prompt starts from it. ``crop_to``: how many of
+    the most recent tokens to keep when the context is full (1..block_size; default
+    block_size // 2). Use the model in eval mode (``load_checkpoint`` returns it so).
+    """
+    cfg = cfg or SamplingConfig()
+    block = model.config.block_size
+    vocab = model.config.vocab_size
+    keep = max(1, block // 2) if crop_to is None else crop_to
+    if not (_is_int(keep) and 1 <= keep <= block):
+        raise ValueError(f"crop_to={crop_to!r} is invalid; allowed: 1 <= crop_to <= block_size={block}")
+    dev = _model_device(model, device)
+    ids = [int(i) for i in (prompt_ids.tolist() if torch.is_tensor(prompt_ids) else prompt_ids)]
+    bad = [i for i in ids if not 0 <= i < vocab]
+    if bad:
+        raise ValueError(f"prompt token id(s) {bad[:5]} outside the model's vocabulary [0, {vocab})")
+    if cfg.max_new_tokens == 0:
+        return
+    seen = list(ids)  # what the repetition penalty counts: prompt + generated
+    if not ids:
+        if eot_id is None or not 0 <= eot_id < vocab:
+            raise ValueError(f"an empty prompt starts from the end-of-text token, but eot_id={eot_id!r} "
+                             f"is not in the model's vocabulary [0, {vocab})")
+        ids = [eot_id]
+    penalize = cfg.repetition_penalty != 1.0
+    generator = None if cfg.greedy else _make_generator(cfg.seed, dev)
+    runner = _Cached(model) if use_cache else _Uncached(model)
+    start = max(0, len(ids) - block)  # the window is ids[start:]
+    logits = runner.prefill(ids[start:])
+    for n in range(cfg.max_new_tokens):
+        if cfg.greedy and not penalize:
+            token = int(logits.max(-1).indices)
+        else:
+            token = int(sample_token(logits, cfg, generator, seen if penalize else None))
+        if cfg.stop_at_eot and token == eot_id:
+            return
+        yield token
+        if n + 1 == cfg.max_new_tokens:
+            return  # no forward pass for a token nobody will read
+        ids.append(token)
+        if penalize:
+            seen.append(token)
+        if len(ids) - start > block:  # no room: crop the window, rebuild the cache from 0
+            start = len(ids) - keep
+            logits = runner.prefill(ids[start:])
+        else:
+            logits = runner.step(token)
+
+
+def generate_ids(model: GPT, prompt_ids: Sequence[int], cfg: SamplingConfig | None = None,
+                 **kwargs) -> list[int]:
+    """All the ids :func:`stream_ids` yields, as a list."""
+    return list(stream_ids(model, prompt_ids, cfg, **kwargs))
+
+
+# --------------------------------------------------------------------------- text
+
+
+def _stop_index(text: str, stops: tuple[str, ...]) -> int | None:
+    hits = [i for i in (text.find(s) for s in stops) if i >= 0]
+    return min(hits) if hits else None
+
+
+def _partial_stop(text: str, stops: tuple[str, ...]) -> int:
+    """Length of the longest end of ``text`` that could begin a stop string."""
+    best = 0
+    for s in stops:
+        for n in range(min(len(s) - 1, len(text)), best, -1):
+            if text.endswith(s[:n]):
+                best = n
+                break
+    return best
+
+
+def decode_stream(tokenizer, token_ids: Iterator[int], stop: Sequence[str] = ()) -> Iterator[str]:
+    """Turn a stream of token ids into text pieces, honouring stop strings.
+
+    Bytes go through an incremental UTF-8 decoder, so a character split across BPE
+    tokens comes out whole once its last byte arrives (invalid bytes become U+FFFD).
+    Text that could be the start of a stop string is held back until it is not; when a
+    stop string appears, the text before it is yielded and the stream ends (and
+    ``token_ids`` is closed, if it is a generator).
+    """
+    stops = tuple(stop)
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    pending = ""
+    try:
+        for token in token_ids:
+            pending += decoder.decode(tokenizer.decode_bytes([token]))
+            hold = 0
+            if stops:
+                cut = _stop_index(pending, stops)
+                if cut is not None:
+                    if cut:
+                        yield pending[:cut]
+                    return
+                hold = _partial_stop(pending, stops)
+            if len(pending) > hold:
+                yield pending[:len(pending) - hold]
+                pending = pending[len(pending) - hold:]
+    finally:
+        close = getattr(token_ids, "close", None)
+        if close is not None:
+            close()
+    pending += decoder.decode(b"", final=True)
+    if stops:
+        cut = _stop_index(pending, stops)
+        pending = pending if cut is None else pending[:cut]
+    if pending:
+        yield pending
+
+
+def stream(model: GPT, tokenizer, prompt: str | Sequence[int] = "", cfg: SamplingConfig | None = None,
+           *, device=None, use_cache: bool = True, crop_to: int | None = None) -> Iterator[str]:
+    """Yield the completion of ``prompt`` (text, or token ids) as text pieces.
+
+    Tokens come from :func:`stream_ids` (the end-of-text token ends generation when
+    ``cfg.stop_at_eot``; otherwise it is decoded like any token) and are turned into
+    text by :func:`decode_stream` (UTF-8 safe, stops at the first of ``cfg.stop``).
+    """
+    cfg = cfg or SamplingConfig()
+    ids = tokenizer.encode(prompt) if isinstance(prompt, str) else prompt
+    tokens = stream_ids(model, ids, cfg, eot_id=tokenizer.eot_id, device=device,
+                        use_cache=use_cache, crop_to=crop_to)
+    yield from decode_stream(tokenizer, tokens, cfg.stop)
+
+
+def generate(model: GPT, tokenizer, prompt: str | Sequence[int] = "", cfg: SamplingConfig | None = None,
+             **kwargs) -> str:
+    """The completion of ``prompt`` as one string (the prompt itself not included)."""
+    return "".join(stream(model, tokenizer, prompt, cfg, **kwargs))

@@ -1,0 +1,39 @@
+"""What every DVC stage shares: offline-safe environment and clean error exits."""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Callable
+
+EXIT_ERROR = 2
+EXIT_INTERRUPTED = 130
+
+
+def offline_env() -> None:
+    """Telemetry, analytics and update checks off unless the user decided otherwise."""
+    for key, value in (("MLFLOW_DISABLE_TELEMETRY", "true"), ("DO_NOT_TRACK", "1"),
+                       ("DVC_NO_ANALYTICS", "1"), ("HF_HUB_OFFLINE", "1")):
+        os.environ.setdefault(key, value)
+
+
+def run_stage(main: Callable[[], None]) -> None:
+    """Run a stage's ``main``; known failures become one clear line and exit code 2."""
+    from .checkpoint import CheckpointError
+    from .config import ConfigError
+    from .data import DataError
+    from .tokenizer import TokenizerError
+    from .train import TrainingInterrupted
+
+    offline_env()
+    try:
+        main()
+    except TrainingInterrupted as exc:
+        print(f"interrupted: {exc}", file=sys.stderr)
+        sys.exit(EXIT_INTERRUPTED)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(EXIT_INTERRUPTED)
+    except (ConfigError, DataError, TokenizerError, CheckpointError, FloatingPointError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(EXIT_ERROR)

@@ -1,0 +1,36 @@
+"""Stage: train from scratch (or resume an interrupted run) and publish models/best.
+
+Work in progress lives in .gptcore/runs/<fingerprint>/ (git-ignored, not a DVC out),
+so an interrupted `dvc repro` resumes where it stopped while DVC keeps its run-cache
+for this stage. The fingerprint covers the model/train/tokenizer params and the data,
+so a changed param never resumes a different run.
+"""
+
+from gptcore.config import flatten, load_params
+from gptcore.data import TokenData
+from gptcore.io import copy_dir
+from gptcore.stage import run_stage
+from gptcore.tracking import Tracker, project_root, write_run_file
+from gptcore.train import Trainer, clear_resume, fingerprint, write_train_outputs
+
+
+def main() -> None:
+    params = load_params()
+    data = TokenData.load(params.data.processed_dir)
+    work = project_root() / ".gptcore" / "runs" / fingerprint(params, data.meta)
+    tracker = Tracker()
+    trainer = Trainer(params, data, best_dir=work / "best", resume_dir=work / "last",
+                      tracker=tracker, run_params=flatten(params.to_dict()))
+    result = trainer.train()
+    copy_dir(work / "best", params.train.out_dir + "/best")
+    write_train_outputs(result, "metrics")
+    write_run_file(tracker.run_id)
+    tracker.log_metrics({"final_val_loss": result.final_val_loss, "train_tokens_per_s": result.tokens_per_s,
+                         "train_wall_time_s": result.wall_time_s}, step=result.steps)
+    clear_resume(work)
+    print(f"best val loss {result.best_val_loss:.4f} at step {result.best_step}; "
+          f"{result.tokens_per_s:,.0f} tokens/s")
+
+
+if __name__ == "__main__":
+    run_stage(main)

@@ -1,0 +1,28 @@
+"""Fixtures shared by the test suite."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+# Tests never reach the network: Hugging Face must not try the Hub, MLflow must not phone home.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def mirror_dir() -> Path:
+    """The offline copies of the pipeline's downloads (``<repo>/../shared/mirror``).
+
+    Override with ``GPTCORE_MIRROR``. A missing mirror fails the tests that need it
+    rather than skipping them.
+    """
+    path = Path(os.environ.get("GPTCORE_MIRROR") or REPO.parent / "shared" / "mirror").resolve()
+    missing = [n for n in ("input.txt", "vocab.bpe", "encoder.json") if not (path / n).is_file()]
+    if missing:
+        pytest.fail(f"mirror directory {path} lacks {', '.join(missing)}; set GPTCORE_MIRROR")
+    return path

@@ -1,0 +1,284 @@
+"""Checkpoints: exact round trips, refusal of unsafe or corrupt files, crash-safe saves."""
+
+from __future__ import annotations
+
+import builtins
+import json
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from gptcore.checkpoint import (CheckpointError, load_checkpoint, load_trainer_state, read_config,
+                                save_checkpoint)
+from gptcore.config import GPTConfig
+from gptcore.io import sha256_file
+from gptcore.model import GPT
+from gptcore.tokenizer import CharTokenizer, GPT2Tokenizer
+
+REPO = Path(__file__).resolve().parents[1]
+TEXT = "First Citizen:\nBefore we proceed any further, hear me speak.\n"
+
+
+def char_setup(seed: int = 0) -> tuple[GPT, CharTokenizer]:
+    tok = CharTokenizer.from_text(TEXT)
+    torch.manual_seed(seed)
+    config = GPTConfig(vocab_size=tok.vocab_size, block_size=32, n_layer=2, n_head=2, n_embd=16)
+    return GPT(config).eval(), tok
+
+
+def snapshot(directory: Path) -> dict[str, str]:
+    return {p.name: sha256_file(p) for p in sorted(directory.iterdir())}
+
+
+class Payload:
+    """Unpickling this calls ``func(*args)``: a stand-in for a malicious pickle."""
+
+    def __init__(self, func, *args) -> None:
+        self.func, self.args = func, args
+
+    def __reduce__(self):
+        return self.func, self.args
+
+
+def payloads(marker: Path) -> list[Payload]:
+    return [Payload(builtins.open, str(marker), "w"), Payload(os.system, f"touch '{marker}'")]
+
+
+def test_round_trip_char(tmp_path):
+    model, tok = char_setup()
+    meta = {"step": 7, "val_loss": 1.25, "note": "héllo"}
+    trainer_state = {"step": 7, "optimizer": {"m": torch.randn(3, 4)}, "rng": torch.randint(0, 9, (5,))}
+    save_checkpoint(tmp_path / "ckpt", model, tok, meta=meta, trainer_state=trainer_state)
+    loaded, ltok, lmeta = load_checkpoint(tmp_path / "ckpt")
+    assert lmeta == meta
+    assert loaded.config == model.config and not loaded.training
+    assert loaded.lm_head.weight is loaded.transformer.wte.weight
+    ours = model.state_dict()
+    for name, tensor in loaded.state_dict().items():
+        assert torch.equal(tensor, ours[name]), name
+    idx = torch.tensor([tok.encode(TEXT[:32])])
+    with torch.no_grad():
+        assert torch.equal(loaded(idx)[0], model(idx)[0])
+    assert isinstance(ltok, CharTokenizer) and ltok.chars == tok.chars
+    assert ltok.encode(TEXT) == tok.encode(TEXT)
+    state = load_trainer_state(tmp_path / "ckpt")
+    assert state["step"] == 7
+    assert torch.equal(state["optimizer"]["m"], trainer_state["optimizer"]["m"])
+    assert torch.equal(state["rng"], trainer_state["rng"])
+
+
+def test_round_trip_gpt2(tmp_path, mirror_dir):
+    tok = GPT2Tokenizer(mirror_dir)
+    model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=16)).eval()
+    save_checkpoint(tmp_path / "ckpt", model, tok)
+    loaded, ltok, meta = load_checkpoint(tmp_path / "ckpt", attn_impl="math")
+    assert meta == {} and loaded.config.attn_impl == "math"
+    assert load_trainer_state(tmp_path / "ckpt") is None
+    idx = torch.tensor([tok.encode("HAMLET: To be, or not to be")])
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(idx)[0], model(idx)[0], atol=1e-6, rtol=0)
+    assert isinstance(ltok, GPT2Tokenizer) and ltok.encode(TEXT) == tok.encode(TEXT)
+    # The checkpoint carries its own BPE files: it loads with the mirror gone.
+    assert ltok.directory == tmp_path / "ckpt"
+
+
+def test_saving_over_a_checkpoint_replaces_it(tmp_path):
+    first, tok = char_setup(seed=0)
+    second, _ = char_setup(seed=1)
+    save_checkpoint(tmp_path / "ckpt", first, tok, meta={"n": 1}, trainer_state={"step": 1})
+    save_checkpoint(tmp_path / "ckpt", second, tok, meta={"n": 2})
+    loaded, _, meta = load_checkpoint(tmp_path / "ckpt")
+    assert meta == {"n": 2}
+    assert torch.equal(loaded.transformer.wte.weight, second.transformer.wte.weight)
+    assert load_trainer_state(tmp_path / "ckpt") is None  # nothing left over from the first
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt"]  # no .old, no temp dirs
+
+
+def test_malicious_trainer_state_is_refused_and_never_runs(tmp_path):
+    model, tok = char_setup()
+    for i, payload in enumerate(payloads(tmp_path / "pwned")):
+        ckpt = tmp_path / f"ckpt{i}"
+        save_checkpoint(ckpt, model, tok)
+        torch.save({"step": 1, "optimizer": payload}, ckpt / "trainer_state.pt")
+        with pytest.raises(CheckpointError,
+                           match=r"trainer_state.pt: refused to load.*references (io.open|posix.system)"):
+            load_trainer_state(ckpt)
+        (ckpt / "trainer_state.pt").write_bytes(pickle.dumps(payload, protocol=2))  # bare pickle
+        with pytest.raises(CheckpointError, match="refused to load"):
+            load_trainer_state(ckpt)
+        assert not (tmp_path / "pwned").exists()
+    # The payload is live: unpickled without protection it does create the marker.
+    pickle.loads(pickle.dumps(payloads(tmp_path / "pwned")[0])).close()
+    assert (tmp_path / "pwned").exists()
+
+
+def test_pickle_in_place_of_model_safetensors_is_refused_and_never_runs(tmp_path):
+    model, tok = char_setup()
+    save_checkpoint(tmp_path / "ckpt", model, tok)
+    marker = tmp_path / "pwned"
+    for payload in payloads(marker):
+        (tmp_path / "ckpt" / "model.safetensors").write_bytes(pickle.dumps({"w": payload}))
+        with pytest.raises(CheckpointError, match="model.safetensors: not a valid safetensors file"):
+            load_checkpoint(tmp_path / "ckpt")
+        assert not marker.exists()
+
+
+def test_truncated_weights_are_refused_naming_the_file(tmp_path):
+    model, tok = char_setup()
+    save_checkpoint(tmp_path / "ckpt", model, tok)
+    weights = tmp_path / "ckpt" / "model.safetensors"
+    data = weights.read_bytes()
+    for size in (len(data) - 100, 20, 0):
+        weights.write_bytes(data[:size])
+        with pytest.raises(CheckpointError, match=r"model.safetensors: .*truncated or corrupt"):
+            load_checkpoint(tmp_path / "ckpt")
+
+
+def test_truncated_trainer_state_is_refused(tmp_path):
+    model, tok = char_setup()
+    save_checkpoint(tmp_path / "ckpt", model, tok, trainer_state={"m": torch.randn(100)})
+    path = tmp_path / "ckpt" / "trainer_state.pt"
+    path.write_bytes(path.read_bytes()[:200])
+    with pytest.raises(CheckpointError, match="trainer_state.pt"):
+        load_trainer_state(tmp_path / "ckpt")
+
+
+def test_config_that_does_not_match_the_weights_names_tensor_and_shapes(tmp_path):
+    model, tok = char_setup()  # n_embd=16
+    save_checkpoint(tmp_path / "ckpt", model, tok)
+    path = tmp_path / "ckpt" / "config.json"
+    raw = json.loads(path.read_text())
+    raw["model"]["n_embd"] = 32
+    path.write_text(json.dumps(raw))
+    with pytest.raises(CheckpointError,
+                       match=r"transformer.wte.weight has shape \(28, 16\), config.json implies \(28, 32\)"):
+        load_checkpoint(tmp_path / "ckpt")
+    raw["model"]["n_embd"] = 17  # not a multiple of n_head
+    path.write_text(json.dumps(raw))
+    with pytest.raises(CheckpointError, match="invalid model config: n_embd=17"):
+        load_checkpoint(tmp_path / "ckpt")
+
+
+@pytest.mark.parametrize("content, match", [
+    (None, "config.json: missing"),
+    ("{", "not valid JSON"),
+    ("[1, 2]", "expected a JSON object"),
+    ('{"format": "hf"}', "format 'hf' is not 'gptcore'"),
+    ('{"format": "gptcore", "format_version": 99}', "format_version 99 unsupported"),
+])
+def test_bad_config_json_is_refused(tmp_path, content, match):
+    model, tok = char_setup()
+    save_checkpoint(tmp_path / "ckpt", model, tok)
+    path = tmp_path / "ckpt" / "config.json"
+    path.unlink()
+    if content is not None:
+        path.write_text(content)
+    with pytest.raises(CheckpointError, match=match):
+        load_checkpoint(tmp_path / "ckpt")
+
+
+def test_missing_directory_and_missing_files(tmp_path):
+    with pytest.raises(CheckpointError, match="no checkpoint directory"):
+        load_checkpoint(tmp_path / "nowhere")
+    model, tok = char_setup()
+    save_checkpoint(tmp_path / "ckpt", model, tok)
+    (tmp_path / "ckpt" / "tokenizer.json").unlink()
+    with pytest.raises(CheckpointError, match="tokenizer.*tokenizer.json: missing"):
+        load_checkpoint(tmp_path / "ckpt")
+    (tmp_path / "ckpt" / "model.safetensors").unlink()
+    with pytest.raises(CheckpointError, match="model.safetensors: missing"):
+        load_checkpoint(tmp_path / "ckpt")
+
+
+def test_tokenizer_larger_than_the_model_vocabulary_is_refused(tmp_path):
+    model, _ = char_setup()
+    big = CharTokenizer.from_text(TEXT + "XYZ")
+    save_checkpoint(tmp_path / "ckpt", model, big)
+    with pytest.raises(CheckpointError, match="tokenizer has 31 ids but the model only 28"):
+        load_checkpoint(tmp_path / "ckpt")
+
+
+class DiskFullTokenizer(CharTokenizer):
+    def save(self, directory) -> None:
+        super().save(directory)
+        raise OSError("No space left on device")
+
+
+def test_error_during_save_leaves_the_previous_checkpoint(tmp_path):
+    model, tok = char_setup()
+    save_checkpoint(tmp_path / "ckpt", model, tok, meta={"n": 1})
+    before = snapshot(tmp_path / "ckpt")
+    with pytest.raises(OSError, match="No space left"):
+        save_checkpoint(tmp_path / "ckpt", model, DiskFullTokenizer(tok.chars), meta={"n": 2})
+    assert snapshot(tmp_path / "ckpt") == before
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt"]  # the temporary dir is gone
+
+
+CHILD = textwrap.dedent("""
+    import sys
+    from pathlib import Path
+    from gptcore.io import atomic_dir
+
+    target = Path(sys.argv[1])
+    with atomic_dir(target) as tmp:
+        # A large-ish partial checkpoint: files the parent would recognise if they leaked.
+        (tmp / "model.safetensors").write_bytes(b"partial" * 2_000_000)
+        (tmp / "config.json").write_text("{}")
+        print(tmp, flush=True)
+        sys.stdin.readline()  # blocks: the parent kills us here, mid-save
+""")
+
+
+def test_sigkill_mid_save_leaves_the_previous_checkpoint_whole(tmp_path):
+    model, tok = char_setup()
+    ckpt = tmp_path / "ckpt"
+    save_checkpoint(ckpt, model, tok, meta={"n": 1})
+    before = snapshot(ckpt)
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    child = subprocess.Popen([sys.executable, "-c", CHILD, str(ckpt)], stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, text=True, env=env, cwd=REPO)
+    try:
+        line = child.stdout.readline().strip()
+        assert line, "the child exited before reaching the middle of its save"
+        partial = Path(line)
+        assert partial.is_dir() and (partial / "model.safetensors").stat().st_size == 14_000_000
+        child.send_signal(signal.SIGKILL)
+        assert child.wait(timeout=30) == -signal.SIGKILL
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+    assert snapshot(ckpt) == before
+    assert not ckpt.with_name("ckpt.old").exists()
+    loaded, _, meta = load_checkpoint(ckpt)
+    assert meta == {"n": 1}
+    assert torch.equal(loaded.transformer.wte.weight, model.transformer.wte.weight)
+    # What the killed save leaves is only its hidden temporary sibling, never the target.
+    leftovers = sorted(p.name for p in tmp_path.iterdir() if p.name != "ckpt")
+    assert leftovers == [partial.name] and partial.name.startswith(".ckpt.")
+    # ...and the next save goes through.
+    save_checkpoint(ckpt, model, tok, meta={"n": 2})
+    assert load_checkpoint(ckpt)[2] == {"n": 2}
+
+
+def test_crash_between_the_two_renames_is_recovered_on_load(tmp_path):
+    model, tok = char_setup()
+    ckpt = tmp_path / "ckpt"
+    save_checkpoint(ckpt, model, tok, meta={"n": 1}, trainer_state={"step": 3})
+    # The state atomic_dir leaves if killed after moving the old directory aside and before
+    # renaming the new one into place: only <dir>.old exists.
+    os.replace(ckpt, tmp_path / "ckpt.old")
+    assert load_trainer_state(ckpt) == {"step": 3}
+    assert ckpt.is_dir() and not (tmp_path / "ckpt.old").exists()
+    os.replace(ckpt, tmp_path / "ckpt.old")
+    loaded, _, meta = load_checkpoint(ckpt)
+    assert meta == {"n": 1}
+    assert torch.equal(loaded.transformer.wte.weight, model.transformer.wte.weight)
+    assert read_config(ckpt)[0] == model.config

@@ -1,0 +1,154 @@
+"""Configuration: GPTConfig validation and the generic from_dict machinery."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from gptcore.config import ConfigError, DataConfig, GPTConfig, Params, flatten, from_dict, load_params
+
+SIZES = ("vocab_size", "block_size", "n_layer", "n_head", "n_embd")
+
+
+def test_defaults_are_the_reference_model():
+    c = GPTConfig()
+    assert (c.vocab_size, c.block_size, c.n_layer, c.n_head, c.n_embd) == (50257, 256, 4, 4, 128)
+    assert (c.dropout, c.bias, c.attn_impl) == (0.0, True, "sdpa")
+
+
+def test_to_dict_from_dict_round_trip_and_frozen():
+    c = GPTConfig(n_layer=2, n_embd=64, dropout=0.1, attn_impl="math")
+    assert GPTConfig.from_dict(c.to_dict()) == c
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        c.n_layer = 3
+
+
+def test_n_embd_must_be_a_multiple_of_n_head():
+    with pytest.raises(ConfigError, match=r"n_embd=130 is invalid; allowed: a multiple of n_head=4"):
+        GPTConfig(n_embd=130, n_head=4)
+
+
+@pytest.mark.parametrize("name", SIZES)
+@pytest.mark.parametrize("value", [0, -4])
+def test_sizes_must_be_positive(name, value):
+    with pytest.raises(ConfigError, match=rf"^{name}={value} is invalid; allowed: a positive integer"):
+        GPTConfig(**{name: value})
+
+
+@pytest.mark.parametrize("value", [1.0, -0.1, 1.5])
+def test_dropout_range(value):
+    with pytest.raises(ConfigError, match=r"dropout=.* is invalid; allowed: 0 <= dropout < 1"):
+        GPTConfig(dropout=value)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"attn_impl": "flash"}, r"attn_impl='flash' is invalid; allowed: sdpa \| math"),
+    ({"layer_norm_eps": 0.0}, "layer_norm_eps=0.0 is invalid"),
+    ({"layer_norm_eps": "1e-5"}, "layer_norm_eps='1e-5' is invalid"),
+    ({"bias": 1}, "bias=1 is invalid"),
+    ({"n_layer": "4"}, "n_layer='4' is invalid; allowed: a positive integer"),
+    ({"n_layer": True}, "n_layer=True is invalid"),
+])
+def test_direct_construction_is_checked_too(kwargs, match):
+    with pytest.raises(ConfigError, match=match):
+        GPTConfig(**kwargs)
+
+
+def test_unknown_key_is_named_with_the_allowed_ones():
+    with pytest.raises(ConfigError) as info:
+        GPTConfig.from_dict({"n_layers": 4})
+    msg = str(info.value)
+    assert "'n_layers'" in msg
+    allowed = msg.split("allowed:")[1]
+    for f in dataclasses.fields(GPTConfig):
+        assert f.name in allowed
+
+
+@pytest.mark.parametrize("data, match", [
+    ({"n_layer": "4"}, "n_layer must be an integer, got '4'"),
+    ({"n_layer": 4.0}, "n_layer must be an integer, got 4.0"),
+    ({"n_layer": True}, "n_layer must be an integer, got True"),
+    ({"dropout": "0.1"}, "dropout must be a number, got '0.1'"),
+    ({"bias": "yes"}, "bias must be true or false, got 'yes'"),
+    ({"attn_impl": 1}, "attn_impl must be a string, got 1"),
+])
+def test_wrong_types_from_dict(data, match):
+    with pytest.raises(ConfigError, match=match):
+        GPTConfig.from_dict(data)
+
+
+def test_ints_are_accepted_for_floats():
+    c = GPTConfig.from_dict({"dropout": 0, "layer_norm_eps": 1})
+    assert isinstance(c.dropout, float) and isinstance(c.layer_norm_eps, float)
+
+
+def test_non_mapping_is_refused():
+    with pytest.raises(ConfigError, match="GPTConfig must be a mapping, got \\[4\\]"):
+        GPTConfig.from_dict([4])
+
+
+@pytest.mark.parametrize("data, match", [
+    ({"model": {"n_embd": 130}}, r"^model\.n_embd=130 is invalid; allowed: a multiple of n_head=4"),
+    ({"model": {"n_embd": "x"}}, r"^model\.n_embd must be an integer, got 'x'"),
+    ({"model": {"n_embdd": 1}}, r"^model: unknown key\(s\) 'n_embdd'; allowed: vocab_size"),
+    ({"model": 5}, r"^model must be a mapping, got 5"),
+    ({"train": {"batch_size": 0}}, r"^train\.batch_size=0 is invalid"),
+    ({"modle": {}}, r"^Params: unknown key\(s\) 'modle'; allowed: data, tokenizer, model"),
+])
+def test_params_errors_name_the_section_path(data, match):
+    with pytest.raises(ConfigError, match=match):
+        Params.from_dict(data)
+
+
+def test_nested_dicts_of_dataclasses_coerce():
+    """``DataConfig.sources`` is annotated plain ``dict``; it must coerce, not crash."""
+    sha = "0" * 64
+    data = from_dict(DataConfig, {"sources": {"input.txt": {"url": "file:///x", "sha256": sha}}}, "data")
+    assert data.sources["input.txt"].sha256 == sha
+    with pytest.raises(ConfigError, match=r"^data\.sources\.input\.txt\.sha256='zz' is invalid"):
+        from_dict(DataConfig, {"sources": {"input.txt": {"url": "u", "sha256": "zz"}}}, "data")
+    with pytest.raises(ConfigError, match=r"^data\.sources must be a mapping"):
+        from_dict(DataConfig, {"sources": ["input.txt"]}, "data")
+
+
+def test_section_named_like_its_fields_is_still_prefixed():
+    """The prefix test is on "<path>.", not on a bare string prefix."""
+    @dataclasses.dataclass(frozen=True)
+    class Sec:
+        n: int = 1
+
+        def __post_init__(self):
+            if self.n < 0:
+                raise ConfigError(f"n={self.n} is invalid")
+
+    with pytest.raises(ConfigError, match=r"^n\.n=-1 is invalid"):
+        from_dict(Sec, {"n": -1}, "n")
+
+
+def test_flatten():
+    assert flatten({"model": {"n_layer": 4, "x": {"y": 1}}, "a": 2}) == {
+        "model.n_layer": 4, "model.x.y": 1, "a": 2}
+
+
+def test_load_params_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match=r"params.yaml: file not found"):
+        load_params(tmp_path / "params.yaml")
+
+
+def test_load_params_invalid_yaml(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text("model:\n  n_layer: [4\n")
+    with pytest.raises(ConfigError, match=r"params.yaml: not valid YAML"):
+        load_params(path)
+
+
+def test_load_params_names_file_and_field(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text("model:\n  n_embd: 130\n")
+    with pytest.raises(ConfigError, match=rf"^{path}: model\.n_embd=130 is invalid"):
+        load_params(path)
+    path.write_text("train:\n  batch_size: '16'\n")
+    with pytest.raises(ConfigError, match=r"train\.batch_size must be an integer, got '16'"):
+        load_params(path)
+

@@ -1,0 +1,350 @@
+"""Generation: the KV cache against full forward passes, every sampling filter, stop
+conditions and UTF-8-safe streaming. Tiny models only; everything runs on a CPU."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from gptcore.config import ConfigError, GPTConfig, SampleConfig
+from gptcore.generate import (
+    SamplingConfig, _Cached, _Uncached, apply_repetition_penalty, apply_top_k, apply_top_p,
+    decode_stream, generate, generate_ids, process_logits, sample_token, stream, stream_ids,
+)
+from gptcore.model import GPT, KVCache
+from gptcore.tokenizer import CharTokenizer, GPT2Tokenizer
+
+TEXT = "First Citizen:\nBefore we proceed any further, hear me speak.\nAll: Speak, speak!\n"
+BLOCK = 16
+GREEDY = SamplingConfig(temperature=0.0, stop_at_eot=False)
+
+
+def tiny_model(vocab_size: int, block_size: int = BLOCK, seed: int = 0, **kw) -> GPT:
+    """A random tiny GPT whose weights are large enough that greedy decoding does not
+    collapse into one repeated token (the default 0.02 init makes every logit ~equal)."""
+    torch.manual_seed(seed)
+    model = GPT(GPTConfig(vocab_size=vocab_size, block_size=block_size, n_layer=2, n_head=2,
+                          n_embd=32, **kw))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.3)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def tok() -> CharTokenizer:
+    return CharTokenizer.from_text(TEXT)
+
+
+@pytest.fixture(scope="module")
+def model(tok) -> GPT:
+    return tiny_model(tok.vocab_size)
+
+
+# --------------------------------------------------------------------------- KV cache
+
+
+@pytest.mark.parametrize("attn_impl", ["sdpa", "math"])
+@pytest.mark.parametrize("fast", [True, False], ids=["fast-step", "module-step"])
+def test_cached_logits_equal_full_forward_at_every_step(tok, attn_impl, fast):
+    model = tiny_model(tok.vocab_size, attn_impl=attn_impl)
+    if not fast:
+        model.train()  # dropout is 0: same numbers, but steps go through GPT.hidden_states
+    seq = torch.randint(0, tok.vocab_size, (BLOCK,), generator=torch.Generator().manual_seed(1)).tolist()
+    runner = _Cached(model)
+    assert runner.fast is fast
+    n_prompt = 5
+    got = [runner.prefill(seq[:n_prompt])]
+    for t in seq[n_prompt:]:
+        got.append(runner.step(t))
+    with torch.no_grad():
+        full, _ = model(torch.tensor([seq]))
+    for i, logits in enumerate(got):  # logits after position n_prompt - 1 + i
+        torch.testing.assert_close(logits, full[0, n_prompt - 1 + i], atol=1e-4, rtol=0)
+    with pytest.raises(ValueError, match="full|block_size"):
+        runner.step(seq[0])  # the cache holds block_size positions: no room for another
+
+
+def test_model_kv_cache_prefill_then_steps_equal_full_forward(model, tok):
+    """GPT.forward with a KVCache (the model's own path), prefill + single-token steps."""
+    seq = torch.randint(0, tok.vocab_size, (1, BLOCK), generator=torch.Generator().manual_seed(2))
+    cache = KVCache.empty(model.config, 1, "cpu", torch.float32)
+    with torch.no_grad():
+        full, _ = model(seq)
+        pre, _ = model(seq[:, :6], cache=cache)
+        torch.testing.assert_close(pre, full[:, :6], atol=1e-4, rtol=0)
+        for t in range(6, BLOCK):
+            step, _ = model(seq[:, t:t + 1], cache=cache)
+            torch.testing.assert_close(step[:, 0], full[:, t], atol=1e-4, rtol=0)
+        with pytest.raises(ValueError, match="block_size"):
+            model(seq[:, :1], cache=cache)
+
+
+@pytest.mark.parametrize("crop_to", [None, BLOCK, BLOCK - 1, 3, 1])
+@pytest.mark.parametrize("prompt_len", [0, 3, 40])
+def test_greedy_with_cache_equals_without_past_block_size(model, tok, crop_to, prompt_len):
+    prompt = torch.randint(0, tok.vocab_size - 1, (prompt_len,), generator=torch.Generator().manual_seed(3)).tolist()
+    cfg = dataclasses.replace(GREEDY, max_new_tokens=3 * BLOCK + 5)
+    cached = generate_ids(model, prompt, cfg, eot_id=tok.eot_id, crop_to=crop_to)
+    uncached = generate_ids(model, prompt, cfg, eot_id=tok.eot_id, crop_to=crop_to, use_cache=False)
+    assert cached == uncached
+    assert len(cached) == cfg.max_new_tokens
+    assert len(set(cached)) > 3  # a real sequence, not one token repeated
+
+
+def test_cache_rebuild_uses_positions_from_zero(model, tok):
+    """After a crop the window is re-encoded from position 0: the next token equals a
+    fresh greedy run on exactly that window."""
+    prompt = list(range(BLOCK))  # a full window
+    cfg = dataclasses.replace(GREEDY, max_new_tokens=2)
+    first, second = generate_ids(model, prompt, cfg, crop_to=4)
+    window = (prompt + [first])[-4:]
+    assert generate_ids(model, window, dataclasses.replace(cfg, max_new_tokens=1)) == [second]
+
+
+def test_sampled_with_cache_equals_without(model, tok):
+    cfg = SamplingConfig(max_new_tokens=40, temperature=1.0, top_k=10, top_p=0.9, seed=5, stop_at_eot=False)
+    assert generate_ids(model, [1, 2], cfg) == generate_ids(model, [1, 2], cfg, use_cache=False)
+
+
+# --------------------------------------------------------------------------- prompts
+
+
+def test_empty_prompt_starts_from_eot(model, tok):
+    cfg = dataclasses.replace(GREEDY, max_new_tokens=10)
+    assert generate_ids(model, [], cfg, eot_id=tok.eot_id) == generate_ids(model, [tok.eot_id], cfg)
+    assert generate(model, tok, "", cfg) == tok.decode(generate_ids(model, [tok.eot_id], cfg))
+    with pytest.raises(ValueError, match="eot_id"):
+        generate_ids(model, [], cfg)
+
+
+def test_prompt_longer_than_context_keeps_its_last_block_size_tokens(model, tok):
+    prompt = (list(range(tok.vocab_size - 1)) * 2)[:3 * BLOCK]
+    cfg = dataclasses.replace(GREEDY, max_new_tokens=5)
+    assert generate_ids(model, prompt, cfg) == generate_ids(model, prompt[-BLOCK:], cfg)
+
+
+def test_bad_ids_and_arguments(model, tok):
+    with pytest.raises(ValueError, match="outside"):
+        generate_ids(model, [tok.vocab_size + 5], GREEDY)
+    with pytest.raises(ValueError, match="crop_to"):
+        generate_ids(model, [1], GREEDY, crop_to=BLOCK + 1)
+    with pytest.raises(ValueError, match="device"):
+        generate_ids(model, [1], GREEDY, device="meta")
+    assert generate_ids(model, [1], dataclasses.replace(GREEDY, max_new_tokens=0)) == []
+
+
+# --------------------------------------------------------------------------- sampling
+
+
+def test_same_seed_same_sample_different_seed_different(model, tok):
+    cfg = SamplingConfig(max_new_tokens=60, temperature=1.0, seed=123, stop_at_eot=False)
+    a = generate(model, tok, "First", cfg)
+    assert a == generate(model, tok, "First", cfg)
+    b = generate(model, tok, "First", dataclasses.replace(cfg, seed=124))
+    assert a != b
+    assert len(a) == len(b) == 60
+
+
+def test_temperature_zero_is_greedy(model, tok):
+    prompt = tok.encode("Speak")
+    ids = generate_ids(model, prompt, dataclasses.replace(GREEDY, max_new_tokens=8))
+    # the same thing by hand: argmax of a full forward pass, token by token
+    seq = list(prompt)
+    with torch.no_grad():
+        for _ in range(8):
+            logits, _ = model(torch.tensor([seq]))
+            seq.append(int(logits[0, -1].argmax()))
+    assert ids == seq[len(prompt):]
+    logits = torch.randn(5, 30)
+    cfg = SamplingConfig(temperature=0.0, top_k=3, top_p=0.5)
+    assert torch.equal(sample_token(logits, cfg), logits.argmax(-1))
+
+
+def test_low_temperature_approaches_greedy(model, tok):
+    prompt = tok.encode("All")
+    greedy = generate_ids(model, prompt, dataclasses.replace(GREEDY, max_new_tokens=10))
+    cold = generate_ids(model, prompt, SamplingConfig(max_new_tokens=10, temperature=1e-4, seed=0,
+                                                      stop_at_eot=False))
+    assert cold == greedy
+
+
+def test_top_k_keeps_exactly_k():
+    logits = torch.randn(4, 50, generator=torch.Generator().manual_seed(0))
+    for k in (1, 5, 49):
+        out = apply_top_k(logits, k)
+        assert torch.equal(torch.isfinite(out).sum(-1), torch.full((4,), k))
+        kept = torch.isfinite(out)
+        assert torch.equal(out[kept], logits[kept])  # survivors are unchanged
+        assert logits[kept].view(4, k).min(-1).values.ge(logits.masked_fill(kept, -1e9).max(-1).values).all()
+    assert torch.equal(apply_top_k(logits, 0), logits)
+    assert torch.equal(apply_top_k(logits, 50), logits)
+
+
+def test_top_k_ties_keep_lowest_ids():
+    logits = torch.tensor([[1.0, 3.0, 2.0, 3.0, 3.0, 0.0, 3.0]])
+    assert torch.isfinite(apply_top_k(logits, 2))[0].nonzero().flatten().tolist() == [1, 3]
+    assert torch.isfinite(apply_top_k(logits, 3))[0].nonzero().flatten().tolist() == [1, 3, 4]
+    assert torch.isfinite(apply_top_k(logits, 5))[0].nonzero().flatten().tolist() == [1, 2, 3, 4, 6]
+    flat = torch.zeros(1, 10)  # all tied
+    assert torch.isfinite(apply_top_k(flat, 4))[0].nonzero().flatten().tolist() == [0, 1, 2, 3]
+
+
+def test_top_p_keeps_the_smallest_set_reaching_p():
+    probs = torch.tensor([0.05, 0.5, 0.15, 0.3])  # order by probability: 1, 3, 2, 0
+    logits = probs.log()
+
+    def kept(p):
+        return torch.isfinite(apply_top_p(logits, p)).nonzero().flatten().tolist()
+
+    assert kept(0.3) == [1]            # 0.5 alone reaches 0.3
+    assert kept(0.75) == [1, 3]        # 0.5 + 0.3
+    assert kept(0.85) == [1, 2, 3]     # 0.5 + 0.3 + 0.15
+    assert kept(0.97) == [0, 1, 2, 3]
+    assert kept(1.0) == [0, 1, 2, 3]
+    tied = torch.zeros(6)  # six equal tokens: the lowest ids first
+    assert torch.isfinite(apply_top_p(tied, 0.4)).nonzero().flatten().tolist() == [0, 1, 2]
+    batch = torch.stack([logits, logits.flip(0)])
+    out = torch.isfinite(apply_top_p(batch, 0.75))
+    assert out[0].nonzero().flatten().tolist() == [1, 3]
+    assert out[1].nonzero().flatten().tolist() == [0, 2]
+
+
+def test_sampling_only_draws_from_the_filtered_set():
+    logits = torch.randn(200, generator=torch.Generator().manual_seed(1))
+    cfg = SamplingConfig(temperature=1.5, top_k=7)
+    allowed = set(torch.isfinite(apply_top_k(logits, 7)).nonzero().flatten().tolist())
+    gen = torch.Generator().manual_seed(0)
+    draws = {int(sample_token(logits, cfg, gen)) for _ in range(300)}
+    assert draws <= allowed and len(draws) > 1
+
+
+def test_repetition_penalty_lowers_seen_tokens():
+    logits = torch.tensor([2.0, -1.0, 0.5, 3.0, -2.0])
+    seen = [0, 1, 1]
+    out = apply_repetition_penalty(logits, seen, 2.0)
+    assert out.tolist() == [1.0, -2.0, 0.5, 3.0, -2.0]  # positive / 2, negative * 2, others as is
+    before, after = logits.softmax(-1), process_logits(logits, SamplingConfig(repetition_penalty=2.0, temperature=1.0),
+                                                       seen).softmax(-1)
+    assert after[0] < before[0] and after[1] < before[1]
+    assert after[3] > before[3]
+    assert torch.equal(apply_repetition_penalty(logits, seen, 1.0), logits)
+    assert torch.equal(apply_repetition_penalty(logits, [], 2.0), logits)
+
+
+def test_repetition_penalty_changes_greedy_output(model, tok):
+    prompt = tok.encode("speak, speak")
+    plain = generate_ids(model, prompt, dataclasses.replace(GREEDY, max_new_tokens=30))
+    penalized = generate_ids(model, prompt, dataclasses.replace(GREEDY, max_new_tokens=30, repetition_penalty=5.0))
+    assert penalized != plain
+    assert len(set(penalized)) >= len(set(plain))
+    assert penalized == generate_ids(model, prompt, dataclasses.replace(GREEDY, max_new_tokens=30,
+                                                                        repetition_penalty=5.0), use_cache=False)
+
+
+# --------------------------------------------------------------------------- validation
+
+
+@pytest.mark.parametrize("field,value", [
+    ("temperature", -0.1), ("temperature", float("nan")), ("temperature", "hot"),
+    ("top_k", -1), ("top_k", 2.5), ("top_p", 0.0), ("top_p", 1.5), ("top_p", -1),
+    ("repetition_penalty", 0.0), ("repetition_penalty", -2.0), ("max_new_tokens", -1),
+    ("max_new_tokens", True), ("seed", -3), ("seed", 1.5), ("stop", [""]), ("stop", [1]),
+    ("stop_at_eot", "yes"),
+])
+def test_validation_errors_name_the_field_and_value(field, value):
+    with pytest.raises(ConfigError) as err:
+        SamplingConfig(**{field: value})
+    msg = str(err.value)
+    assert msg.startswith(f"{field}=") and repr(value) in msg and "allowed" in msg
+
+
+def test_valid_configs_and_the_params_yaml_section():
+    cfg = SamplingConfig(temperature=0, top_k=0, top_p=1, repetition_penalty=1, max_new_tokens=0,
+                         stop=["\n", "END"], seed=0)
+    assert cfg.stop == ("\n", "END") and isinstance(cfg.temperature, float)
+    assert SamplingConfig(stop="\n").stop == ("\n",)
+    SampleConfig()  # params.yaml's sample section validates through SamplingConfig
+    with pytest.raises(ConfigError, match="top_p"):
+        SampleConfig(top_p=0.0)
+
+
+# --------------------------------------------------------------------------- stop conditions
+
+
+def test_stop_strings_end_generation_before_the_stop_text(model, tok):
+    cfg = dataclasses.replace(GREEDY, max_new_tokens=60)
+    full = generate(model, tok, "First", cfg)
+    stop = full[20:23]
+    cut = full.index(stop)
+    assert generate(model, tok, "First", dataclasses.replace(cfg, stop=[stop])) == full[:cut]
+    # the earliest of several stop strings wins; one that never appears changes nothing
+    other = full[30:32]
+    assert generate(model, tok, "First", dataclasses.replace(cfg, stop=[other, stop, "@@"])) == \
+        full[:min(cut, full.index(other))]
+    assert generate(model, tok, "First", dataclasses.replace(cfg, stop=["@@"])) == full
+    # the pieces streamed before the stop never contain part of it
+    pieces = list(stream(model, tok, "First", dataclasses.replace(cfg, stop=[stop])))
+    assert "".join(pieces) == full[:cut]
+
+
+def test_decode_stream_holds_back_partial_stop_strings(tok):
+    ids = tok.encode("abc hear me speak")
+    pieces = list(decode_stream(tok, iter(ids), ["me s", "xyz"]))
+    assert "".join(pieces) == "abc hear "
+    assert list(decode_stream(tok, iter(tok.encode("Speak")), ["Speak"])) == []
+    assert "".join(decode_stream(tok, iter(tok.encode("speak, spe")), ["speed"])) == "speak, spe"
+
+
+def test_end_of_text_stops_generation(model, tok):
+    cfg = dataclasses.replace(GREEDY, max_new_tokens=40)
+    ids = generate_ids(model, [1, 2, 3], cfg)
+    target = ids[10]
+    first = ids.index(target)
+    # pretend that token is end-of-text: generation ends right before it
+    stopped = generate_ids(model, [1, 2, 3], dataclasses.replace(cfg, stop_at_eot=True), eot_id=target)
+    assert stopped == ids[:first]
+    assert generate_ids(model, [1, 2, 3], cfg, eot_id=target) == ids  # stop_at_eot=False
+    # with a real tokenizer: a model that always prefers the end-of-text token
+    eager = tiny_model(tok.vocab_size)
+    with torch.no_grad():
+        eager.transformer.ln_f.weight.zero_()
+        eager.transformer.ln_f.bias.zero_()
+        eager.transformer.ln_f.bias[0] = 1.0
+        eager.transformer.wte.weight[:, 0] = -1.0
+        eager.transformer.wte.weight[tok.eot_id, 0] = 20.0
+    assert generate(eager, tok, "First", SamplingConfig(max_new_tokens=20, seed=0)) == ""
+    assert generate(eager, tok, "First", SamplingConfig(max_new_tokens=3, temperature=0, stop_at_eot=False)) == \
+        "<|endoftext|>" * 3
+
+
+def test_generate_returns_the_decoded_completion(model, tok):
+    cfg = dataclasses.replace(GREEDY, max_new_tokens=25)
+    ids = generate_ids(model, tok.encode("hear"), cfg, eot_id=tok.eot_id)
+    assert generate(model, tok, "hear", cfg) == tok.decode(ids)
+    assert "".join(stream(model, tok, tok.encode("hear"), cfg)) == tok.decode(ids)
+
+
+# --------------------------------------------------------------------------- GPT-2 BPE
+
+
+def test_streaming_never_splits_a_utf8_character(mirror_dir):
+    gpt2 = GPT2Tokenizer(mirror_dir)
+    text = "naïve café — 日本語のテキスト 🙂🎉 ok"
+    ids = gpt2.encode(text)
+    assert any("\ufffd" in gpt2.decode([i]) for i in ids)  # some tokens are partial characters
+    pieces = list(decode_stream(gpt2, iter(ids)))
+    assert "".join(pieces) == text
+    assert all("\ufffd" not in p for p in pieces)
+    # a dangling partial character at the very end becomes one replacement character
+    assert "".join(decode_stream(gpt2, iter(gpt2.encode("ok 🙂")[:-1]))).startswith("ok")
+
+
+def test_generation_with_the_gpt2_tokenizer(mirror_dir):
+    gpt2 = GPT2Tokenizer(mirror_dir)
+    model = tiny_model(gpt2.vocab_size, block_size=32)
+    cfg = SamplingConfig(max_new_tokens=12, seed=0, top_k=50)
+    out = generate(model, gpt2, "Hello", cfg)
+    assert isinstance(out, str) and out and out == generate(model, gpt2, "Hello", cfg)

@@ -1,0 +1,126 @@
+"""CI pipeline validation: the real `dvc repro` through all five stages, then a real
+`dvc exp run --set-param`, on a copy of the project with a tiny override, offline."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+VENV_BIN = Path(sys.executable).parent
+SKIP = {".git", ".venv", "data", "models", "metrics", "mlflow.db", "mlartifacts", ".gptcore",
+        ".pytest_cache", "__pycache__", "tmp", "cache", "build"}
+
+TINY = {
+    "model": {"n_layer": 1, "n_head": 2, "n_embd": 32, "block_size": 32},
+    "train": {"batch_size": 4, "max_steps": 6, "warmup_steps": 2, "eval_interval": 3,
+              "eval_batches": 2, "checkpoint_interval": 3, "log_interval": 1, "patience": 0},
+    "evaluate": {"batch_size": 64},
+    "sample": {"max_new_tokens": 12},
+}
+
+
+def _merge(base: dict, over: dict) -> dict:
+    for k, v in over.items():
+        base[k] = _merge(base.get(k, {}), v) if isinstance(v, dict) else v
+    return base
+
+
+def _run(args, cwd, env, timeout=600):
+    proc = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, f"{' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}"
+    return proc
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory, mirror_dir):
+    root = tmp_path_factory.mktemp("pipeline") / "gptcore"
+    shutil.copytree(REPO, root, ignore=lambda d, names: [n for n in names if n in SKIP
+                                                          or n.endswith((".egg-info", ".old"))])
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    (root / "params.yaml").write_text(yaml.safe_dump(_merge(params, TINY), sort_keys=False))
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("DVC_", "MLFLOW_TRACKING"))}
+    env.update(PATH=f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}", GPTCORE_MIRROR=str(mirror_dir),
+               DVC_NO_ANALYTICS="1", MLFLOW_DISABLE_TELEMETRY="true", HF_HUB_OFFLINE="1",
+               GIT_AUTHOR_NAME="ci", GIT_AUTHOR_EMAIL="ci@localhost",
+               GIT_COMMITTER_NAME="ci", GIT_COMMITTER_EMAIL="ci@localhost")
+    _run(["git", "init", "-q", "-b", "main"], root, env)
+    _run(["git", "add", "-A"], root, env)
+    _run(["git", "commit", "-qm", "tiny pipeline"], root, env)
+    return root, env
+
+
+def _mlflow_client(root: Path):
+    from mlflow.tracking import MlflowClient
+    return MlflowClient(tracking_uri=f"sqlite:///{root / 'mlflow.db'}")
+
+
+def test_dvc_repro_runs_all_stages(project):
+    root, env = project
+    out = _run([str(VENV_BIN / "dvc"), "repro"], root, env).stdout
+    for stage in ("download", "tokenize", "train", "evaluate", "sample"):
+        assert f"Running stage '{stage}'" in out
+
+    meta = json.loads((root / "data/processed/meta.json").read_text())
+    assert (meta["train_tokens"], meta["val_tokens"]) == (301_966, 36_059)
+    assert (root / "data/processed/train.bin").stat().st_size == 301_966 * 2  # uint16
+
+    train = json.loads((root / "metrics/train.json").read_text())
+    assert train["steps"] == 6 and train["tokens_seen"] == 6 * 4 * 32
+    assert {"best_val_loss", "final_val_loss", "tokens_per_s", "wall_time_s"} <= set(train)
+    ev = json.loads((root / "metrics/eval.json").read_text())
+    assert ev["val_tokens"] == 36_059 and ev["val_bytes"] == 111_540
+    assert abs(ev["perplexity"] - 2.718281828 ** ev["val_loss"]) < 1e-6 * ev["perplexity"]
+    assert 0 < ev["bits_per_byte"] < 20
+    samples = (root / "metrics/samples.md").read_text()
+    for prompt in ("HAMLET:", "First Citizen:", "ROMEO:"):
+        assert f"## {prompt}" in samples
+    assert (root / "models/best/model.safetensors").exists()
+    lines = (root / "metrics/train_log.csv").read_text().splitlines()
+    assert lines[0] == "step,train_loss,lr,tokens_per_s" and len(lines) == 7
+
+    # Nothing changed: a second repro does nothing and status is clean.
+    again = _run([str(VENV_BIN / "dvc"), "repro"], root, env).stdout
+    assert "Running stage" not in again
+    _run([str(VENV_BIN / "dvc"), "status", "-q"], root, env)
+    _run([str(VENV_BIN / "dvc"), "plots", "show", "-o", str(root / "plots_out")], root, env)
+    assert (root / "plots_out/index.html").exists()
+
+    # One MLflow run holds params, step metrics, eval metrics and samples.
+    run_id = json.loads((root / "metrics/mlflow_run.json").read_text())["run_id"]
+    client = _mlflow_client(root)
+    run = client.get_run(run_id)
+    assert run.data.params["model.n_layer"] == "1"
+    assert run.data.params["train.learning_rate"] == "0.003"
+    assert len(client.get_metric_history(run_id, "train_loss")) == 6
+    assert [m.step for m in client.get_metric_history(run_id, "val_loss")] == [3, 6]
+    for key in ("eval_val_loss", "eval_perplexity", "eval_bits_per_byte"):
+        assert run.data.metrics[key] == pytest.approx(ev[key.removeprefix("eval_")])
+    assert run.data.tags["git_commit"] != "unknown"
+    artifacts = {a.path for a in client.list_artifacts(run_id)}
+    assert {"samples.md", "samples.json"} <= artifacts
+
+
+def test_dvc_exp_run_set_param_makes_second_run(project):
+    root, env = project
+    _run([str(VENV_BIN / "dvc"), "exp", "run", "--set-param", "train.learning_rate=0.001"], root, env)
+    shown = json.loads(_run([str(VENV_BIN / "dvc"), "exp", "show", "--json"], root, env).stdout)
+    assert shown  # the experiment table renders
+    _run([str(VENV_BIN / "dvc"), "metrics", "diff"], root, env)
+
+    client = _mlflow_client(root)
+    exp = client.get_experiment_by_name("gptcore")
+    runs = client.search_runs([exp.experiment_id])
+    assert len(runs) == 2
+    rates = sorted(r.data.params["train.learning_rate"] for r in runs)
+    assert rates == ["0.001", "0.003"]
+    newest = max(runs, key=lambda r: r.info.start_time)
+    assert newest.data.tags.get("dvc_exp_name")
+    assert "eval_perplexity" in newest.data.metrics
