@@ -196,8 +196,10 @@ def _run(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     # Never a UnicodeError on odd input or a terminal that cannot show a character.
     for stream in (sys.stdin, sys.stdout, sys.stderr):
-        if hasattr(stream, "reconfigure"):
+        try:
             stream.reconfigure(errors="replace")
+        except (AttributeError, ValueError, OSError):  # not a text stream, or a test's stand-in
+            pass
     parser = _parser()
     args = parser.parse_args(argv)
     if args.command is None:

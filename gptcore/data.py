@@ -43,7 +43,12 @@ def _download(url: str, timeout_s: float, name: str) -> bytes:
             while chunk := resp.read(1 << 16):
                 chunks.append(chunk)
                 bar.update(len(chunk))
-    return b"".join(chunks)
+    data = b"".join(chunks)
+    if total is not None and len(data) != total:
+        # http.client returns a short body without raising when the connection drops;
+        # make it a retryable error rather than a misleading sha256 mismatch.
+        raise ConnectionError(f"incomplete download: got {len(data)} of {total} bytes")
+    return data
 
 
 def fetch_sources(cfg: DataConfig, dest: str | Path, mirror: str | Path | None = None) -> dict[str, str]:
@@ -168,7 +173,10 @@ class TokenData:
             raise DataError(f"{d / 'meta.json'}: missing; run the tokenize stage first") from None
         splits = {}
         for split in ("train", "val"):
-            arr = np.fromfile(d / f"{split}.bin", dtype=np.dtype(meta["dtype"]))
+            try:
+                arr = np.fromfile(d / f"{split}.bin", dtype=np.dtype(meta["dtype"]))
+            except FileNotFoundError:
+                raise DataError(f"{d / (split + '.bin')}: missing; re-run the tokenize stage") from None
             if arr.size != meta[f"{split}_tokens"]:
                 raise DataError(f"{d / (split + '.bin')}: {arr.size} tokens, meta.json says "
                                 f"{meta[f'{split}_tokens']}; re-run the tokenize stage")

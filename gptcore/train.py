@@ -32,6 +32,7 @@ from .config import Params
 from .data import BatchSampler, TokenData
 from .io import atomic_write_json, atomic_write_text
 from .model import GPT
+from .perf import keep_freed_memory
 
 
 class TrainingInterrupted(Exception):
@@ -141,6 +142,8 @@ class Trainer:
         self.device = resolve_device(self.cfg.device)
         if self.cfg.threads:
             torch.set_num_threads(self.cfg.threads)
+        if self.device.type == "cpu":
+            keep_freed_memory()
         if data.tokenizer.vocab_size > params.model.vocab_size:
             raise ValueError(f"model.vocab_size={params.model.vocab_size} is smaller than the "
                              f"tokenizer's {data.tokenizer.vocab_size} ids")
@@ -179,6 +182,15 @@ class Trainer:
             self.model.to(self.device)
         self._ddp = DDP(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
 
+    def _all_agree(self, flag: bool) -> bool:
+        """True on every rank if it is true on any (early stop and signals must be collective)."""
+        if self.world == 1:
+            return flag
+        import torch.distributed as dist
+        t = torch.tensor([int(flag)], device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t.item())
+
     # -- state ------------------------------------------------------------------------
     def state_dict(self) -> dict:
         return {
@@ -199,7 +211,12 @@ class Trainer:
                                       attn_impl=self.params.model.attn_impl)
         self.model.load_state_dict(model.state_dict())
         self.optimizer.load_state_dict(state["optimizer"])
-        self.sampler.load_state_dict(state["sampler"])
+        if self.is_main:
+            self.sampler.load_state_dict(state["sampler"])
+        else:  # only rank 0's data position is saved; other ranks reseed from the step
+            self.sampler = BatchSampler(self.data.train, self.params.model.block_size,
+                                        self.cfg.batch_size,
+                                        seed=self.cfg.seed + 1 + self.rank + 7919 * state["step"])
         torch.set_rng_state(state["torch_rng"])
         for key in ("step", "best_val", "best_step", "last_val", "bad_evals", "tokens_seen",
                     "train_time", "train_log", "val_log", "run_id"):
@@ -225,7 +242,7 @@ class Trainer:
         for _ in range(n):
             x, y = sampler.next()
             with autocast(self.device, self.cfg.dtype):
-                _, loss = self.model(x.to(self.device), y.to(self.device))
+                loss = self.model.loss(x.to(self.device), y.to(self.device))
             total += loss.item()
         self.model.train()
         return total / n
@@ -244,7 +261,7 @@ class Trainer:
             ctx = contextlib.nullcontext() if sync else self._ddp.no_sync()
             with ctx:
                 with autocast(self.device, self.cfg.dtype):
-                    _, loss = module(x, y)
+                    _, loss = module(x, y, return_logits=False)
                 (loss / accum).backward()
             total += loss.item()
         if self.cfg.grad_clip > 0:
@@ -313,14 +330,16 @@ class Trainer:
                     self.tracker.log_metrics({"train_loss": loss, "lr": lr, "tokens_per_s": tps},
                                              step=self.step)
                 at_end = self.step == cfg.max_steps
-                if self.is_main and (self.step % cfg.eval_interval == 0 or at_end):
-                    if self._evaluate_and_checkpoint():
+                if self.step % cfg.eval_interval == 0 or at_end:
+                    early = self.is_main and self._evaluate_and_checkpoint()
+                    if self._all_agree(early):
                         stopped_early = True
                         self._say(f"early stop: no improvement in {cfg.patience} evaluations")
                         break
                 if self.step % cfg.checkpoint_interval == 0 and not at_end:
                     self.save_resume()
-                if stop:
+                if self._all_agree(bool(stop)):
+                    stop.setdefault("stop", "signal on another rank")
                     self.save_resume()
                     raise TrainingInterrupted(
                         f"{stop['stop']} at step {self.step}: state saved to {self.resume_dir}; "

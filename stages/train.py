@@ -22,6 +22,8 @@ def main() -> None:
     trainer = Trainer(params, data, best_dir=work / "best", resume_dir=work / "last",
                       tracker=tracker, run_params=flatten(params.to_dict()))
     result = trainer.train()
+    if not trainer.is_main:  # under torchrun, rank 0 alone publishes
+        return
     copy_dir(work / "best", params.train.out_dir + "/best")
     write_train_outputs(result, "metrics")
     write_run_file(tracker.run_id)

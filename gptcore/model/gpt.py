@@ -174,12 +174,20 @@ class GPT(nn.Module):
         return self.transformer.ln_f(x)
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
-                cache: KVCache | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+                cache: KVCache | None = None, return_logits: bool = True
+                ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """Logits (B, T, vocab) and, given ``targets`` (B, T), the mean cross-entropy.
 
-        Targets equal to -1 are ignored.
+        Targets equal to -1 are ignored. With ``return_logits=False`` the loss goes
+        through the fused LM-head + cross-entropy (see ``loss.py``): same value and
+        gradients, without materialising (B*T, vocab) logits; logits come back None.
+        Training uses that path (through ``forward``, so DDP's hooks see it).
         """
         x = self.hidden_states(idx, cache)
+        if targets is not None and not return_logits:
+            flat = x.reshape(-1, self.config.n_embd)
+            total = linear_cross_entropy(flat, self.lm_head.weight, targets)
+            return None, total / (targets != -1).sum().clamp(min=1)
         logits = self.lm_head(x)
         loss = None
         if targets is not None:
@@ -188,9 +196,7 @@ class GPT(nn.Module):
         return logits, loss
 
     def loss(self, idx: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
-        """Cross-entropy through the fused LM-head + loss (see ``loss.py``): the same value
-        and gradients as ``forward``'s, without materialising all (B*T, vocab) logits.
-        Targets equal to -1 are ignored."""
+        """Cross-entropy through the fused path; ``reduction`` is "mean" or "sum"."""
         x = self.hidden_states(idx).reshape(-1, self.config.n_embd)
         total = linear_cross_entropy(x, self.lm_head.weight, targets)
         if reduction == "sum":
