@@ -35,5 +35,6 @@ def run_stage(main: Callable[[], None]) -> None:
         print("interrupted", file=sys.stderr)
         sys.exit(EXIT_INTERRUPTED)
     except (ConfigError, DataError, TokenizerError, CheckpointError, FloatingPointError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        # One line: some messages (a YAML parser's) span several with a caret diagram.
+        print("error: " + " ".join(str(exc).split()), file=sys.stderr)
         sys.exit(EXIT_ERROR)

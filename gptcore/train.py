@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from .checkpoint import load_checkpoint, load_trainer_state, save_checkpoint
-from .config import Params
+from .config import ConfigError, Params
 from .data import BatchSampler, TokenData
 from .io import atomic_write_json, atomic_write_text
 from .model import GPT
@@ -92,7 +92,7 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("train.device=cuda but no CUDA device is available; use auto or cpu")
+        raise ConfigError("train.device=cuda but no CUDA device is available; use auto or cpu")
     return torch.device(name)
 
 
@@ -145,8 +145,8 @@ class Trainer:
         if self.device.type == "cpu":
             keep_freed_memory()
         if data.tokenizer.vocab_size > params.model.vocab_size:
-            raise ValueError(f"model.vocab_size={params.model.vocab_size} is smaller than the "
-                             f"tokenizer's {data.tokenizer.vocab_size} ids")
+            raise ConfigError(f"model.vocab_size={params.model.vocab_size} is smaller than the "
+                              f"tokenizer's {data.tokenizer.vocab_size} ids")
         self.fingerprint = fingerprint(params, data.meta)
 
         torch.manual_seed(self.cfg.seed)
@@ -198,7 +198,9 @@ class Trainer:
             "best_step": self.best_step, "last_val": self.last_val, "bad_evals": self.bad_evals,
             "tokens_seen": self.tokens_seen, "train_time": self.train_time,
             "optimizer": self.optimizer.state_dict(), "sampler": self.sampler.state_dict(),
-            "torch_rng": torch.get_rng_state(), "train_log": self.train_log,
+            "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None,
+            "train_log": self.train_log,
             "val_log": self.val_log, "run_id": self.run_id, "complete": self.complete,
         }
 
@@ -218,6 +220,8 @@ class Trainer:
                                         self.cfg.batch_size,
                                         seed=self.cfg.seed + 1 + self.rank + 7919 * state["step"])
         torch.set_rng_state(state["torch_rng"])
+        if self.device.type == "cuda" and state.get("cuda_rng") is not None:  # dropout on GPU
+            torch.cuda.set_rng_state(state["cuda_rng"], self.device)
         for key in ("step", "best_val", "best_step", "last_val", "bad_evals", "tokens_seen",
                     "train_time", "train_log", "val_log", "run_id"):
             setattr(self, key, state[key])

@@ -29,6 +29,7 @@ def main() -> None:
     write_run_file(tracker.run_id)
     tracker.log_metrics({"final_val_loss": result.final_val_loss, "train_tokens_per_s": result.tokens_per_s,
                          "train_wall_time_s": result.wall_time_s}, step=result.steps)
+    tracker.end()  # training is done; evaluate and sample still log into the finished run
     clear_resume(work)
     print(f"best val loss {result.best_val_loss:.4f} at step {result.best_step}; "
           f"{result.tokens_per_s:,.0f} tokens/s")

@@ -1,0 +1,380 @@
+"""Training: schedule, optimizer groups, accumulation, clipping, early stopping, best
+checkpoint, and bit-exact resume after SIGINT and SIGKILL of a real training process."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import select
+import signal
+import subprocess
+import sys
+import textwrap
+from dataclasses import asdict
+from pathlib import Path
+
+import pytest
+import torch
+
+from gptcore.checkpoint import load_checkpoint, load_trainer_state
+from gptcore.config import DataConfig, Params
+from gptcore.data import TokenData, tokenize_corpus
+from gptcore.tokenizer import CharTokenizer
+from gptcore.train import Trainer, fingerprint, lr_at, make_optimizer, write_train_outputs
+
+TINY_MODEL = {"block_size": 16, "n_layer": 2, "n_head": 2, "n_embd": 32, "dropout": 0.0}
+TINY_TRAIN = {"device": "cpu", "dtype": "float32", "batch_size": 4, "max_steps": 20,
+              "learning_rate": 3e-3, "min_lr": 3e-4, "warmup_steps": 2, "eval_interval": 10,
+              "eval_batches": 2, "checkpoint_interval": 10, "log_interval": 1, "patience": 0,
+              "threads": 1}  # one thread: tiny models gain nothing from more, and cores are shared
+
+
+def make_params(model=None, train=None, vocab_size=128) -> Params:
+    return Params.from_dict({
+        "tokenizer": {"kind": "char"},
+        "model": {**TINY_MODEL, "vocab_size": vocab_size, **(model or {})},
+        "train": {**TINY_TRAIN, **(train or {})},
+    })
+
+
+def synthetic(train_text: str, val_text: str) -> TokenData:
+    tok = CharTokenizer.from_text(train_text + val_text)
+    return TokenData(torch.tensor(tok.encode(train_text)), torch.tensor(tok.encode(val_text)),
+                     {"synthetic": [train_text[:16], len(train_text), val_text[:16], len(val_text)]}, tok)
+
+
+@pytest.fixture(autouse=True)
+def restore_threads():
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def shakespeare_dir(tmp_path_factory, mirror_dir) -> Path:
+    """The first 40,000 characters of Tiny Shakespeare, char-tokenized by tokenize_corpus."""
+    root = tmp_path_factory.mktemp("shakespeare")
+    (root / "raw").mkdir()
+    text = (mirror_dir / "input.txt").read_text(encoding="utf-8")[:40_000]
+    (root / "raw" / "input.txt").write_text(text, encoding="utf-8")
+    tokenize_corpus(DataConfig(raw_dir=str(root / "raw"), processed_dir=str(root / "processed")), "char")
+    return root / "processed"
+
+
+# -- schedule and optimizer --------------------------------------------------------------
+
+def test_lr_warmup_then_cosine_to_min_lr():
+    p = make_params(train={"learning_rate": 1e-3, "min_lr": 1e-4, "warmup_steps": 10, "max_steps": 110})
+    lrs = [lr_at(s, p) for s in range(0, 131)]
+    assert lrs[0] == pytest.approx(1e-4)  # 1/warmup of the peak: tiny, not zero
+    assert all(a < b for a, b in zip(lrs[:10], lrs[1:10]))  # linear warmup
+    assert lrs[9] == pytest.approx(1e-3) and lrs[10] == pytest.approx(1e-3)  # the peak
+    assert max(lrs) == pytest.approx(1e-3)
+    assert all(a >= b for a, b in zip(lrs[10:110], lrs[11:111]))  # cosine decay
+    assert lrs[60] == pytest.approx((1e-3 + 1e-4) / 2)  # half way down
+    assert lrs[110] == pytest.approx(1e-4)  # min_lr at max_steps ...
+    assert all(x == pytest.approx(1e-4) for x in lrs[110:])  # ... and beyond
+    no_warmup = make_params(train={"warmup_steps": 0, "learning_rate": 1e-3, "min_lr": 1e-3})
+    assert lr_at(0, no_warmup) == pytest.approx(1e-3) == lr_at(19, no_warmup)
+
+
+def test_optimizer_decays_only_matrices():
+    from gptcore.model import GPT
+
+    p = make_params(train={"weight_decay": 0.25})
+    model = GPT(p.model)
+    opt = make_optimizer(model, p)
+    decay, no_decay = opt.param_groups
+    assert decay["weight_decay"] == 0.25 and no_decay["weight_decay"] == 0.0
+    assert decay["params"] and all(t.dim() == 2 for t in decay["params"])
+    assert no_decay["params"] and all(t.dim() == 1 for t in no_decay["params"])
+    ids = lambda ts: {id(t) for t in ts}  # noqa: E731
+    assert ids(decay["params"]) | ids(no_decay["params"]) == ids(model.parameters())
+    assert not ids(decay["params"]) & ids(no_decay["params"])
+    names = {id(t): n for n, t in model.named_parameters()}
+    decayed = {names[id(t)] for t in decay["params"]}
+    assert "transformer.wte.weight" in decayed and "transformer.wpe.weight" in decayed
+    assert not any(n.endswith(".bias") or ".ln_" in n for n in decayed)
+    # The tied LM head is the embedding: one tensor, decayed once.
+    assert model.lm_head.weight is model.transformer.wte.weight
+
+
+# -- the loop ----------------------------------------------------------------------------
+
+def test_loss_decreases_on_a_repeated_corpus(tmp_path):
+    data = synthetic("the cat sat on the mat. " * 200, "the cat sat on the mat. " * 20)
+    p = make_params(train={"max_steps": 60, "eval_interval": 20, "checkpoint_interval": 100,
+                           "learning_rate": 1e-2, "min_lr": 1e-3})
+    result = Trainer(p, data, tmp_path / "best", tmp_path / "last", progress=False).train()
+    losses = [row[1] for row in result.train_log]
+    assert [row[0] for row in result.train_log] == list(range(1, 61))
+    assert losses[0] > 0.8 * math.log(p.model.vocab_size)  # starts near uniform
+    assert sum(losses[-5:]) / 5 < 0.3 * losses[0]
+    vals = [v for _, v in result.val_log]
+    assert [s for s, _ in result.val_log] == [20, 40, 60]
+    assert vals[-1] < vals[0] and result.best_val_loss == min(vals)
+    assert result.steps == 60 and not result.stopped_early and result.resumed_from_step == 0
+    assert result.tokens_seen == 60 * 4 * 16
+    assert all(math.isfinite(row[3]) and row[3] > 0 for row in result.train_log)  # tokens/s
+    write_train_outputs(result, tmp_path / "metrics")
+    summary = json.loads((tmp_path / "metrics/train.json").read_text())
+    assert summary["steps"] == 60 and "train_log" not in summary
+    csv = (tmp_path / "metrics/train_log.csv").read_text().splitlines()
+    assert csv[0] == "step,train_loss,lr,tokens_per_s" and len(csv) == 61 and csv[1].startswith("1,")
+    assert (tmp_path / "metrics/val_log.csv").read_text().splitlines()[1:] == [
+        f"{s},{v:.6g}" for s, v in result.val_log]
+
+
+def _record_grads(trainer: Trainer) -> list:
+    """Grads as the optimizer sees them (after accumulation and clipping), per step."""
+    seen = []
+    trainer.optimizer.register_step_pre_hook(
+        lambda opt, args, kwargs: seen.append([p.grad.detach().clone() for p in trainer.model.parameters()]))
+    return seen
+
+
+def test_grad_accumulation_matches_one_big_batch(tmp_path):
+    data = synthetic("to be or not to be, that is the question. " * 50, "whether tis nobler " * 10)
+    common = {"max_steps": 3, "grad_clip": 0.0, "eval_interval": 100, "checkpoint_interval": 100}
+    big = Trainer(make_params(train={**common, "batch_size": 8, "grad_accum_steps": 1}), data,
+                  tmp_path / "a/best", tmp_path / "a/last", progress=False)
+    acc = Trainer(make_params(train={**common, "batch_size": 4, "grad_accum_steps": 2}), data,
+                  tmp_path / "b/best", tmp_path / "b/last", progress=False)
+    for a, b in zip(big.model.parameters(), acc.model.parameters()):
+        assert torch.equal(a, b)  # same seed, same init
+    g_big, g_acc = _record_grads(big), _record_grads(acc)
+    r_big, r_acc = big.train(), acc.train()
+    # Two micro-batches of 4 draw the very windows one batch of 8 draws, so the
+    # accumulated gradient is the big batch's gradient (up to float rounding).
+    for a, b in zip(g_big[0], g_acc[0]):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-7)
+    assert r_big.train_log[0][1] == pytest.approx(r_acc.train_log[0][1], rel=1e-5)
+    assert len(g_acc) == 3 and r_acc.steps == 3
+    assert r_acc.tokens_seen == r_big.tokens_seen == 3 * 8 * 16
+    for a, b in zip(big.model.parameters(), acc.model.parameters()):
+        assert torch.allclose(a, b, atol=1e-4)
+
+
+def test_grad_clipping_bounds_the_norm(tmp_path):
+    data = synthetic("abcdefghij" * 100, "jihgfedcba" * 10)
+
+    def norms(clip: float) -> list[float]:
+        t = Trainer(make_params(train={"max_steps": 4, "grad_clip": clip, "eval_interval": 100,
+                                       "checkpoint_interval": 100}),
+                    data, tmp_path / f"{clip}/best", tmp_path / f"{clip}/last", progress=False)
+        seen = _record_grads(t)
+        t.train()
+        return [float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in gs])))
+                for gs in seen]
+
+    unclipped = norms(0.0)
+    assert min(unclipped) > 0.2
+    clipped = norms(0.05)
+    assert len(clipped) == 4
+    assert all(0.05 * 0.999 < n <= 0.05 * (1 + 1e-5) for n in clipped)
+
+
+def test_early_stopping_and_best_checkpoint(tmp_path):
+    # Validation text reverses every transition of the training text: the better the
+    # model learns train, the worse val gets, so val peaks early and patience runs out.
+    data = synthetic("abcdefgh" * 300, "hgfedcba" * 40)
+    p = make_params(train={"max_steps": 200, "eval_interval": 5, "patience": 3,
+                           "learning_rate": 1e-2, "min_lr": 1e-2, "warmup_steps": 0})
+    trainer = Trainer(p, data, tmp_path / "best", tmp_path / "last", progress=False)
+    result = trainer.train()
+    assert result.stopped_early
+    assert result.steps < p.train.max_steps
+    assert result.steps == result.best_step + 3 * 5  # three evaluations without improvement
+    vals = dict((int(s), v) for s, v in result.val_log)
+    assert sorted(vals) == list(range(5, result.steps + 1, 5))
+    assert result.best_val_loss == min(vals.values()) == vals[result.best_step]
+    assert all(v >= result.best_val_loss for s, v in vals.items() if s > result.best_step)
+    assert result.final_val_loss == vals[result.steps]
+    assert result.tokens_seen == result.steps * 4 * 16
+    # The best checkpoint holds the weights of best_step: loadable and scoring exactly best_val.
+    model, tok, meta = load_checkpoint(tmp_path / "best")
+    assert meta["step"] == result.best_step and meta["val_loss"] == result.best_val_loss
+    assert meta["fingerprint"] == trainer.fingerprint
+    assert tok.chars == data.tokenizer.chars
+    trainer.model.load_state_dict(model.state_dict())
+    assert trainer.estimate_val_loss() == result.best_val_loss
+
+
+def test_model_vocab_smaller_than_tokenizer_is_a_config_error(tmp_path):
+    from gptcore.config import ConfigError
+
+    data = synthetic("abcdefgh" * 10, "hgfedcba" * 5)  # 8 characters + end-of-text
+    with pytest.raises(ConfigError, match=r"model.vocab_size=8 is smaller than the tokenizer's 9 ids"):
+        Trainer(make_params(vocab_size=8), data, tmp_path / "best", tmp_path / "last", progress=False)
+
+
+def test_fingerprint_covers_params_and_data():
+    a = synthetic("abcdefgh" * 10, "hgfedcba" * 5)
+    p = make_params()
+    fp = fingerprint(p, a.meta)
+    assert fp == fingerprint(make_params(), dict(a.meta))
+    assert fp != fingerprint(make_params(train={"learning_rate": 1e-3}), a.meta)
+    assert fp != fingerprint(make_params(model={"dropout": 0.1}), a.meta)
+    assert fp != fingerprint(p, {**a.meta, "extra": 1})
+
+
+# -- bit-exact resume in real processes --------------------------------------------------
+
+SCRIPT = textwrap.dedent("""
+    import json, sys, time
+    from pathlib import Path
+    from gptcore.checkpoint import save_checkpoint
+    from gptcore.config import Params
+    from gptcore.data import TokenData
+    from gptcore.stage import run_stage
+    from gptcore.train import Trainer
+
+    def main():
+        data_dir, work, params_json, block_at = sys.argv[1], Path(sys.argv[2]), sys.argv[3], int(sys.argv[4])
+        params = Params.from_dict(json.loads(params_json))
+        data = TokenData.load(data_dir)
+        trainer = Trainer(params, data, work / "best", work / "last", progress=True)
+        step = trainer._train_step
+
+        def hold(lr):
+            # After step `block_at`'s update, announce it and wait for the test to
+            # signal (SIGINT) or kill (SIGKILL) this process, then continue.
+            loss = step(lr)
+            if trainer.step + 1 == block_at:
+                print(f"AT {block_at}", flush=True)
+                deadline = time.monotonic() + 60
+                while not (work / "release").exists() and time.monotonic() < deadline:
+                    time.sleep(0.01)
+            return loss
+
+        trainer._train_step = hold
+        result = trainer.train()
+        save_checkpoint(work / "final", trainer.model, data.tokenizer)
+        (work / "result.json").write_text(json.dumps(
+            {**result.metrics(), "train_log": result.train_log, "val_log": result.val_log}))
+
+    run_stage(main)
+""")
+
+RESUME_PARAMS = make_params(
+    model={"dropout": 0.2},  # dropout draws from the global RNG: resume must restore it
+    train={"dtype": "bfloat16", "max_steps": 40, "eval_interval": 10, "checkpoint_interval": 10,
+           "warmup_steps": 5, "seed": 4321},
+    vocab_size=66)
+
+
+class Run:
+    def __init__(self, script: Path, data_dir: Path, work: Path, params: Params = RESUME_PARAMS,
+                 block_at: int = 0) -> None:
+        self.work = work
+        work.mkdir(parents=True, exist_ok=True)
+        (work / "release").unlink(missing_ok=True)
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "RANK", "WORLD_SIZE"))}
+        self.proc = subprocess.Popen(
+            [sys.executable, str(script), str(data_dir), str(work), json.dumps(params.to_dict()),
+             str(block_at)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+
+    def wait_until(self, line: str, timeout: float = 120) -> None:
+        ready, _, _ = select.select([self.proc.stdout], [], [], timeout)
+        assert ready, f"no {line!r} from the training process within {timeout} s"
+        got = self.proc.stdout.readline()
+        assert got.strip() == line, f"expected {line!r}, got {got!r}; stderr:\n{self.proc.stderr.read()}"
+
+    def finish(self, timeout: float = 120) -> tuple[int, str]:
+        (self.work / "release").touch()
+        _, err = self.proc.communicate(timeout=timeout)
+        return self.proc.returncode, err
+
+    def result(self) -> dict:
+        return json.loads((self.work / "result.json").read_text())
+
+
+def _tensors(directory: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+    return load_file(str(directory / "model.safetensors"))
+
+
+def _assert_same_run(a: Path, b: Path, resumed_from: int) -> None:
+    ra, rb = json.loads((a / "result.json").read_text()), json.loads((b / "result.json").read_text())
+    # [step, train_loss, lr] bit for bit; tokens/s is a timing and may differ.
+    assert [r[:3] for r in ra["train_log"]] == [r[:3] for r in rb["train_log"]]
+    assert ra["val_log"] == rb["val_log"]
+    for key in ("best_val_loss", "final_val_loss", "best_step", "steps", "tokens_seen"):
+        assert ra[key] == rb[key], key
+    assert ra["resumed_from_step"] == 0 and rb["resumed_from_step"] == resumed_from
+    for name in ("final", "best"):
+        ta, tb = _tensors(a / name), _tensors(b / name)
+        assert ta.keys() == tb.keys()
+        for k in ta:
+            assert torch.equal(ta[k], tb[k]), f"{name}/{k} differs"
+    assert (a / "best/config.json").read_text() == (b / "best/config.json").read_text()
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, shakespeare_dir):
+    """An uninterrupted run, started in the background while the interrupted runs go."""
+    root = tmp_path_factory.mktemp("resume")
+    script = root / "train_script.py"
+    script.write_text(SCRIPT)
+    run = Run(script, shakespeare_dir, root / "reference")
+    yield root, script, run
+    if run.proc.poll() is None:
+        run.proc.kill()
+        run.proc.wait()
+
+
+def _reference_done(run: Run) -> Path:
+    if run.proc.returncode is None:
+        rc, err = run.finish()
+        assert rc == 0, err
+    return run.work
+
+
+def test_resume_after_sigint_is_bit_exact(reference, shakespeare_dir):
+    root, script, ref = reference
+    work = root / "sigint"
+    run = Run(script, shakespeare_dir, work, block_at=17)
+    run.wait_until("AT 17")
+    run.proc.send_signal(signal.SIGINT)
+    rc, err = run.finish()
+    assert rc == 130, err
+    assert "interrupted: SIGINT at step 17" in err and "run again to resume" in err
+    assert "Traceback" not in err
+    state = load_trainer_state(work / "last")
+    assert state["step"] == 17 and not state["complete"] and len(state["train_log"]) == 17
+    assert not (work / "result.json").exists()
+
+    # A changed param is a different run: its trainer does not pick this state up.
+    data = TokenData.load(shakespeare_dir)
+    changed = make_params(model={"dropout": 0.2},
+                          train={**asdict(RESUME_PARAMS.train), "learning_rate": 1e-3}, vocab_size=66)
+    other = Trainer(changed, data, root / "x/best", work / "last", progress=False)
+    assert not other.try_resume() and other.step == 0
+    same = Trainer(RESUME_PARAMS, data, root / "y/best", work / "last", progress=False)
+    assert same.try_resume() and same.step == 17
+    assert (work / "last").exists()  # only read, never consumed
+
+    rerun = Run(script, shakespeare_dir, work)
+    rc, err = rerun.finish()
+    assert rc == 0, err
+    assert "resuming from step 17" in err
+    _assert_same_run(_reference_done(ref), work, resumed_from=17)
+
+
+def test_resume_after_sigkill_uses_last_periodic_checkpoint(reference, shakespeare_dir):
+    root, script, ref = reference
+    work = root / "sigkill"
+    run = Run(script, shakespeare_dir, work, block_at=27)
+    run.wait_until("AT 27")
+    run.proc.send_signal(signal.SIGKILL)  # no chance to save anything
+    rc, _ = run.finish()
+    assert rc == -signal.SIGKILL
+    assert load_trainer_state(work / "last")["step"] == 20  # checkpoint_interval 10
+
+    rerun = Run(script, shakespeare_dir, work)
+    rc, err = rerun.finish()
+    assert rc == 0, err
+    assert "resuming from step 20" in err
+    _assert_same_run(_reference_done(ref), work, resumed_from=20)
+
