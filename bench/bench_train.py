@@ -9,7 +9,9 @@ steps after warm-up. Rows:
   gptcore default    our training path: bf16 autocast + fused LM-head/cross-entropy,
                      glibc allocator tuned (gptcore.perf), as `dvc repro` runs it
 
-    python bench/bench_train.py [--batch-size 8] [--steps 6] [--threads 0]
+    python bench/bench_train.py [--batch-size 8] [--steps 6]
+
+Each row runs in its own process.
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import statistics
+import subprocess
+import sys
 import time
 
 import torch
@@ -37,63 +41,69 @@ def time_steps(step, n_warmup: int, n_steps: int) -> float:
     return statistics.median(times)
 
 
+ROWS = ("hf fp32", "hf bf16 autocast", "gptcore fp32", "gptcore default")
+
+
+def measure(row: str, batch_size: int, warmup: int, steps: int) -> float:
+    """Tokens/s of one row; called in a fresh process per row so that no row inherits
+    another's heap, caches or allocator settings."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    cfg = GPTConfig()
+    B, T = batch_size, cfg.block_size
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(cfg.vocab_size, (B, T), generator=g)
+    y = torch.randint(cfg.vocab_size, (B, T), generator=g)
+    torch.manual_seed(0)
+    amp = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if "bf16" in row or "default" in row \
+        else contextlib.nullcontext
+    if row.startswith("hf"):
+        model = GPT2LMHeadModel(GPT2Config(
+            n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd, n_positions=T,
+            vocab_size=cfg.vocab_size, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)).train()
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+        def loss_fn():
+            return model(input_ids=x, labels=x).loss  # HF shifts labels itself
+    else:
+        model = GPT(cfg).train()
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+        fused = row == "gptcore default"
+        if fused:
+            keep_freed_memory()
+
+        def loss_fn():
+            return model(x, y, return_logits=not fused)[1]
+
+    def step():
+        with amp():
+            loss = loss_fn()
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return B * T / time_steps(step, warmup, steps)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--row", choices=ROWS, help=argparse.SUPPRESS)  # internal: one row, print tokens/s
     args = ap.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    cfg = GPTConfig()
-    B, T = args.batch_size, cfg.block_size
-    g = torch.Generator().manual_seed(0)
-    x = torch.randint(cfg.vocab_size, (B, T), generator=g)
-    y = torch.randint(cfg.vocab_size, (B, T), generator=g)
-
-    torch.manual_seed(0)
-    hf = GPT2LMHeadModel(GPT2Config(n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd,
-                                    n_positions=T, vocab_size=cfg.vocab_size, resid_pdrop=0.0,
-                                    embd_pdrop=0.0, attn_pdrop=0.0)).train()
-    ours = GPT(cfg).train()
-    hf_opt = torch.optim.AdamW(hf.parameters(), lr=1e-4)
-    our_opt = torch.optim.AdamW(ours.parameters(), lr=1e-4, fused=True)
-
-    def bf16():
-        return torch.autocast("cpu", dtype=torch.bfloat16)
-
-    def hf_step(ctx):
-        def step():
-            with ctx():
-                loss = hf(input_ids=x, labels=x).loss
-            loss.backward()
-            hf_opt.step()
-            hf_opt.zero_grad(set_to_none=True)
-        return step
-
-    def our_step(ctx, fused):
-        def step():
-            with ctx():
-                _, loss = ours(x, y, return_logits=not fused)
-            loss.backward()
-            our_opt.step()
-            our_opt.zero_grad(set_to_none=True)
-        return step
-
-    rows = [("hf fp32", hf_step(contextlib.nullcontext)),
-            ("hf bf16 autocast", hf_step(bf16)),
-            ("gptcore fp32", our_step(contextlib.nullcontext, fused=False))]
+    if args.row:
+        print(measure(args.row, args.batch_size, args.warmup, args.steps))
+        return
     results = {}
-    for name, step in rows:
-        results[name] = B * T / time_steps(step, args.warmup, args.steps)
-    keep_freed_memory()  # process-wide from here on, so it is measured last
-    results["gptcore default"] = B * T / time_steps(our_step(bf16, fused=True), args.warmup, args.steps)
-
+    for row in ROWS:
+        out = subprocess.run([sys.executable, __file__, "--row", row, "--batch-size", str(args.batch_size),
+                              "--steps", str(args.steps), "--warmup", str(args.warmup)],
+                             capture_output=True, text=True, check=True)
+        results[row] = float(out.stdout.strip().splitlines()[-1])
     base = results["hf fp32"]
-    print(f"train step, batch {B} x {T} tokens, {torch.get_num_threads()} threads, torch {torch.__version__}")
+    print(f"train step, batch {args.batch_size} x {GPTConfig().block_size} tokens, "
+          f"{torch.get_num_threads()} threads, torch {torch.__version__}")
     print(f"{'':20s} {'tokens/s':>10s} {'vs hf fp32':>11s}")
     for name, tps in results.items():
         print(f"{name:20s} {tps:10,.0f} {tps / base:10.2f}x")

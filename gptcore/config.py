@@ -222,7 +222,6 @@ class TrainConfig:
     seed: int = 1337
     device: str = "auto"  # auto | cpu | cuda
     dtype: str = "bfloat16"  # matmul dtype under autocast (weights stay fp32): float32 | bfloat16
-    compile: bool = False
     batch_size: int = 16
     grad_accum_steps: int = 1
     max_steps: int = 1000
@@ -310,7 +309,8 @@ def load_params(path: str | Path = "params.yaml") -> Params:
 
     path = Path(path)
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        with open(path, encoding="utf-8") as f:  # a stream, so errors name the file
+            raw = yaml.safe_load(f)
     except FileNotFoundError:
         raise ConfigError(f"{path}: file not found") from None
     except yaml.YAMLError as exc:

@@ -83,7 +83,10 @@ def make_optimizer(model: GPT, params: Params) -> torch.optim.AdamW:
 
 def fingerprint(params: Params, data_meta: dict) -> str:
     """Identifies a training run: a resume checkpoint is only reused for the same one."""
-    key = {"model": params.model.to_dict(), "train": asdict(params.train),
+    # Logging and checkpoint cadence do not change the weights, so they may differ on resume.
+    train = {k: v for k, v in asdict(params.train).items()
+             if k not in ("log_interval", "checkpoint_interval")}
+    key = {"model": params.model.to_dict(), "train": train,
            "tokenizer": params.tokenizer.kind, "data": data_meta}
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -342,7 +345,7 @@ class Trainer:
                         break
                 if self.step % cfg.checkpoint_interval == 0 and not at_end:
                     self.save_resume()
-                if self._all_agree(bool(stop)):
+                if self._all_agree(bool(stop)) and self.step < cfg.max_steps:
                     stop.setdefault("stop", "signal on another rank")
                     self.save_resume()
                     raise TrainingInterrupted(
