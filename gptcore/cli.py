@@ -3,11 +3,22 @@
     gptcore generate --checkpoint models/best --prompt "ROMEO:" --temperature 0.8
     gptcore generate --interactive            # a prompt loop; /help lists its commands
 
-One-shot mode prints the prompt and then the completion as it is generated. Problems a
-user can fix (missing or corrupt checkpoint, invalid sampling value, text the tokenizer
-cannot encode) are one line on stderr and exit code 2, never a traceback. Input that is
-not valid UTF-8 is decoded with U+FFFD replacement characters; so is output the terminal
-cannot encode.
+One-shot mode prints the prompt, then the completion as it is generated (flushed piece
+by piece), then a newline; ``--num-samples N`` repeats that under "--- sample i ---"
+headers, sample i using seed + i. Problems a user can fix (missing or corrupt
+checkpoint, invalid sampling value, text the tokenizer cannot encode, unusable device)
+are one line on stderr and exit code 2, never a traceback; a prompt longer than the
+context gets a warning on stderr and only its last block_size tokens are used.
+
+Interactive mode reads prompts with ``input()`` (a terminal or piped stdin) and prints
+only completions. Ctrl-C stops a completion and gives a new prompt, Ctrl-C at the prompt
+gives a new prompt, Ctrl-D (end of input) or /quit exits with code 0; an empty line is
+ignored. ``/set NAME VALUE`` changes a setting for the following prompts (errors are
+reported, the loop goes on); with a seed set, every prompt is sampled with that seed.
+
+Input bytes that are not valid UTF-8 become U+FFFD replacement characters (which a
+char-level vocabulary then reports as unknown), as does output the terminal cannot
+encode. A closed stdout (``| head``) ends the program quietly with code 0.
 """
 
 from __future__ import annotations
@@ -34,21 +45,23 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=PROG, description="A from-scratch GPT: generate text from a checkpoint.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     g = sub.add_parser("generate", help="stream text from a checkpoint",
-                       description="Stream a completion to stdout as it is generated.",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    g.add_argument("--checkpoint", default="models/best", help="checkpoint directory")
-    g.add_argument("--prompt", default="", help="text to continue ('' starts from end-of-text)")
-    g.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens)
-    g.add_argument("--temperature", type=float, default=d.temperature, help="0 = greedy")
-    g.add_argument("--top-k", type=int, default=d.top_k, help="0 = off")
-    g.add_argument("--top-p", type=float, default=d.top_p, help="1 = off")
-    g.add_argument("--repetition-penalty", type=float, default=d.repetition_penalty, help="1 = off")
+                       description="Stream a completion to stdout as it is generated.")
+    g.add_argument("--checkpoint", default="models/best", help="checkpoint directory (default: %(default)s)")
+    g.add_argument("--prompt", default="", help="text to continue (default: empty: start from end-of-text)")
+    g.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens, metavar="N",
+                   help="tokens to generate (default: %(default)s)")
+    g.add_argument("--temperature", type=float, default=d.temperature, metavar="T",
+                   help="0 = greedy (default: %(default)s)")
+    g.add_argument("--top-k", type=int, default=d.top_k, metavar="K", help="0 = off (default: %(default)s)")
+    g.add_argument("--top-p", type=float, default=d.top_p, metavar="P", help="1 = off (default: %(default)s)")
+    g.add_argument("--repetition-penalty", type=float, default=d.repetition_penalty, metavar="R",
+                   help="1 = off (default: %(default)s)")
     g.add_argument("--stop", action="append", default=[], metavar="TEXT",
-                   help="stop before this text (repeatable)")
+                   help="stop before this text (repeatable; --stop=TEXT if TEXT starts with '-')")
     g.add_argument("--seed", type=int, default=None, help="sample i uses seed + i (default: random)")
-    g.add_argument("--num-samples", type=int, default=1)
-    g.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
-    g.add_argument("--interactive", action="store_true", help="read prompts in a loop")
+    g.add_argument("--num-samples", type=int, default=1, metavar="N", help="completions to print (default: 1)")
+    g.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default: %(default)s)")
+    g.add_argument("--interactive", action="store_true", help="read prompts in a loop (/help lists commands)")
     return parser
 
 

@@ -63,10 +63,11 @@ def model(tok) -> GPT:
 # --------------------------------------------------------------------------- KV cache
 
 
-@pytest.mark.parametrize("attn_impl", ["sdpa", "math"])
+@pytest.mark.parametrize("arch", [{"attn_impl": "sdpa"}, {"attn_impl": "math"}, {"bias": False}],
+                         ids=["sdpa", "math", "no-bias"])
 @pytest.mark.parametrize("fast", [True, False], ids=["fast-step", "module-step"])
-def test_cached_logits_equal_full_forward_at_every_step(tok, attn_impl, fast):
-    model = tiny_model(tok.vocab_size, attn_impl=attn_impl)
+def test_cached_logits_equal_full_forward_at_every_step(tok, arch, fast):
+    model = tiny_model(tok.vocab_size, **arch)
     if not fast:
         model.train()  # dropout is 0: same numbers, but steps go through GPT.hidden_states
     seq = torch.randint(0, tok.vocab_size, (BLOCK,), generator=torch.Generator().manual_seed(1)).tolist()
