@@ -10,10 +10,11 @@ import torch
 
 from gptcore.config import ConfigError, GPTConfig, SampleConfig
 from gptcore.generate import (
-    SamplingConfig, _Cached, _Uncached, apply_repetition_penalty, apply_top_k, apply_top_p,
+    SamplingConfig, apply_repetition_penalty, apply_top_k, apply_top_p,
     decode_stream, generate, generate_ids, process_logits, sample_token, stream, stream_ids,
 )
 from gptcore.model import GPT, KVCache
+from gptcore.model.decode import CachedDecoder, UncachedDecoder
 from gptcore.tokenizer import CharTokenizer, GPT2Tokenizer
 
 TEXT = "First Citizen:\nBefore we proceed any further, hear me speak.\nAll: Speak, speak!\n"
@@ -71,7 +72,7 @@ def test_cached_logits_equal_full_forward_at_every_step(tok, arch, fast):
     if not fast:
         model.train()  # dropout is 0: same numbers, but steps go through GPT.hidden_states
     seq = torch.randint(0, tok.vocab_size, (BLOCK,), generator=torch.Generator().manual_seed(1)).tolist()
-    runner = _Cached(model)
+    runner = CachedDecoder(model)
     assert runner.fast is fast
     n_prompt = 5
     got = [runner.prefill(seq[:n_prompt])]
