@@ -98,7 +98,7 @@ def test_dvc_repro_runs_all_stages(project):
     client = _mlflow_client(root)
     run = client.get_run(run_id)
     assert run.data.params["model.n_layer"] == "1"
-    assert run.data.params["train.learning_rate"] == "0.003"
+    assert run.data.params["train.learning_rate"] == "0.0015"
     assert len(client.get_metric_history(run_id, "train_loss")) == 6
     assert [m.step for m in client.get_metric_history(run_id, "val_loss")] == [3, 6]
     for key in ("eval_val_loss", "eval_perplexity", "eval_bits_per_byte"):
@@ -120,7 +120,7 @@ def test_dvc_exp_run_set_param_makes_second_run(project):
     runs = client.search_runs([exp.experiment_id])
     assert len(runs) == 2
     rates = sorted(r.data.params["train.learning_rate"] for r in runs)
-    assert rates == ["0.001", "0.003"]
+    assert rates == ["0.001", "0.0015"]
     newest = max(runs, key=lambda r: r.info.start_time)
     assert newest.data.tags.get("dvc_exp_name")
     assert "eval_perplexity" in newest.data.metrics
