@@ -11,10 +11,10 @@ import torch
 from gptcore.config import ConfigError, GPTConfig, SampleConfig
 from gptcore.generate import (
     SamplingConfig, apply_repetition_penalty, apply_top_k, apply_top_p,
-    decode_stream, generate, generate_ids, process_logits, sample_token, stream, stream_ids,
+    decode_stream, generate, generate_ids, process_logits, sample_token, stream,
 )
 from gptcore.model import GPT, KVCache
-from gptcore.model.decode import CachedDecoder, UncachedDecoder
+from gptcore.model.decode import CachedDecoder
 from gptcore.tokenizer import CharTokenizer, GPT2Tokenizer
 
 TEXT = "First Citizen:\nBefore we proceed any further, hear me speak.\nAll: Speak, speak!\n"
