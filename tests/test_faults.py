@@ -8,7 +8,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -17,11 +16,9 @@ import time
 from pathlib import Path
 
 import pytest
-import yaml
 
-REPO = Path(__file__).resolve().parents[1]
-SKIP = {".git", ".venv", "data", "models", "metrics", "mlflow.db", "mlartifacts", ".gptcore",
-        ".pytest_cache", "__pycache__", "tmp", "cache", "build", "bench"}
+import project_copy
+from project_copy import copy_project
 
 TINY = {
     "tokenizer": {"kind": "char"},
@@ -32,12 +29,6 @@ TINY = {
     "evaluate": {"batch_size": 64},
     "sample": {"max_new_tokens": 12},
 }
-
-
-def _merge(base: dict, over: dict) -> dict:
-    for k, v in over.items():
-        base[k] = _merge(dict(base.get(k, {})), v) if isinstance(v, dict) else v
-    return base
 
 
 def stage(name: str, root: Path, env: dict, timeout: float = 180) -> subprocess.CompletedProcess:
@@ -70,8 +61,7 @@ def snapshot(root: Path) -> dict[str, str]:
 
 
 def write_params(root: Path, over: dict) -> None:
-    params = yaml.safe_load((REPO / "params.yaml").read_text())
-    (root / "params.yaml").write_text(yaml.safe_dump(_merge(_merge(params, TINY), over), sort_keys=False))
+    project_copy.write_params(root, TINY, over)
 
 
 def closed_port() -> int:
@@ -84,8 +74,7 @@ def closed_port() -> int:
 def project(tmp_path_factory, mirror_dir):
     """A tiny project with data, a trained model and metrics from a first real run."""
     root = tmp_path_factory.mktemp("faults") / "gptcore"
-    shutil.copytree(REPO, root, ignore=lambda d, names: [n for n in names if n in SKIP
-                                                          or n.endswith((".egg-info", ".old"))])
+    copy_project(root)
     write_params(root, {})
     env = {k: v for k, v in os.environ.items() if not k.startswith(("DVC_", "MLFLOW_", "RANK", "WORLD_SIZE"))}
     env.update(PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",

@@ -5,19 +5,15 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-import yaml
 
-REPO = Path(__file__).resolve().parents[1]
+from project_copy import copy_project, write_params
+
 VENV_BIN = Path(sys.executable).parent
-SKIP = {".git", ".venv", "data", "models", "metrics", "mlflow.db", "mlartifacts", ".gptcore",
-        ".pytest_cache", "__pycache__", "tmp", "cache", "build"}
-
 TINY = {
     "model": {"n_layer": 1, "n_head": 2, "n_embd": 32, "block_size": 32},
     "train": {"batch_size": 4, "max_steps": 6, "warmup_steps": 2, "eval_interval": 3,
@@ -25,12 +21,6 @@ TINY = {
     "evaluate": {"batch_size": 64},
     "sample": {"max_new_tokens": 12},
 }
-
-
-def _merge(base: dict, over: dict) -> dict:
-    for k, v in over.items():
-        base[k] = _merge(base.get(k, {}), v) if isinstance(v, dict) else v
-    return base
 
 
 def _run(args, cwd, env, timeout=600):
@@ -42,10 +32,8 @@ def _run(args, cwd, env, timeout=600):
 @pytest.fixture(scope="module")
 def project(tmp_path_factory, mirror_dir):
     root = tmp_path_factory.mktemp("pipeline") / "gptcore"
-    shutil.copytree(REPO, root, ignore=lambda d, names: [n for n in names if n in SKIP
-                                                          or n.endswith((".egg-info", ".old"))])
-    params = yaml.safe_load((root / "params.yaml").read_text())
-    (root / "params.yaml").write_text(yaml.safe_dump(_merge(params, TINY), sort_keys=False))
+    copy_project(root)
+    write_params(root, TINY)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("DVC_", "MLFLOW_TRACKING"))}
     env.update(PATH=f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}", GPTCORE_MIRROR=str(mirror_dir),
                DVC_NO_ANALYTICS="1", MLFLOW_DISABLE_TELEMETRY="true", HF_HUB_OFFLINE="1",

@@ -1,0 +1,36 @@
+"""Shared by the end-to-end tests: a copy of the project (sources only, no outputs) with
+params.yaml overridden, to run the real stages and DVC in."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+# Outputs, environments and caches never travel with the copy.
+SKIP = {".git", ".venv", "data", "models", "metrics", "mlflow.db", "mlartifacts", ".gptcore",
+        ".pytest_cache", "__pycache__", "tmp", "cache", "build", "bench", "dvc_plots"}
+
+
+def merge(base: dict, over: dict) -> dict:
+    """Deep-merge ``over`` into a copy of ``base``."""
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = merge(dict(out.get(k, {})), v) if isinstance(v, dict) else v
+    return out
+
+
+def copy_project(root: Path) -> Path:
+    shutil.copytree(REPO, root, ignore=lambda d, names: [n for n in names if n in SKIP
+                                                          or n.endswith((".egg-info", ".old"))])
+    return root
+
+
+def write_params(root: Path, *overrides: dict) -> None:
+    """The project's params.yaml with each override merged in, in order."""
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    for over in overrides:
+        params = merge(params, over)
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
