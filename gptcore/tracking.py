@@ -53,6 +53,7 @@ class Tracker:
         self.run_id: str | None = None
         self._client = None
         self._disabled_reason: str | None = None
+        self._logged_until = -1  # highest step already in the run when reattaching
 
     # -- guarded plumbing -------------------------------------------------------------
     def _warn(self, what: str, exc: BaseException) -> None:
@@ -100,8 +101,14 @@ class Tracker:
             client, exp_id = self._connect()
             self._client = client
             if run_id is not None:
-                self.run_id = client.get_run(run_id).info.run_id
+                run = client.get_run(run_id)
+                self.run_id = run.info.run_id
                 client.update_run(self.run_id, status="RUNNING")
+                # A run killed without warning logged steps past its last resume
+                # checkpoint; the resumed run redoes them identically, so skip them.
+                self._logged_until = max((m.step for key in run.data.metrics
+                                          for m in client.get_metric_history(self.run_id, key)),
+                                         default=-1)
                 return
             all_tags = {"git_commit": git_commit(self.root) or "unknown",
                         "dvc_exp_name": os.environ.get("DVC_EXP_NAME", ""), **(tags or {})}
@@ -135,6 +142,8 @@ class Tracker:
         from mlflow.entities import Metric
         import time
 
+        if step is not None and step <= self._logged_until:
+            return  # already logged before an interruption (see start)
         ts = int(time.time() * 1000)
         batch = [Metric(k, float(v), ts, step or 0) for k, v in metrics.items() if v is not None]
         self._call("log metrics", self._client.log_batch, self.run_id, metrics=batch)

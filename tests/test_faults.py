@@ -242,3 +242,42 @@ def test_sigint_saves_state_and_rerun_resumes(project, params_restored):
     assert run.info.status == "FINISHED"
     assert run.data.params["train.max_steps"] == "1200"
     assert run.data.metrics["final_val_loss"] == pytest.approx(result["final_val_loss"])
+
+
+def test_sigkill_then_rerun_logs_each_step_once(project, params_restored):
+    """Killed without warning, the run logged steps past its last resume checkpoint; the
+    resumed process redoes those steps and must not log them a second time."""
+    from mlflow.tracking import MlflowClient
+
+    from gptcore.checkpoint import load_trainer_state
+
+    root, env = project
+    write_params(root, {"train": {"max_steps": 1200, "checkpoint_interval": 100, "eval_interval": 400,
+                                  "log_interval": 10}})
+    client = MlflowClient(tracking_uri=f"sqlite:///{root / 'mlflow.db'}")
+    before = {r.info.run_id for r in client.search_runs(
+        [client.get_experiment_by_name("gptcore").experiment_id])}
+    proc = subprocess.Popen([sys.executable, "-m", "stages.train"], cwd=root, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while True:  # kill only once steps past the first checkpoint have been logged
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)
+            last = list(root.glob(".gptcore/runs/*/last"))
+            state = load_trainer_state(last[0]) if last else None
+            if state is None:
+                continue
+            logged = [m.step for m in client.get_metric_history(state["run_id"], "train_loss")]
+            if logged and max(logged) > state["step"]:
+                break
+    finally:
+        proc.kill()
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    ok(stage("train", root, env))
+    run_id = json.loads((root / "metrics/mlflow_run.json").read_text())["run_id"]
+    assert run_id == state["run_id"] and run_id not in before
+    steps = [m.step for m in client.get_metric_history(run_id, "train_loss")]
+    assert sorted(steps) == [1] + list(range(10, 1201, 10))  # each exactly once
+    assert [m.step for m in client.get_metric_history(run_id, "val_loss")] == [400, 800, 1200]
