@@ -180,6 +180,9 @@ class TokenData:
             if arr.size != meta[f"{split}_tokens"]:
                 raise DataError(f"{d / (split + '.bin')}: {arr.size} tokens, meta.json says "
                                 f"{meta[f'{split}_tokens']}; re-run the tokenize stage")
+            if arr.size and int(arr.max()) >= meta["vocab_size"]:
+                raise DataError(f"{d / (split + '.bin')}: token id {int(arr.max())} is outside the "
+                                f"vocabulary [0, {meta['vocab_size']}); corrupt file, re-run the tokenize stage")
             splits[split] = torch.from_numpy(arr.astype(np.int64))
         return cls(splits["train"], splits["val"], meta, load_tokenizer(d))
 

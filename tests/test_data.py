@@ -268,6 +268,11 @@ def test_tokendata_rejects_truncated_or_missing_bins(tmp_path, raw_dir):
     (out / "val.bin").write_bytes(b[:-3])  # an odd byte count too
     with pytest.raises(DataError, match=r"val\.bin: .* tokens, meta\.json says .*re-run the tokenize stage"):
         TokenData.load(out)
+    ids = np.frombuffer(b, dtype=np.uint16).copy()
+    ids[5] = 65_000  # right size, impossible id (char vocabulary: 66 ids)
+    (out / "val.bin").write_bytes(ids.tobytes())
+    with pytest.raises(DataError, match=r"val\.bin: token id 65000 is outside the vocabulary \[0, 66\)"):
+        TokenData.load(out)
     (out / "val.bin").unlink()
     with pytest.raises(DataError, match=r"val\.bin: missing"):
         TokenData.load(out)
