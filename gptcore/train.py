@@ -87,6 +87,7 @@ def fingerprint(params: Params, data_meta: dict) -> str:
     train = {k: v for k, v in asdict(params.train).items()
              if k not in ("log_interval", "checkpoint_interval")}
     key = {"model": params.model.to_dict(), "train": train,
+           "world_size": int(os.environ.get("WORLD_SIZE", 1)),  # each rank's data stream differs
            "tokenizer": params.tokenizer.kind, "data": data_meta}
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -154,6 +155,8 @@ class Trainer:
 
         torch.manual_seed(self.cfg.seed)
         self.model = GPT(params.model).to(self.device)
+        if self.world > 1:  # same initial weights everywhere, but each rank its own dropout
+            torch.manual_seed(self.cfg.seed + self.rank)
         self.optimizer = make_optimizer(self.model, params)
         bs, T = self.cfg.batch_size, params.model.block_size
         self.sampler = BatchSampler(data.train, T, bs, seed=self.cfg.seed + 1 + self.rank)
@@ -196,16 +199,26 @@ class Trainer:
 
     # -- state ------------------------------------------------------------------------
     def state_dict(self) -> dict:
+        """Everything rank 0 knows; per-rank state (data position, RNG) is under "ranks"."""
         return {
-            "fingerprint": self.fingerprint, "step": self.step, "best_val": self.best_val,
-            "best_step": self.best_step, "last_val": self.last_val, "bad_evals": self.bad_evals,
-            "tokens_seen": self.tokens_seen, "train_time": self.train_time,
-            "optimizer": self.optimizer.state_dict(), "sampler": self.sampler.state_dict(),
-            "torch_rng": torch.get_rng_state(),
-            "cuda_rng": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None,
-            "train_log": self.train_log,
-            "val_log": self.val_log, "run_id": self.run_id, "complete": self.complete,
+            "fingerprint": self.fingerprint, "world_size": self.world, "step": self.step,
+            "best_val": self.best_val, "best_step": self.best_step, "last_val": self.last_val,
+            "bad_evals": self.bad_evals, "tokens_seen": self.tokens_seen,
+            "train_time": self.train_time, "optimizer": self.optimizer.state_dict(),
+            "train_log": self.train_log, "val_log": self.val_log, "run_id": self.run_id,
+            "complete": self.complete,
         }
+
+    def _rank_state(self) -> dict:
+        """What differs between ranks: each draws its own batches and dropout masks."""
+        return {"sampler": self.sampler.state_dict(), "torch_rng": torch.get_rng_state(),
+                "cuda_rng": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None}
+
+    def _load_rank_state(self, state: dict) -> None:
+        self.sampler.load_state_dict(state["sampler"])
+        torch.set_rng_state(state["torch_rng"])
+        if self.device.type == "cuda" and state.get("cuda_rng") is not None:  # dropout on GPU
+            torch.cuda.set_rng_state(state["cuda_rng"], self.device)
 
     def try_resume(self) -> bool:
         """Restore from the resume checkpoint if it belongs to this exact run."""
@@ -216,15 +229,7 @@ class Trainer:
                                       attn_impl=self.params.model.attn_impl)
         self.model.load_state_dict(model.state_dict())
         self.optimizer.load_state_dict(state["optimizer"])
-        if self.is_main:
-            self.sampler.load_state_dict(state["sampler"])
-        else:  # only rank 0's data position is saved; other ranks reseed from the step
-            self.sampler = BatchSampler(self.data.train, self.params.model.block_size,
-                                        self.cfg.batch_size,
-                                        seed=self.cfg.seed + 1 + self.rank + 7919 * state["step"])
-        torch.set_rng_state(state["torch_rng"])
-        if self.device.type == "cuda" and state.get("cuda_rng") is not None:  # dropout on GPU
-            torch.cuda.set_rng_state(state["cuda_rng"], self.device)
+        self._load_rank_state(state["ranks"][self.rank])  # the fingerprint fixes the world size
         for key in ("step", "best_val", "best_step", "last_val", "bad_evals", "tokens_seen",
                     "train_time", "train_log", "val_log", "run_id"):
             setattr(self, key, state[key])
@@ -232,10 +237,16 @@ class Trainer:
         return True
 
     def save_resume(self) -> None:
+        """Collective under torchrun: every rank contributes its state, rank 0 writes."""
+        ranks = [self._rank_state()]
+        if self.world > 1:
+            import torch.distributed as dist
+            ranks = [None] * self.world
+            dist.all_gather_object(ranks, self._rank_state())
         if self.is_main:
             save_checkpoint(self.resume_dir, self.model, self.data.tokenizer,
                             meta={"step": self.step, "fingerprint": self.fingerprint},
-                            trainer_state=self.state_dict())
+                            trainer_state={**self.state_dict(), "ranks": ranks})
 
     # -- evaluation -------------------------------------------------------------------
     @torch.no_grad()
