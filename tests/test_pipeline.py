@@ -112,3 +112,32 @@ def test_dvc_exp_run_set_param_makes_second_run(project):
     newest = max(runs, key=lambda r: r.info.start_time)
     assert newest.data.tags.get("dvc_exp_name")
     assert "eval_perplexity" in newest.data.metrics
+
+
+def test_queued_experiment_logs_into_the_same_store(project):
+    """`dvc exp run --queue` + `dvc queue start` run in a temporary copy of the repo;
+    MLflow paths come from DVC_ROOT, so the run still lands in the repo's mlflow.db."""
+    import time
+
+    root, env = project
+    dvc = str(VENV_BIN / "dvc")
+    _run([dvc, "exp", "run", "--queue", "--set-param", "train.learning_rate=0.002"], root, env)
+    _run([dvc, "queue", "start"], root, env)
+    try:
+        deadline = time.monotonic() + 480
+        while True:
+            status = _run([dvc, "queue", "status"], root, env).stdout
+            if "Queued" not in status and "Running" not in status:
+                break
+            assert time.monotonic() < deadline, status
+            time.sleep(3)
+    finally:
+        subprocess.run([dvc, "queue", "stop"], cwd=root, env=env, capture_output=True, timeout=60)
+    assert "Success" in status, status
+
+    client = _mlflow_client(root)
+    runs = client.search_runs([client.get_experiment_by_name("gptcore").experiment_id])
+    queued = [r for r in runs if r.data.params["train.learning_rate"] == "0.002"]
+    assert len(queued) == 1
+    assert "eval_perplexity" in queued[0].data.metrics
+    assert {"samples.md", "samples.json"} <= {a.path for a in client.list_artifacts(queued[0].info.run_id)}
