@@ -47,7 +47,8 @@ class TrainResult:
     steps: int
     tokens_seen: int
     tokens_per_s: float
-    wall_time_s: float
+    train_time_s: float  # time inside training steps (what tokens_per_s is measured over)
+    wall_time_s: float  # the whole run on the clock, evaluations and checkpoints included
     stopped_early: bool
     resumed_from_step: int
     num_parameters: int
@@ -167,6 +168,8 @@ class Trainer:
         self.bad_evals = 0
         self.tokens_seen = 0
         self.train_time = 0.0
+        self.wall_time = 0.0  # accumulated across resumed segments
+        self._segment_start = time.monotonic()
         self.train_log: list[list[float]] = []
         self.val_log: list[list[float]] = []
         self.run_id: str | None = None
@@ -204,10 +207,14 @@ class Trainer:
             "fingerprint": self.fingerprint, "world_size": self.world, "step": self.step,
             "best_val": self.best_val, "best_step": self.best_step, "last_val": self.last_val,
             "bad_evals": self.bad_evals, "tokens_seen": self.tokens_seen,
-            "train_time": self.train_time, "optimizer": self.optimizer.state_dict(),
+            "train_time": self.train_time, "wall_time": self._wall_now(),
+            "optimizer": self.optimizer.state_dict(),
             "train_log": self.train_log, "val_log": self.val_log, "run_id": self.run_id,
             "complete": self.complete,
         }
+
+    def _wall_now(self) -> float:
+        return self.wall_time + time.monotonic() - self._segment_start
 
     def _rank_state(self) -> dict:
         """What differs between ranks: each draws its own batches and dropout masks."""
@@ -231,7 +238,7 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self._load_rank_state(state["ranks"][self.rank])  # the fingerprint fixes the world size
         for key in ("step", "best_val", "best_step", "last_val", "bad_evals", "tokens_seen",
-                    "train_time", "train_log", "val_log", "run_id"):
+                    "train_time", "wall_time", "train_log", "val_log", "run_id"):
             setattr(self, key, state[key])
         self.resumed_from = self.step
         return True
@@ -314,6 +321,7 @@ class Trainer:
         from tqdm import tqdm
 
         cfg = self.cfg
+        self._segment_start = time.monotonic()
         if self.try_resume():
             self._say(f"resuming from step {self.step} ({self.resume_dir})")
         if self.tracker is not None:
@@ -367,7 +375,7 @@ class Trainer:
             best_val_loss=self.best_val, final_val_loss=self.last_val, best_step=self.best_step,
             steps=self.step, tokens_seen=self.tokens_seen,
             tokens_per_s=self.tokens_seen / max(self.train_time, 1e-9),
-            wall_time_s=self.train_time, stopped_early=stopped_early,
+            train_time_s=self.train_time, wall_time_s=self._wall_now(), stopped_early=stopped_early,
             resumed_from_step=self.resumed_from, num_parameters=self.model.num_parameters(),
             train_log=self.train_log, val_log=self.val_log)
 

@@ -28,7 +28,8 @@ def main() -> None:
     write_train_outputs(result, "metrics")
     write_run_file(tracker.run_id)
     tracker.log_metrics({"final_val_loss": result.final_val_loss, "train_tokens_per_s": result.tokens_per_s,
-                         "train_wall_time_s": result.wall_time_s}, step=result.steps)
+                         "train_wall_time_s": result.wall_time_s,
+                         "train_step_time_s": result.train_time_s}, step=result.steps)
     tracker.end()  # training is done; evaluate and sample still log into the finished run
     clear_resume(work)
     print(f"best val loss {result.best_val_loss:.4f} at step {result.best_step}; "

@@ -62,7 +62,8 @@ def test_dvc_repro_runs_all_stages(project):
 
     train = json.loads((root / "metrics/train.json").read_text())
     assert train["steps"] == 6 and train["tokens_seen"] == 6 * 4 * 32
-    assert {"best_val_loss", "final_val_loss", "tokens_per_s", "wall_time_s"} <= set(train)
+    assert {"best_val_loss", "final_val_loss", "tokens_per_s", "train_time_s", "wall_time_s"} <= set(train)
+    assert train["wall_time_s"] >= train["train_time_s"] > 0
     ev = json.loads((root / "metrics/eval.json").read_text())
     assert ev["val_tokens"] == 36_059 and ev["val_bytes"] == 111_540
     assert abs(ev["perplexity"] - 2.718281828 ** ev["val_loss"]) < 1e-6 * ev["perplexity"]
