@@ -34,3 +34,27 @@ def write_params(root: Path, *overrides: dict) -> None:
     for over in overrides:
         params = merge(params, over)
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+def signal_after_first_checkpoint(args: list[str], root: Path, env: dict, sig: int,
+                                  timeout: float = 120) -> tuple[int, str, str]:
+    """Start training ``args`` in ``root``, send ``sig`` once its first periodic resume
+    checkpoint exists, and return (exit code, stdout, stderr)."""
+    import subprocess
+    import time
+
+    proc = subprocess.Popen(args, cwd=root, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + timeout
+        while not list(root.glob(".gptcore/runs/*/last")):
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline, f"no resume checkpoint after {timeout} s"
+            time.sleep(0.01)
+        proc.send_signal(sig)
+        out, err = proc.communicate(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    return proc.returncode, out, err

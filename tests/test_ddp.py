@@ -8,13 +8,13 @@ import json
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
 
 from gptcore.checkpoint import load_checkpoint
+from project_copy import signal_after_first_checkpoint
 from test_faults import ok, project, stage, write_params  # noqa: F401  (fixture reuse)
 
 TORCHRUN = [str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc-per-node", "2",
@@ -51,21 +51,9 @@ def test_torchrun_interrupted_run_resumes_bit_exactly(project):
     ok(_torchrun(root, env))
     reference = load_file(str(root / "models/best/model.safetensors"))
 
-    proc = subprocess.Popen(TORCHRUN, cwd=root, env={**env, "OMP_NUM_THREADS": "1"},
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.monotonic() + 120
-        while not list(root.glob(".gptcore/runs/*/last")):
-            assert proc.poll() is None, proc.communicate()
-            assert time.monotonic() < deadline
-            time.sleep(0.01)
-        proc.send_signal(signal.SIGTERM)
-        out, err = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    assert proc.returncode != 0, out + err
+    rc, out, err = signal_after_first_checkpoint(TORCHRUN, root, {**env, "OMP_NUM_THREADS": "1"},
+                                                 signal.SIGTERM)
+    assert rc != 0, out + err
     assert "state saved" in err, err
     (last,) = root.glob(".gptcore/runs/*/last")
     from gptcore.checkpoint import load_trainer_state

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 import project_copy
-from project_copy import copy_project
+from project_copy import copy_project, signal_after_first_checkpoint
 
 TINY = {
     "tokenizer": {"kind": "char"},
@@ -199,21 +199,9 @@ def test_sigint_saves_state_and_rerun_resumes(project, params_restored):
     root, env = project
     write_params(root, {"train": {"max_steps": 1200, "checkpoint_interval": 20, "eval_interval": 400,
                                   "log_interval": 300}})
-    proc = subprocess.Popen([sys.executable, "-m", "stages.train"], cwd=root, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.monotonic() + 120
-        while not list(root.glob(".gptcore/runs/*/last")):  # the first periodic checkpoint
-            assert proc.poll() is None, proc.communicate()
-            assert time.monotonic() < deadline, "no resume checkpoint after 120 s"
-            time.sleep(0.01)
-        proc.send_signal(signal.SIGINT)
-        _, err = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    assert proc.returncode == 130, err
+    rc, _, err = signal_after_first_checkpoint([sys.executable, "-m", "stages.train"], root, env,
+                                               signal.SIGINT)
+    assert rc == 130, err
     assert "Traceback" not in err
     (last,) = root.glob(".gptcore/runs/*/last")
     state = load_trainer_state(last)
