@@ -185,9 +185,7 @@ class GPT(nn.Module):
         """
         x = self.hidden_states(idx, cache)
         if targets is not None and not return_logits:
-            flat = x.reshape(-1, self.config.n_embd)
-            total = linear_cross_entropy(flat, self.lm_head.weight, targets)
-            return None, total / (targets != -1).sum().clamp(min=1)
+            return None, self._fused_loss(x, targets, "mean")
         logits = self.lm_head(x)
         loss = None
         if targets is not None:
@@ -197,8 +195,10 @@ class GPT(nn.Module):
 
     def loss(self, idx: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
         """Cross-entropy through the fused path; ``reduction`` is "mean" or "sum"."""
-        x = self.hidden_states(idx).reshape(-1, self.config.n_embd)
-        total = linear_cross_entropy(x, self.lm_head.weight, targets)
+        return self._fused_loss(self.hidden_states(idx), targets, reduction)
+
+    def _fused_loss(self, x: torch.Tensor, targets: torch.Tensor, reduction: str) -> torch.Tensor:
+        total = linear_cross_entropy(x.reshape(-1, self.config.n_embd), self.lm_head.weight, targets)
         if reduction == "sum":
             return total
         return total / (targets != -1).sum().clamp(min=1)
