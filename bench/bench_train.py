@@ -7,7 +7,7 @@ steps after warm-up. Rows:
   hf bf16 autocast   the same under torch.autocast(bfloat16)
   gptcore fp32       our model, logits + F.cross_entropy
   gptcore default    our training path: bf16 autocast + fused LM-head/cross-entropy,
-                     glibc allocator tuned (gptcore.perf), as `dvc repro` runs it
+                     glibc allocator tuned (gptcore.device), as `dvc repro` runs it
 
     python bench/bench_train.py [--batch-size 8] [--steps 6]
 
@@ -27,7 +27,7 @@ import torch
 
 from gptcore.config import GPTConfig
 from gptcore.model import GPT
-from gptcore.perf import keep_freed_memory
+from gptcore.device import keep_freed_memory
 
 
 def time_steps(step, n_warmup: int, n_steps: int) -> float:

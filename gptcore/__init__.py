@@ -1,15 +1,33 @@
 """gptcore: a GPT written from scratch in PyTorch, with tokenizers, checkpoints,
-training, evaluation and generation for a reproducible DVC + MLflow pipeline."""
+training, evaluation and generation for a reproducible DVC + MLflow pipeline.
 
-from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from .config import ConfigError, GPTConfig, Params, load_params
-from .model import GPT, KVCache, export_hf, from_hf_state_dict
-from .tokenizer import CharTokenizer, GPT2Tokenizer, Tokenizer, TokenizerError, load_tokenizer
+The public names below load on first use (PEP 562), so ``import gptcore.config`` and
+``gptcore --help`` never pay for importing torch, and a DVC stage imports only the
+modules it runs.
+"""
+
+from importlib import import_module
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "GPT", "GPTConfig", "KVCache", "Params", "load_params", "ConfigError",
-    "save_checkpoint", "load_checkpoint", "CheckpointError", "export_hf", "from_hf_state_dict",
-    "Tokenizer", "GPT2Tokenizer", "CharTokenizer", "TokenizerError", "load_tokenizer",
-]
+_EXPORTS = {
+    "GPT": "model", "KVCache": "model", "export_hf": "model.hf", "from_hf_state_dict": "model.hf",
+    "GPTConfig": "config", "Params": "config", "load_params": "config",
+    "save_checkpoint": "checkpoint", "load_checkpoint": "checkpoint",
+    "Tokenizer": "tokenizer", "GPT2Tokenizer": "tokenizer", "CharTokenizer": "tokenizer",
+    "load_tokenizer": "tokenizer",
+    "GptcoreError": "errors", "ConfigError": "errors", "CheckpointError": "errors",
+    "TokenizerError": "errors", "DataError": "errors",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(import_module(f".{_EXPORTS[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_EXPORTS])

@@ -21,18 +21,15 @@ from typing import Any
 
 import torch
 
-from .config import ConfigError, GPTConfig
+from .config import GPTConfig
+from .errors import CheckpointError, ConfigError, TokenizerError
 from .io import atomic_dir, recover_dir
 from .model import GPT
-from .tokenizer import Tokenizer, TokenizerError, load_tokenizer
+from .tokenizer import Tokenizer, load_tokenizer
 
 FORMAT = "gptcore"
 FORMAT_VERSION = 1
 TRAINER_STATE = "trainer_state.pt"
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint directory is missing, corrupt, unsafe or does not match its config."""
 
 
 def save_checkpoint(directory: str | Path, model: GPT, tokenizer: Tokenizer,

@@ -39,7 +39,7 @@ Ctrl-C stops a completion, or clears the line at the prompt."""
 
 
 def _parser() -> argparse.ArgumentParser:
-    from .generate import SamplingConfig
+    from .sampling import SamplingConfig
 
     d = SamplingConfig()
     parser = argparse.ArgumentParser(prog=PROG, description="A from-scratch GPT: generate text from a checkpoint.")
@@ -134,8 +134,7 @@ def _set(cfg, args: str):
 
 
 def _repl(model, tokenizer, cfg) -> int:
-    from .config import ConfigError
-    from .tokenizer import TokenizerError
+    from .errors import ConfigError, TokenizerError
 
     if sys.stdin.isatty():
         try:
@@ -180,7 +179,7 @@ def _run(args: argparse.Namespace) -> int:
     import torch
 
     from .checkpoint import load_checkpoint
-    from .generate import SamplingConfig
+    from .sampling import SamplingConfig
 
     cfg = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                          top_k=args.top_k, top_p=args.top_p, repetition_penalty=args.repetition_penalty,
@@ -219,13 +218,11 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help(sys.stderr)
         return 2
 
-    from .checkpoint import CheckpointError
-    from .config import ConfigError
-    from .tokenizer import TokenizerError
+    from .errors import GptcoreError
 
     try:
         return _run(args)
-    except (CheckpointError, ConfigError, TokenizerError, _UsageError) as exc:
+    except (GptcoreError, _UsageError) as exc:
         _err(f"error: {exc}")
         return 2
     except BrokenPipeError:

@@ -3,6 +3,10 @@
 ``params.yaml`` is parsed into :class:`Params` (one dataclass per section). Every
 field is type-checked and range-checked at construction, and unknown keys are
 rejected, so a typo in params.yaml fails loudly before any output is touched.
+
+The dataclass defaults *are* the default recipe: ``Params()`` equals the committed
+params.yaml (a test holds them together). This module never imports torch, so
+validation errors come instantly.
 """
 
 from __future__ import annotations
@@ -14,9 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-
-class ConfigError(ValueError):
-    """A configuration value is missing, unknown, mistyped or out of range."""
+from .errors import ConfigError
+from .sampling import SamplingConfig
 
 
 def _type_name(tp: Any) -> str:
@@ -40,6 +43,11 @@ def _coerce(path: str, value: Any, tp: Any) -> Any:
                 errors.append(str(exc))
         raise ConfigError(errors[0] if errors else f"{path}: invalid value {value!r}")
     # A bare ``list`` / ``dict`` annotation has no origin; treat it like list[Any] / dict[...].
+    if origin is tuple:  # tuple[X, ...]: YAML gives a list
+        if isinstance(value, str) or not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{path} must be a list, got {value!r}")
+        item_tp = typing.get_args(tp)[0]
+        return tuple(_coerce(f"{path}[{i}]", v, item_tp) for i, v in enumerate(value))
     if origin is list or tp is list:
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{path} must be a list, got {value!r}")
@@ -81,17 +89,21 @@ def from_dict(cls: type, data: Any, path: str = "") -> Any:
         data = {}
     if not isinstance(data, dict):
         raise ConfigError(f"{where} must be a mapping, got {data!r}")
-    hints = typing.get_type_hints(cls)
+    types_ = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls) if f.init]
     unknown = sorted(set(data) - set(names))
     if unknown:
+        import difflib
+
+        hints = [m for k in unknown for m in difflib.get_close_matches(k, names, n=1)]
+        hint = f" (did you mean {', '.join(map(repr, hints))}?)" if hints else ""
         raise ConfigError(
-            f"{where}: unknown key(s) {', '.join(map(repr, unknown))}; allowed: {', '.join(names)}"
+            f"{where}: unknown key(s) {', '.join(map(repr, unknown))}{hint}; allowed: {', '.join(names)}"
         )
     kwargs = {}
     for name in names:
         if name in data:
-            kwargs[name] = _coerce(f"{path + '.' if path else ''}{name}", data[name], hints[name])
+            kwargs[name] = _coerce(f"{path + '.' if path else ''}{name}", data[name], types_[name])
     try:
         return cls(**kwargs)
     except ConfigError as exc:
@@ -163,49 +175,20 @@ class GPTConfig:
 
 
 @dataclass(frozen=True)
-class SourceFile:
-    url: str
-    sha256: str
-
-    def __post_init__(self) -> None:
-        _check(len(self.sha256) == 64 and all(c in "0123456789abcdef" for c in self.sha256),
-               "sha256", self.sha256, "64 lowercase hex digits")
-
-
-def _default_sources() -> dict[str, SourceFile]:
-    from .tokenizer import GPT2_FILES
-
-    return {
-        "input.txt": SourceFile(
-            "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt",
-            "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"),
-        "vocab.bpe": SourceFile(
-            "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/vocab.bpe",
-            GPT2_FILES["vocab.bpe"]),
-        "encoder.json": SourceFile(
-            "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/encoder.json",
-            GPT2_FILES["encoder.json"]),
-    }
-
-
-@dataclass(frozen=True)
 class DataConfig:
+    """Where data lives and how it is split. The source files (URLs, sha256) are in
+    :mod:`gptcore.sources`."""
+
     raw_dir: str = "data/raw"
     processed_dir: str = "data/processed"
-    val_fraction: float = 0.1
-    retries: int = 4
+    val_fraction: float = 0.1  # the last 10% of the characters
+    retries: int = 4  # download retries, exponential backoff from 1 s
     timeout_s: float = 60.0
-    sources: dict = field(default_factory=_default_sources)
 
     def __post_init__(self) -> None:
         _check(0.0 < self.val_fraction < 1.0, "val_fraction", self.val_fraction, "0 < val_fraction < 1")
         _check(self.retries >= 0, "retries", self.retries, ">= 0")
         _check(self.timeout_s > 0, "timeout_s", self.timeout_s, "> 0")
-        srcs = {}
-        for name, spec in self.sources.items():
-            srcs[name] = spec if isinstance(spec, SourceFile) else from_dict(SourceFile, spec, f"data.sources.{name}")
-        object.__setattr__(self, "sources", srcs)
-        _check("input.txt" in srcs, "sources", sorted(srcs), "a mapping that includes 'input.txt'")
 
 
 @dataclass(frozen=True)
@@ -220,24 +203,24 @@ class TokenizerConfig:
 class TrainConfig:
     out_dir: str = "models"
     seed: int = 1337
-    device: str = "auto"  # auto | cpu | cuda
+    device: str = "auto"  # auto (cuda > mps > cpu) | cpu | cuda | mps
     dtype: str = "bfloat16"  # matmul dtype under autocast (weights stay fp32): float32 | bfloat16
-    batch_size: int = 16
+    batch_size: int = 8
     grad_accum_steps: int = 1
     max_steps: int = 1000
-    learning_rate: float = 3e-3
-    min_lr: float = 3e-4
+    learning_rate: float = 1.5e-3
+    min_lr: float = 1.5e-4
     warmup_steps: int = 50
     weight_decay: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.99
-    grad_clip: float = 1.0
+    grad_clip: float = 1.0  # 0 disables clipping
     eval_interval: int = 100
-    eval_batches: int = 20
-    patience: int = 5
-    checkpoint_interval: int = 100
+    eval_batches: int = 10
+    patience: int = 4  # evaluations without improvement before stopping; 0 = never
+    checkpoint_interval: int = 100  # steps between resume checkpoints
     log_interval: int = 10
-    threads: int = 0  # 0 = torch's default
+    threads: int = 0  # 0 = torch's default (all cores)
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "grad_accum_steps", "max_steps", "eval_interval",
@@ -251,7 +234,7 @@ class TrainConfig:
         _check(0 <= self.beta1 < 1, "beta1", self.beta1, "0 <= beta1 < 1")
         _check(0 <= self.beta2 < 1, "beta2", self.beta2, "0 <= beta2 < 1")
         _check(self.grad_clip >= 0, "grad_clip", self.grad_clip, ">= 0 (0 disables clipping)")
-        _check_choice("device", self.device, ("auto", "cpu", "cuda"))
+        _check_choice("device", self.device, ("auto", "cpu", "cuda", "mps"))
         _check_choice("dtype", self.dtype, ("float32", "bfloat16"))
 
 
@@ -266,22 +249,18 @@ class EvaluateConfig:
 
 
 @dataclass(frozen=True)
-class SampleConfig:
-    prompts: list[str] = field(default_factory=lambda: ["HAMLET:", "First Citizen:", "ROMEO:"])
-    max_new_tokens: int = 200
-    temperature: float = 0.8
+class SampleConfig(SamplingConfig):
+    """The sample stage: every :class:`~gptcore.sampling.SamplingConfig` setting, the
+    prompts, and a fixed seed so the committed samples are reproducible."""
+
     top_k: int = 200
     top_p: float = 0.95
-    repetition_penalty: float = 1.0
-    seed: int = 1337
+    seed: int | None = 1337
+    prompts: list[str] = field(default_factory=lambda: ["HAMLET:", "First Citizen:", "ROMEO:"])
 
     def __post_init__(self) -> None:
-        from .generate import SamplingConfig  # validation lives with the sampler
-
+        super().__post_init__()
         _check(len(self.prompts) > 0, "prompts", self.prompts, "a non-empty list of strings")
-        SamplingConfig(max_new_tokens=self.max_new_tokens, temperature=self.temperature,
-                       top_k=self.top_k, top_p=self.top_p,
-                       repetition_penalty=self.repetition_penalty, seed=self.seed)
 
 
 @dataclass(frozen=True)
@@ -295,12 +274,28 @@ class Params:
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
 
+    def __post_init__(self) -> None:
+        _check_paths(self)
+
     @classmethod
     def from_dict(cls, data: dict) -> "Params":
         return from_dict(cls, data)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def _check_paths(p: "Params") -> None:
+    """Each stage's outputs in their own directory: a collision would overwrite another stage's."""
+    dirs = {"data.raw_dir": p.data.raw_dir, "data.processed_dir": p.data.processed_dir,
+            "train.out_dir": p.train.out_dir}
+    norm = {k: Path(v).expanduser().resolve() for k, v in dirs.items()}
+    names = list(dirs)
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            if norm[a] == norm[b] or norm[a] in norm[b].parents or norm[b] in norm[a].parents:
+                raise ConfigError(f"{a}={dirs[a]!r} and {b}={dirs[b]!r} overlap; allowed: separate "
+                                  "directories, neither inside the other")
 
 
 def load_params(path: str | Path = "params.yaml") -> Params:

@@ -15,8 +15,8 @@ import sys
 
 import torch
 
+from .device import autocast
 from .model import GPT
-from .train import autocast
 
 
 @torch.no_grad()

@@ -31,84 +31,19 @@ unconditional samples (that token is context only, never output). A prompt longe
 from __future__ import annotations
 
 import codecs
-import math
-from dataclasses import dataclass, fields
 from typing import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
 
-from .config import ConfigError
 from .model.decode import CachedDecoder, UncachedDecoder
 from .model.gpt import GPT
+from .sampling import SamplingConfig
 
 __all__ = [
     "SamplingConfig", "process_logits", "sample_token", "apply_repetition_penalty",
     "apply_top_k", "apply_top_p", "stream_ids", "generate_ids", "decode_stream", "stream", "generate",
 ]
-
-
-def _fail(name: str, value, allowed: str) -> None:
-    raise ConfigError(f"{name}={value!r} is invalid; allowed: {allowed}")
-
-
-def _is_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _is_number(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-
-@dataclass(frozen=True)
-class SamplingConfig:
-    """How to pick each new token.
-
-    ``max_new_tokens`` may be 0 (nothing is generated). ``temperature`` 0 means greedy
-    (argmax; ties go to the lowest token id). ``top_k`` 0 and ``top_p`` 1 switch those
-    filters off; ``repetition_penalty`` 1 does. ``stop`` is a sequence of non-empty
-    strings (a single string counts as one stop string; stored as a tuple). ``seed``
-    None draws a fresh random seed per call.
-    """
-
-    max_new_tokens: int = 200
-    temperature: float = 0.8
-    top_k: int = 0
-    top_p: float = 1.0
-    repetition_penalty: float = 1.0
-    stop: tuple[str, ...] = ()
-    seed: int | None = None
-    stop_at_eot: bool = True
-
-    def __post_init__(self) -> None:
-        if not (_is_int(self.max_new_tokens) and self.max_new_tokens >= 0):
-            _fail("max_new_tokens", self.max_new_tokens, "an integer >= 0")
-        if not (_is_number(self.temperature) and self.temperature >= 0):
-            _fail("temperature", self.temperature, "a number >= 0 (0 = greedy)")
-        if not (_is_int(self.top_k) and self.top_k >= 0):
-            _fail("top_k", self.top_k, "an integer >= 0 (0 = off)")
-        if not (_is_number(self.top_p) and 0 < self.top_p <= 1):
-            _fail("top_p", self.top_p, "a number with 0 < top_p <= 1 (1 = off)")
-        if not (_is_number(self.repetition_penalty) and self.repetition_penalty > 0):
-            _fail("repetition_penalty", self.repetition_penalty, "a number > 0 (1 = off)")
-        stop = (self.stop,) if isinstance(self.stop, str) else self.stop
-        if not (isinstance(stop, (list, tuple)) and all(isinstance(s, str) and s for s in stop)):
-            _fail("stop", self.stop, "a list of non-empty strings")
-        if not (self.seed is None or (_is_int(self.seed) and 0 <= self.seed < 2**63)):
-            _fail("seed", self.seed, "None or an integer 0 <= seed < 2**63")
-        if not isinstance(self.stop_at_eot, bool):
-            _fail("stop_at_eot", self.stop_at_eot, "true | false")
-        object.__setattr__(self, "stop", tuple(stop))
-        object.__setattr__(self, "temperature", float(self.temperature))
-        object.__setattr__(self, "top_p", float(self.top_p))
-        object.__setattr__(self, "repetition_penalty", float(self.repetition_penalty))
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0.0
-
-    def describe(self) -> str:
-        return " ".join(f"{f.name}={getattr(self, f.name)!r}" for f in fields(self))
 
 
 # --------------------------------------------------------------------------- logits
@@ -215,11 +150,13 @@ def _make_generator(seed: int | None, device: torch.device) -> torch.Generator:
 
 def stream_ids(model: GPT, prompt_ids: Sequence[int], cfg: SamplingConfig | None = None, *,
                eot_id: int | None = None, device=None, use_cache: bool = True,
-               crop_to: int | None = None) -> Iterator[int]:
+               crop_to: int | None = None, vocab_size: int | None = None) -> Iterator[int]:
     """Yield new token ids one at a time (see the module docstring for the context policy).
 
     ``eot_id``: the end-of-text token; generation stops before it when
-    ``cfg.stop_at_eot``, and an empty prompt starts from it. ``crop_to``: how many of
+    ``cfg.stop_at_eot``, and an empty prompt starts from it. ``vocab_size``: only ids
+    below it are ever produced (a model's vocabulary may be padded beyond its
+    tokenizer's, and those ids decode to nothing). ``crop_to``: how many of
     the most recent tokens to keep when the context is full (1..block_size; default
     block_size // 2). Use the model in eval mode (``load_checkpoint`` returns it so).
     """
@@ -227,7 +164,7 @@ def stream_ids(model: GPT, prompt_ids: Sequence[int], cfg: SamplingConfig | None
     block = model.config.block_size
     vocab = model.config.vocab_size
     keep = max(1, block // 2) if crop_to is None else crop_to
-    if not (_is_int(keep) and 1 <= keep <= block):
+    if not (isinstance(keep, int) and not isinstance(keep, bool) and 1 <= keep <= block):
         raise ValueError(f"crop_to={crop_to!r} is invalid; allowed: 1 <= crop_to <= block_size={block}")
     dev = _model_device(model, device)
     ids = [int(i) for i in (prompt_ids.tolist() if torch.is_tensor(prompt_ids) else prompt_ids)]
@@ -242,12 +179,15 @@ def stream_ids(model: GPT, prompt_ids: Sequence[int], cfg: SamplingConfig | None
             raise ValueError(f"an empty prompt starts from the end-of-text token, but eot_id={eot_id!r} "
                              f"is not in the model's vocabulary [0, {vocab})")
         ids = [eot_id]
+    limit = vocab if vocab_size is None else min(vocab, vocab_size)
     penalize = cfg.repetition_penalty != 1.0
     generator = None if cfg.greedy else _make_generator(cfg.seed, dev)
     runner = CachedDecoder(model) if use_cache else UncachedDecoder(model)
     start = max(0, len(ids) - block)  # the window is ids[start:]
     logits = runner.prefill(ids[start:])
     for n in range(cfg.max_new_tokens):
+        if limit < vocab:  # padded ids: never candidates
+            logits = logits[..., :limit]
         if cfg.greedy and not penalize:
             token = int(logits.max(-1).indices)
         else:
@@ -341,7 +281,7 @@ def stream(model: GPT, tokenizer, prompt: str | Sequence[int] = "", cfg: Samplin
     cfg = cfg or SamplingConfig()
     ids = tokenizer.encode(prompt) if isinstance(prompt, str) else prompt
     tokens = stream_ids(model, ids, cfg, eot_id=tokenizer.eot_id, device=device,
-                        use_cache=use_cache, crop_to=crop_to)
+                        use_cache=use_cache, crop_to=crop_to, vocab_size=tokenizer.vocab_size)
     yield from decode_stream(tokenizer, tokens, cfg.stop)
 
 

@@ -6,6 +6,8 @@ import os
 import sys
 from typing import Callable
 
+from .errors import GptcoreError, TrainingInterrupted
+
 EXIT_ERROR = 2
 EXIT_INTERRUPTED = 130
 
@@ -19,12 +21,6 @@ def offline_env() -> None:
 
 def run_stage(main: Callable[[], None]) -> None:
     """Run a stage's ``main``; known failures become one clear line and exit code 2."""
-    from .checkpoint import CheckpointError
-    from .config import ConfigError
-    from .data import DataError
-    from .tokenizer import TokenizerError
-    from .train import TrainingInterrupted
-
     offline_env()
     try:
         main()
@@ -34,7 +30,7 @@ def run_stage(main: Callable[[], None]) -> None:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(EXIT_INTERRUPTED)
-    except (ConfigError, DataError, TokenizerError, CheckpointError, FloatingPointError) as exc:
+    except (GptcoreError, FloatingPointError) as exc:
         # One line: some messages (a YAML parser's) span several with a caret diagram.
         print("error: " + " ".join(str(exc).split()), file=sys.stderr)
         sys.exit(EXIT_ERROR)

@@ -10,20 +10,15 @@ import json
 import shutil
 from pathlib import Path
 
+from .errors import TokenizerError
 from .io import atomic_write_json, sha256_bytes
+from .sources import GPT2_BPE
 
 EOT_TEXT = "<|endoftext|>"
 TOKENIZER_FILE = "tokenizer.json"
 
-# sha256 of GPT-2's BPE files: the same values tiktoken itself checks after downloading them.
-GPT2_FILES = {
-    "vocab.bpe": "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5",
-    "encoder.json": "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783",
-}
-
-
-class TokenizerError(ValueError):
-    """Text that cannot be encoded, or tokenizer files that are missing or corrupt."""
+# The sha256 tiktoken itself checks after downloading GPT-2's BPE files.
+GPT2_FILES = {name: src.sha256 for name, src in GPT2_BPE.items()}
 
 
 class Tokenizer:

@@ -5,12 +5,12 @@ from pathlib import Path
 
 from gptcore.checkpoint import load_checkpoint
 from gptcore.config import load_params
-from gptcore.data import TokenData
+from gptcore.dataset import TokenData
+from gptcore.device import resolve_device
 from gptcore.evaluate import evaluate_tokens
 from gptcore.io import atomic_write_json
 from gptcore.stage import run_stage
 from gptcore.tracking import Tracker, read_run_file
-from gptcore.train import resolve_device
 
 
 def main() -> None:

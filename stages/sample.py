@@ -4,21 +4,19 @@ from pathlib import Path
 
 from gptcore.checkpoint import load_checkpoint
 from gptcore.config import load_params
-from gptcore.generate import SamplingConfig, generate
+from gptcore.device import resolve_device
+from gptcore.generate import generate
 from gptcore.io import atomic_write_text
 from gptcore.stage import run_stage
 from gptcore.tracking import Tracker, read_run_file
-from gptcore.train import resolve_device
 
 
 def main() -> None:
     params = load_params()
-    s = params.sample
+    s = params.sample  # a SamplingConfig with the prompts added
     device = resolve_device(params.train.device)
     model, tokenizer, meta = load_checkpoint(Path(params.train.out_dir) / "best", device=device)
-    cfg = SamplingConfig(max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_k=s.top_k,
-                         top_p=s.top_p, repetition_penalty=s.repetition_penalty, seed=s.seed)
-    completions = [generate(model, tokenizer, prompt, cfg, device=device) for prompt in s.prompts]
+    completions = [generate(model, tokenizer, prompt, s, device=device) for prompt in s.prompts]
     settings = (f"temperature {s.temperature}, top_k {s.top_k}, top_p {s.top_p}, "
                 f"repetition_penalty {s.repetition_penalty}, seed {s.seed}, "
                 f"max_new_tokens {s.max_new_tokens}; model from step {meta.get('step')}")

@@ -1,9 +1,9 @@
-"""Stage: split the text 90/10 by characters and tokenize into data/processed."""
+"""Stage: split the text 90/10 by characters and tokenize into data.processed_dir."""
 
 import json
 
 from gptcore.config import load_params
-from gptcore.data import tokenize_corpus
+from gptcore.corpus import tokenize_corpus
 from gptcore.stage import run_stage
 
 

@@ -1,4 +1,4 @@
-"""Stage: train from scratch (or resume an interrupted run) and publish models/best.
+"""Stage: train from scratch (or resume an interrupted run) and publish <train.out_dir>/best.
 
 Work in progress lives in .gptcore/runs/<fingerprint>/ (git-ignored, not a DVC out),
 so an interrupted `dvc repro` resumes where it stopped while DVC keeps its run-cache
@@ -6,32 +6,37 @@ for this stage. The fingerprint covers the model/train/tokenizer params and the 
 so a changed param never resumes a different run.
 """
 
+from pathlib import Path
+
+from gptcore import distributed, resume
 from gptcore.config import flatten, load_params
-from gptcore.data import TokenData
+from gptcore.dataset import TokenData
 from gptcore.io import copy_dir
+from gptcore.metrics import write_train_outputs
 from gptcore.stage import run_stage
 from gptcore.tracking import Tracker, project_root, write_run_file
-from gptcore.train import Trainer, clear_resume, fingerprint, write_train_outputs
+from gptcore.train import Trainer
 
 
 def main() -> None:
     params = load_params()
     data = TokenData.load(params.data.processed_dir)
-    work = project_root() / ".gptcore" / "runs" / fingerprint(params, data.meta)
+    run = resume.fingerprint(params, data.meta, distributed.from_env().world_size)
+    work = project_root() / ".gptcore" / "runs" / run
     tracker = Tracker()
     trainer = Trainer(params, data, best_dir=work / "best", resume_dir=work / "last",
                       tracker=tracker, run_params=flatten(params.to_dict()))
     result = trainer.train()
     if not trainer.is_main:  # under torchrun, rank 0 alone publishes
         return
-    copy_dir(work / "best", params.train.out_dir + "/best")
+    copy_dir(work / "best", Path(params.train.out_dir) / "best")
     write_train_outputs(result, "metrics")
     write_run_file(tracker.run_id)
     tracker.log_metrics({"final_val_loss": result.final_val_loss, "train_tokens_per_s": result.tokens_per_s,
                          "train_wall_time_s": result.wall_time_s,
                          "train_step_time_s": result.train_time_s}, step=result.steps)
     tracker.end()  # training is done; evaluate and sample still log into the finished run
-    clear_resume(work)
+    resume.clear(work)
     print(f"best val loss {result.best_val_loss:.4f} at step {result.best_step}; "
           f"{result.tokens_per_s:,.0f} tokens/s")
 

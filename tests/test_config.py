@@ -91,25 +91,42 @@ def test_non_mapping_is_refused():
 @pytest.mark.parametrize("data, match", [
     ({"model": {"n_embd": 130}}, r"^model\.n_embd=130 is invalid; allowed: a multiple of n_head=4"),
     ({"model": {"n_embd": "x"}}, r"^model\.n_embd must be an integer, got 'x'"),
-    ({"model": {"n_embdd": 1}}, r"^model: unknown key\(s\) 'n_embdd'; allowed: vocab_size"),
+    ({"model": {"n_embdd": 1}}, r"^model: unknown key\(s\) 'n_embdd' \(did you mean 'n_embd'\?\); allowed: vocab_size"),
     ({"model": 5}, r"^model must be a mapping, got 5"),
     ({"train": {"batch_size": 0}}, r"^train\.batch_size=0 is invalid"),
-    ({"modle": {}}, r"^Params: unknown key\(s\) 'modle'; allowed: data, tokenizer, model"),
+    ({"modle": {}}, r"^Params: unknown key\(s\) 'modle' \(did you mean 'model'\?\); allowed: data, tokenizer, model"),
 ])
 def test_params_errors_name_the_section_path(data, match):
     with pytest.raises(ConfigError, match=match):
         Params.from_dict(data)
 
 
-def test_nested_dicts_of_dataclasses_coerce():
-    """``DataConfig.sources`` is annotated plain ``dict``; it must coerce, not crash."""
-    sha = "0" * 64
-    data = from_dict(DataConfig, {"sources": {"input.txt": {"url": "file:///x", "sha256": sha}}}, "data")
-    assert data.sources["input.txt"].sha256 == sha
-    with pytest.raises(ConfigError, match=r"^data\.sources\.input\.txt\.sha256='zz' is invalid"):
-        from_dict(DataConfig, {"sources": {"input.txt": {"url": "u", "sha256": "zz"}}}, "data")
-    with pytest.raises(ConfigError, match=r"^data\.sources must be a mapping"):
-        from_dict(DataConfig, {"sources": ["input.txt"]}, "data")
+def test_sample_section_is_a_sampling_config_with_prompts():
+    """One definition of the sampling settings: the sample stage's section extends it."""
+    from gptcore.sampling import SamplingConfig
+
+    p = Params.from_dict({"sample": {"stop": ["\n\n", "END"], "top_k": 0}})
+    assert isinstance(p.sample, SamplingConfig)
+    assert p.sample.stop == ("\n\n", "END") and p.sample.top_k == 0 and p.sample.prompts
+    with pytest.raises(ConfigError, match=r"^sample\.stop must be a list, got 'x'"):
+        Params.from_dict({"sample": {"stop": "x"}})
+    with pytest.raises(ConfigError, match=r"^sample\.temperature=-1\.0 is invalid"):
+        Params.from_dict({"sample": {"temperature": -1}})
+
+
+def test_unknown_key_suggests_the_closest_name():
+    with pytest.raises(ConfigError, match=r"^train: unknown key\(s\) 'learning_rat' \(did you mean 'learning_rate'\?\)"):
+        Params.from_dict({"train": {"learning_rat": 1e-3}})
+
+
+@pytest.mark.parametrize("data, match", [
+    ({"data": {"raw_dir": "d", "processed_dir": "d"}}, r"data\.raw_dir='d' and data\.processed_dir='d' overlap"),
+    ({"data": {"processed_dir": "data/raw/p"}}, r"data\.raw_dir='data/raw' and data\.processed_dir='data/raw/p' overlap"),
+    ({"train": {"out_dir": "data"}}, r"and train\.out_dir='data' overlap"),
+])
+def test_colliding_output_directories_are_refused(data, match):
+    with pytest.raises(ConfigError, match=match):
+        Params.from_dict(data)
 
 
 def test_section_named_like_its_fields_is_still_prefixed():

@@ -15,7 +15,11 @@ import pytest
 import torch
 
 from gptcore.config import DataConfig
-from gptcore.data import MIRROR_ENV, BatchSampler, DataError, TokenData, fetch_sources, tokenize_corpus
+from gptcore.corpus import tokenize_corpus
+from gptcore.dataset import BatchSampler, TokenData
+from gptcore.errors import DataError
+from gptcore.fetch import MIRROR_ENV, fetch_sources
+from gptcore.sources import SOURCES, Source
 from gptcore.tokenizer import GPT2_FILES
 
 NAMES = ("input.txt", "vocab.bpe", "encoder.json")
@@ -43,19 +47,18 @@ def _no_env_mirror(monkeypatch):
 # -- mirror ------------------------------------------------------------------------------
 
 def test_default_sources_match_the_mirror(mirror_dir):
-    cfg = DataConfig()
-    assert set(cfg.sources) == set(NAMES)
-    assert cfg.sources["input.txt"].sha256 == INPUT_SHA
+    assert set(SOURCES) == set(NAMES)
+    assert SOURCES["input.txt"].sha256 == INPUT_SHA
     for name in ("vocab.bpe", "encoder.json"):
-        assert cfg.sources[name].sha256 == GPT2_FILES[name]
-    for name, src in cfg.sources.items():
+        assert SOURCES[name].sha256 == GPT2_FILES[name]
+    for name, src in SOURCES.items():
         assert _sha(mirror_dir / name) == src.sha256
 
 
 def test_fetch_from_mirror_verifies_and_writes(tmp_path, mirror_dir):
     dest = tmp_path / "raw"
-    got = fetch_sources(DataConfig(), dest, mirror=mirror_dir)
-    assert got == {n: s.sha256 for n, s in DataConfig().sources.items()}
+    got = fetch_sources(dest, mirror=mirror_dir)
+    assert got == {n: s.sha256 for n, s in SOURCES.items()}
     for n in NAMES:
         assert (dest / n).read_bytes() == (mirror_dir / n).read_bytes()
     assert sorted(p.name for p in dest.iterdir()) == sorted(NAMES)  # no temp files left
@@ -64,7 +67,7 @@ def test_fetch_from_mirror_verifies_and_writes(tmp_path, mirror_dir):
 def test_fetch_uses_env_mirror(tmp_path, mirror_dir, monkeypatch):
     monkeypatch.setenv(MIRROR_ENV, str(mirror_dir))
     dest = tmp_path / "raw"
-    fetch_sources(DataConfig(), dest)
+    fetch_sources(dest)
     assert _sha(dest / "input.txt") == INPUT_SHA
 
 
@@ -74,7 +77,7 @@ def test_tampered_mirror_file_is_rejected_and_nothing_written(tmp_path, mirror_c
     bad = _sha(mirror_copy / "input.txt")
     dest = tmp_path / "raw"
     with pytest.raises(DataError) as info:
-        fetch_sources(DataConfig(), dest, mirror=mirror_copy)
+        fetch_sources(dest, mirror=mirror_copy)
     msg = str(info.value)
     assert "input.txt" in msg and bad in msg and INPUT_SHA in msg and "mismatch" in msg
     assert not (dest / "input.txt").exists()
@@ -84,21 +87,21 @@ def test_tampered_mirror_file_is_rejected_and_nothing_written(tmp_path, mirror_c
 def test_missing_mirror_file_is_a_clear_error(tmp_path, mirror_copy):
     (mirror_copy / "vocab.bpe").unlink()
     with pytest.raises(DataError, match=r"vocab\.bpe: not found in mirror directory .*GPTCORE_MIRROR"):
-        fetch_sources(DataConfig(), tmp_path / "raw", mirror=mirror_copy)
+        fetch_sources(tmp_path / "raw", mirror=mirror_copy)
 
 
 def test_valid_files_are_kept_and_invalid_ones_replaced(tmp_path, mirror_dir, mirror_copy):
     dest = tmp_path / "raw"
-    fetch_sources(DataConfig(), dest, mirror=mirror_dir)
+    fetch_sources(dest, mirror=mirror_dir)
     inodes = {n: (dest / n).stat().st_ino for n in NAMES}
     # An empty mirror: valid files already in dest are kept without consulting it.
     empty = tmp_path / "empty"
     empty.mkdir()
-    fetch_sources(DataConfig(), dest, mirror=empty)
+    fetch_sources(dest, mirror=empty)
     assert {n: (dest / n).stat().st_ino for n in NAMES} == inodes
     # A corrupted file in dest is fetched again (and only that one).
     (dest / "encoder.json").write_bytes(b"{}")
-    fetch_sources(DataConfig(), dest, mirror=mirror_copy)
+    fetch_sources(dest, mirror=mirror_copy)
     assert _sha(dest / "encoder.json") == GPT2_FILES["encoder.json"]
     assert (dest / "input.txt").stat().st_ino == inodes["input.txt"]
 
@@ -159,15 +162,15 @@ def server(mirror_dir):
     s.close()
 
 
-def _http_cfg(url_of, retries: int = 0, names=NAMES) -> DataConfig:
-    sha = {n: s.sha256 for n, s in DataConfig().sources.items()}
-    return DataConfig(retries=retries, timeout_s=10.0,
-                      sources={n: {"url": url_of(n), "sha256": sha[n]} for n in names})
+def _http_fetch(dest: Path, url_of, retries: int = 0, names=NAMES) -> dict:
+    """Fetch ``names`` over HTTP from ``url_of(name)``, with the real checksums."""
+    sources = {n: Source(url_of(n), SOURCES[n].sha256) for n in names}
+    return fetch_sources(dest, sources, retries=retries, timeout_s=10.0)
 
 
 def test_download_over_http_without_mirror(tmp_path, server, mirror_dir):
     dest = tmp_path / "raw"
-    fetch_sources(_http_cfg(server.url), dest)
+    _http_fetch(dest, server.url)
     for n in NAMES:
         assert (dest / n).read_bytes() == (mirror_dir / n).read_bytes()
         assert server.hits[n] == 1
@@ -176,7 +179,7 @@ def test_download_over_http_without_mirror(tmp_path, server, mirror_dir):
 def test_http_500_then_ok_is_retried(tmp_path, server, capfd):
     server.fail["input.txt"] = 1
     dest = tmp_path / "raw"
-    fetch_sources(_http_cfg(server.url, retries=1, names=("input.txt",)), dest)
+    _http_fetch(dest, server.url, retries=1, names=("input.txt",))
     assert server.hits["input.txt"] == 2
     assert _sha(dest / "input.txt") == INPUT_SHA
     assert "retrying" in capfd.readouterr().err
@@ -185,18 +188,18 @@ def test_http_500_then_ok_is_retried(tmp_path, server, capfd):
 def test_truncated_http_body_is_retried_not_reported_as_mismatch(tmp_path, server):
     server.truncate["input.txt"] = 1
     dest = tmp_path / "raw"
-    fetch_sources(_http_cfg(server.url, retries=1, names=("input.txt",)), dest)
+    _http_fetch(dest, server.url, retries=1, names=("input.txt",))
     assert server.hits["input.txt"] == 2
     assert _sha(dest / "input.txt") == INPUT_SHA
 
 
 def test_http_content_with_wrong_hash_is_rejected(tmp_path, server, mirror_dir):
-    sha = DataConfig().sources["vocab.bpe"].sha256
+    sha = SOURCES["vocab.bpe"].sha256
     # input.txt served under the name whose hash is vocab.bpe's.
-    cfg = DataConfig(retries=0, sources={"input.txt": {"url": server.url("input.txt"), "sha256": sha}})
+    sources = {"input.txt": Source(server.url("input.txt"), sha)}
     dest = tmp_path / "raw"
     with pytest.raises(DataError, match=rf"input\.txt: sha256 mismatch for {server.url('input.txt')}"):
-        fetch_sources(cfg, dest)
+        fetch_sources(dest, sources, retries=0)
     assert not (dest / "input.txt").exists()
 
 
@@ -204,9 +207,8 @@ def test_unreachable_url_fails_after_retries_mentioning_mirror(tmp_path):
     with socket.socket() as s:  # a port nothing listens on
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    cfg = _http_cfg(lambda n: f"http://127.0.0.1:{port}/{n}", retries=1, names=("input.txt",))
     with pytest.raises(DataError) as info:
-        fetch_sources(cfg, tmp_path / "raw")
+        _http_fetch(tmp_path / "raw", lambda n: f"http://127.0.0.1:{port}/{n}", retries=1, names=("input.txt",))
     msg = str(info.value)
     assert "input.txt" in msg and "after 2 attempts" in msg and MIRROR_ENV in msg
     assert not (tmp_path / "raw" / "input.txt").exists()
@@ -323,3 +325,14 @@ def test_too_short_split_is_a_data_error():
     with pytest.raises(DataError, match=r"split has 16 tokens, fewer than block_size \+ 1 = 17"):
         BatchSampler(torch.arange(16), block_size=16, batch_size=2, seed=0)
     BatchSampler(torch.arange(17), block_size=16, batch_size=2, seed=0).next()
+
+
+def test_http_404_fails_at_once_without_retrying(tmp_path, server):
+    """A client error cannot get better by waiting: one request, a message with the status."""
+    sources = {"input.txt": Source(server.url("no-such-file.txt"), SOURCES["input.txt"].sha256)}
+    with pytest.raises(DataError) as info:
+        fetch_sources(tmp_path / "raw", sources, retries=3, timeout_s=10.0)
+    msg = str(info.value)
+    assert "HTTP 404" in msg and server.url("no-such-file.txt") in msg and "not retried" in msg
+    assert server.hits["no-such-file.txt"] == 1
+    assert not (tmp_path / "raw" / "input.txt").exists()

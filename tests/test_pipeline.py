@@ -97,6 +97,27 @@ def test_dvc_repro_runs_all_stages(project):
     assert {"samples.md", "samples.json"} <= artifacts
 
 
+def test_dvc_status_follows_the_code_each_stage_runs(project):
+    """dvc.yaml's deps are the code each stage imports: editing the batch sampler
+    invalidates training, editing the decoder only sampling."""
+    root, env = project
+    dvc = str(VENV_BIN / "dvc")
+
+    def stale_after_editing(path: str) -> set[str]:
+        original = (root / path).read_text()
+        (root / path).write_text(original + "\n# edited\n")
+        try:
+            return set(json.loads(_run([dvc, "status", "--json"], root, env).stdout or "{}"))
+        finally:
+            (root / path).write_text(original)
+
+    assert stale_after_editing("gptcore/dataset.py") == {"train", "evaluate"}
+    assert stale_after_editing("gptcore/model/decode.py") == {"sample"}
+    assert stale_after_editing("gptcore/model/hf.py") == set()  # export only: no stage runs it
+    assert stale_after_editing("gptcore/fetch.py") == {"download"}
+    assert json.loads(_run([dvc, "status", "--json"], root, env).stdout or "{}") == {}
+
+
 def test_dvc_exp_run_set_param_makes_second_run(project):
     root, env = project
     _run([str(VENV_BIN / "dvc"), "exp", "run", "--set-param", "train.learning_rate=0.001"], root, env)

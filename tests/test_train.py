@@ -19,9 +19,13 @@ import torch
 
 from gptcore.checkpoint import load_checkpoint, load_trainer_state
 from gptcore.config import DataConfig, Params
-from gptcore.data import TokenData, tokenize_corpus
+from gptcore.corpus import tokenize_corpus
+from gptcore.dataset import TokenData
 from gptcore.tokenizer import CharTokenizer
-from gptcore.train import Trainer, fingerprint, lr_at, make_optimizer, write_train_outputs
+from gptcore.metrics import write_train_outputs
+from gptcore.optim import lr_at, make_optimizer
+from gptcore.resume import fingerprint
+from gptcore.train import Trainer
 
 TINY_MODEL = {"block_size": 16, "n_layer": 2, "n_head": 2, "n_embd": 32, "dropout": 0.0}
 TINY_TRAIN = {"device": "cpu", "dtype": "float32", "batch_size": 4, "max_steps": 20,
@@ -66,7 +70,7 @@ def shakespeare_dir(tmp_path_factory, mirror_dir) -> Path:
 
 def test_lr_warmup_then_cosine_to_min_lr():
     p = make_params(train={"learning_rate": 1e-3, "min_lr": 1e-4, "warmup_steps": 10, "max_steps": 110})
-    lrs = [lr_at(s, p) for s in range(0, 131)]
+    lrs = [lr_at(s, p.train) for s in range(0, 131)]
     assert lrs[0] == pytest.approx(1e-4)  # 1/warmup of the peak: tiny, not zero
     assert all(a < b for a, b in zip(lrs[:10], lrs[1:10]))  # linear warmup
     assert lrs[9] == pytest.approx(1e-3) and lrs[10] == pytest.approx(1e-3)  # the peak
@@ -76,7 +80,7 @@ def test_lr_warmup_then_cosine_to_min_lr():
     assert lrs[110] == pytest.approx(1e-4)  # min_lr at max_steps ...
     assert all(x == pytest.approx(1e-4) for x in lrs[110:])  # ... and beyond
     no_warmup = make_params(train={"warmup_steps": 0, "learning_rate": 1e-3, "min_lr": 1e-3})
-    assert lr_at(0, no_warmup) == pytest.approx(1e-3) == lr_at(19, no_warmup)
+    assert lr_at(0, no_warmup.train) == pytest.approx(1e-3) == lr_at(19, no_warmup.train)
 
 
 def test_optimizer_decays_only_matrices():
@@ -84,7 +88,7 @@ def test_optimizer_decays_only_matrices():
 
     p = make_params(train={"weight_decay": 0.25})
     model = GPT(p.model)
-    opt = make_optimizer(model, p)
+    opt = make_optimizer(model, p.train)
     decay, no_decay = opt.param_groups
     assert decay["weight_decay"] == 0.25 and no_decay["weight_decay"] == 0.0
     assert decay["params"] and all(t.dim() == 2 for t in decay["params"])
@@ -217,6 +221,7 @@ def test_fingerprint_covers_params_and_data():
     assert fp != fingerprint(make_params(train={"learning_rate": 1e-3}), a.meta)
     assert fp != fingerprint(make_params(model={"dropout": 0.1}), a.meta)
     assert fp != fingerprint(p, {**a.meta, "extra": 1})
+    assert fp != fingerprint(p, a.meta, world_size=2)  # each rank draws its own batches
 
 
 # -- bit-exact resume in real processes --------------------------------------------------
@@ -226,7 +231,7 @@ SCRIPT = textwrap.dedent("""
     from pathlib import Path
     from gptcore.checkpoint import save_checkpoint
     from gptcore.config import Params
-    from gptcore.data import TokenData
+    from gptcore.dataset import TokenData
     from gptcore.stage import run_stage
     from gptcore.train import Trainer
 
@@ -342,7 +347,7 @@ def test_resume_after_sigint_is_bit_exact(reference, shakespeare_dir):
     assert "interrupted: SIGINT at step 17" in err and "run again to resume" in err
     assert "Traceback" not in err
     state = load_trainer_state(work / "last")
-    assert state["step"] == 17 and not state["complete"] and len(state["train_log"]) == 17
+    assert state["step"] == 17 and len(state["train_log"]) == 17
     assert not (work / "result.json").exists()
 
     # A changed param is a different run: its trainer does not pick this state up.

@@ -1,0 +1,75 @@
+"""Where a run executes and at what precision: device choice, autocast, CPU allocator.
+
+Kept apart from the training loop so evaluation, sampling and the CLI use the same
+choices without importing the trainer.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import ctypes.util
+import sys
+
+import torch
+
+from .errors import ConfigError
+
+DEVICES = ("auto", "cpu", "cuda", "mps")
+
+
+def _mps_available() -> bool:
+    mps = getattr(torch.backends, "mps", None)
+    return bool(mps is not None and mps.is_available())
+
+
+def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+    """``auto`` picks cuda > mps > cpu; under torchrun each rank takes ``cuda:LOCAL_RANK``."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "mps" if _mps_available() else "cpu"
+    if name == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError("train.device=cuda but no CUDA device is available; use auto or cpu")
+        count = torch.cuda.device_count()
+        if local_rank >= count:
+            raise ConfigError(f"process LOCAL_RANK={local_rank} has no GPU: {count} visible; start at "
+                              f"most {count} processes per node, or set train.device: cpu")
+        return torch.device("cuda", local_rank)
+    if name == "mps" and not _mps_available():
+        raise ConfigError("train.device=mps but Apple's MPS backend is not available; use auto or cpu")
+    return torch.device(name)
+
+
+def autocast(device: torch.device, dtype: str):
+    """Matmuls in ``dtype`` under autocast (weights and optimizer state stay fp32)."""
+    if dtype == "float32":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=getattr(torch, dtype))
+
+
+# glibc's malloc serves every block above its mmap threshold with a fresh mmap and
+# returns it to the kernel on free. A training step allocates and frees large
+# activation and logit buffers every step, so each step would re-fault every page of
+# them from the kernel (page faults and zeroing, on one core). Disabling mmap for
+# allocations and raising the trim threshold keeps that memory in the process heap
+# for reuse. It only affects this process and only glibc; measure with bench/bench_train.py.
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_MAX = -4
+_allocator_tuned = False
+
+
+def keep_freed_memory(threshold_bytes: int = 1 << 30) -> bool:
+    """Tell glibc to keep freed blocks up to ``threshold_bytes`` for reuse. True if applied."""
+    global _allocator_tuned
+    if _allocator_tuned:
+        return True
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        ok = libc.mallopt(_M_MMAP_MAX, ctypes.c_int(0)) == 1
+        ok &= libc.mallopt(_M_TRIM_THRESHOLD, ctypes.c_int(threshold_bytes)) == 1
+    except (OSError, AttributeError):
+        return False
+    _allocator_tuned = ok
+    return ok

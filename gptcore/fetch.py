@@ -1,0 +1,107 @@
+"""Fetch the pipeline's source files, sha256-verified, into a directory.
+
+Files come from their upstream URLs (:mod:`gptcore.sources`) or, when the environment
+variable ``GPTCORE_MIRROR`` names a directory, from byte-exact local copies there (for
+offline machines and CI). Either way every file's sha256 is checked before it is
+written, and it is written atomically, so the destination never holds a partial or
+unverified file.
+
+Transient failures (connection errors, timeouts, 5xx, a truncated body) are retried
+with exponential backoff; a client error (4xx: a wrong URL, no access) cannot get
+better by waiting and fails at once.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Mapping
+
+from .errors import DataError
+from .io import atomic_write_bytes, sha256_bytes, sha256_file
+from .sources import SOURCES, Source
+
+MIRROR_ENV = "GPTCORE_MIRROR"
+
+
+def _download(url: str, timeout_s: float, name: str) -> bytes:
+    from tqdm import tqdm
+
+    req = urllib.request.Request(url, headers={"User-Agent": "gptcore"})
+    with urllib.request.urlopen(req, timeout=timeout_s) as resp:
+        total = int(resp.headers.get("Content-Length") or 0) or None
+        chunks = []
+        with tqdm(total=total, unit="B", unit_scale=True, desc=f"download {name}",
+                  file=sys.stderr, disable=None) as bar:
+            while chunk := resp.read(1 << 16):
+                chunks.append(chunk)
+                bar.update(len(chunk))
+    data = b"".join(chunks)
+    if total is not None and len(data) != total:
+        # http.client returns a short body without raising when the connection drops;
+        # make it a retryable error rather than a misleading sha256 mismatch.
+        raise ConnectionError(f"incomplete download: got {len(data)} of {total} bytes")
+    return data
+
+
+def _fetch_with_retries(url: str, name: str, retries: int, timeout_s: float) -> bytes:
+    delay = 1.0
+    for attempt in range(retries + 1):
+        try:
+            return _download(url, timeout_s, name)
+        except urllib.error.HTTPError as exc:
+            if exc.code < 500:  # HTTPError is a URLError: catch it first, or a 404 is "retried"
+                raise DataError(f"{name}: download from {url} failed: HTTP {exc.code} {exc.reason}; "
+                                "check the URL (not retried: waiting cannot fix a client error)") from None
+            error: Exception = exc
+        except (urllib.error.URLError, TimeoutError, ConnectionError, OSError) as exc:
+            error = exc
+        if attempt == retries:
+            raise DataError(
+                f"{name}: download from {url} failed after {retries + 1} attempts: {error}. "
+                f"Offline? Set {MIRROR_ENV} to a directory holding byte-exact copies.")
+        print(f"download {name}: {error}; retrying in {delay:.0f}s ({attempt + 1}/{retries})",
+              file=sys.stderr)
+        time.sleep(delay)
+        delay *= 2
+    raise AssertionError("unreachable")
+
+
+def fetch_sources(dest: str | Path, sources: Mapping[str, Source] = SOURCES, *,
+                  retries: int = 4, timeout_s: float = 60.0,
+                  mirror: str | Path | None = None) -> dict[str, str]:
+    """Place every source in ``dest`` with its sha256 verified; returns {name: sha256}.
+
+    A file already present with the right hash is kept. ``mirror`` (default: the
+    ``GPTCORE_MIRROR`` environment variable) takes files from a local directory
+    instead of the network.
+    """
+    dest = Path(dest)
+    if mirror is None:
+        mirror = os.environ.get(MIRROR_ENV) or None
+    fetched = {}
+    for name, src in sources.items():
+        target = dest / name
+        if target.is_file() and sha256_file(target) == src.sha256:
+            fetched[name] = src.sha256
+            continue
+        if mirror is not None:
+            origin = Path(mirror) / name
+            if not origin.is_file():
+                raise DataError(f"{name}: not found in mirror directory {mirror} "
+                                f"(set by {MIRROR_ENV}); expected the file {origin}")
+            data = origin.read_bytes()
+        else:
+            origin = src.url
+            data = _fetch_with_retries(src.url, name, retries, timeout_s)
+        actual = sha256_bytes(data)
+        if actual != src.sha256:
+            raise DataError(f"{name}: sha256 mismatch for {origin}: got {actual}, expected {src.sha256}; "
+                            "nothing was written")
+        atomic_write_bytes(target, data)
+        fetched[name] = actual
+    return fetched
