@@ -182,12 +182,14 @@ def stream_ids(model: GPT, prompt_ids: Sequence[int], cfg: SamplingConfig | None
     limit = vocab if vocab_size is None else min(vocab, vocab_size)
     penalize = cfg.repetition_penalty != 1.0
     generator = None if cfg.greedy else _make_generator(cfg.seed, dev)
-    runner = CachedDecoder(model) if use_cache else UncachedDecoder(model)
+    # How many of the largest logits can decide the next token (None: all of them).
+    # The repetition penalty re-ranks logits, so it needs them all.
+    top = None if penalize else 1 if cfg.greedy else cfg.top_k or None
+    runner = (CachedDecoder(model, top=top, vocab_limit=limit) if use_cache
+              else UncachedDecoder(model, vocab_limit=limit))
     start = max(0, len(ids) - block)  # the window is ids[start:]
     logits = runner.prefill(ids[start:])
     for n in range(cfg.max_new_tokens):
-        if limit < vocab:  # padded ids: never candidates
-            logits = logits[..., :limit]
         if cfg.greedy and not penalize:
             token = int(logits.max(-1).indices)
         else:

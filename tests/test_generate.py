@@ -367,3 +367,37 @@ def test_generation_with_the_gpt2_tokenizer(mirror_dir):
     cfg = SamplingConfig(max_new_tokens=12, seed=0, top_k=50)
     out = generate(model, gpt2, "Hello", cfg)
     assert isinstance(out, str) and out and out == generate(model, gpt2, "Hello", cfg)
+
+
+# --------------------------------------------------------------------------- screened LM head
+
+
+@pytest.mark.parametrize("top", [1, 5, 40])
+def test_screened_head_keeps_the_exact_top_k(top):
+    """With a GPT-2-sized vocabulary a step screens the head in bf16 and recomputes the
+    survivors in fp32: the top ``top`` ids and values equal the full fp32 logits', ties
+    included, and every finite logit is the exact one."""
+    model = tiny_model(50257, seed=4)
+    seq = torch.randint(0, 50257, (BLOCK,), generator=torch.Generator().manual_seed(6)).tolist()
+    screened, full = CachedDecoder(model, top=top), CachedDecoder(model)
+    assert screened.top == top and full.top is None
+    pairs = [(screened.prefill(seq[:3]), full.prefill(seq[:3]))]
+    pairs += [(screened.step(t), full.step(t)) for t in seq[3:]]
+    for got, ref in pairs:
+        finite = torch.isfinite(got)
+        assert int(finite.sum()) >= top
+        torch.testing.assert_close(got[finite], ref[finite], atol=1e-5, rtol=0)
+        got_top, ref_top = got.topk(top), ref.topk(top)
+        assert got_top.indices.tolist() == ref_top.indices.tolist()
+        torch.testing.assert_close(got_top.values, ref_top.values, atol=1e-5, rtol=0)
+
+
+def test_sampling_reads_only_ids_the_tokenizer_has():
+    """A model vocabulary padded past the tokenizer's never yields a padded id, screened or not."""
+    model = tiny_model(50257, seed=5)
+    with torch.no_grad():  # make the padded ids the most likely ones
+        model.lm_head.weight[1000:] *= 5
+    for cfg in (GREEDY, SamplingConfig(temperature=1.0, top_k=3, seed=0, stop_at_eot=False),
+                SamplingConfig(temperature=1.0, seed=0, stop_at_eot=False)):
+        ids = generate_ids(model, [1, 2], dataclasses.replace(cfg, max_new_tokens=20), vocab_size=1000)
+        assert len(ids) == 20 and max(ids) < 1000

@@ -1,49 +1,92 @@
 """Fused LM-head + cross-entropy: the training fast path.
 
 With GPT-2's 50,257-token vocabulary the LM head and its softmax dominate a small
-model's step: materialising (tokens, vocab) logits, their log-softmax and its
-backward costs several full passes over a huge tensor. Here the loss is computed
-chunk by chunk, and because the loss is a scalar, the gradient of each chunk's
-logits (softmax - one_hot) is known in the forward pass: it is turned into the
-input and weight gradients at once and the logits are dropped. Peak memory holds
-one chunk of logits; the backward pass only scales the stored gradients.
+model's step: materialising (tokens, vocab) logits, their log-softmax and its backward
+costs several full passes over a huge tensor. Here the loss is computed chunk by chunk
+(``chunk_size`` tokens at a time), and because the loss is a scalar, the gradient of
+each chunk's logits (softmax - one_hot) is known in the forward pass: it is turned into
+the input and weight gradients at once and the logits are dropped. Peak memory holds one
+chunk of logits (chunk_size x vocab), never (tokens x vocab); the backward pass only
+scales the stored gradients.
 
-Matmuls run in the autocast dtype when autocast is on (bf16 on AMX CPUs and GPUs);
-the softmax is always fp32.
+Two precisions:
+
+* fp32, or no gradient (evaluation): logits are converted to fp32 and the loss is
+  ``logsumexp - target logit``, exact for the logits the matmul produced.
+* bf16/fp16 autocast with a gradient (training): the softmax runs as ONE kernel that
+  reads the low-precision logits, computes in fp32 and writes low-precision
+  probabilities, which are exactly what the two gradient matmuls consume. Every other
+  full pass over (chunk x vocab) is gone (no fp32 copy of the logits, no separate
+  logsumexp, exp, subtract, scale and cast), which is most of the step on a CPU. The
+  loss is ``-log p_target`` from those probabilities: rounding p to bf16 moves
+  ``log p`` by at most 2^-8 nats per token, and the errors average out over a batch
+  (the test bounds the difference from the exact loss).
 """
 
 from __future__ import annotations
 
 import torch
 
+# Tokens per chunk: (chunk x vocab) logits stay small enough for the CPU's caches and
+# memory bound (128 x 50,257 bf16 = 13 MB) while the gradient-accumulation matmul
+# (vocab x chunk @ chunk x n_embd) is still efficient. Measured in bench/bench_train.py.
+CHUNK_SIZE = 128
+# Tokens whose logit gradients are kept for one weight-gradient matmul (GROUP x vocab).
+GROUP_SIZE = 256
+
 
 class LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                chunk_size: int, compute_dtype: torch.dtype, need_grad: bool) -> torch.Tensor:
+                chunk_size: int, group_size: int, compute_dtype: torch.dtype,
+                need_grad: bool) -> torch.Tensor:
         # x: (N, C) hidden states, weight: (V, C) LM head, targets: (N,) with -1 = ignore
+        N, V = x.size(0), weight.size(0)
         w = weight.to(compute_dtype)
+        total = torch.zeros((), dtype=torch.float32, device=x.device)
+        any_ignored = bool((targets == -1).any())
+        if not need_grad:  # evaluation: the exact loss is all we want
+            for start in range(0, N, chunk_size):
+                ts = targets[start:start + chunk_size]
+                logits = (x[start:start + chunk_size].to(compute_dtype) @ w.t()).float()
+                nats = torch.logsumexp(logits, dim=-1) - logits.gather(1, ts.clamp(min=0)[:, None]).squeeze(1)
+                total += (nats * (ts != -1)).sum() if any_ignored else nats.sum()
+            ctx.save_for_backward(None, None)
+            return total
+        xc = x.to(compute_dtype)
         grad_x = torch.empty(x.shape, dtype=x.dtype, device=x.device)
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=x.device)
-        total = torch.zeros((), dtype=torch.float32, device=x.device)
-        for start in range(0, x.size(0), chunk_size):
-            xs = x[start:start + chunk_size].to(compute_dtype)
-            ts = targets[start:start + chunk_size]
-            logits = (xs @ w.t()).float()  # (n, V)
-            valid = ts != -1
-            safe_t = ts.clamp(min=0)
-            lse = torch.logsumexp(logits, dim=-1)
-            target_logit = logits.gather(1, safe_t[:, None]).squeeze(1)
-            total += ((lse - target_logit) * valid).sum()
-            if not need_grad:  # evaluation: the loss is all we want
-                continue
-            # d loss / d logits = softmax - one_hot (zero for ignored rows), in place.
-            probs = logits.sub_(lse[:, None]).exp_()
-            probs.scatter_add_(1, safe_t[:, None], -torch.ones_like(lse)[:, None])
-            probs.mul_(valid[:, None])
-            g = probs.to(compute_dtype)
-            grad_x[start:start + chunk_size] = (g @ w).to(x.dtype)
-            grad_w += (g.t() @ xs).float()
+        # d loss / d logits of GROUP tokens are kept, so the weight gradient is one matmul
+        # per group (inner dimension GROUP) instead of one small, memory-bound one per chunk.
+        group = min(N, group_size)
+        g = torch.empty((group, V), dtype=compute_dtype, device=x.device)
+        for g_start in range(0, N, group):
+            g_end = min(N, g_start + group)
+            for start in range(g_start, g_end, chunk_size):
+                end = min(g_end, start + chunk_size)
+                ts, rows = targets[start:end], torch.arange(end - start, device=x.device)
+                safe_t = ts.clamp(min=0)
+                logits = xc[start:end] @ w.t()  # (n, V) in compute_dtype
+                gs = g[start - g_start:end - g_start]
+                if compute_dtype != torch.float32:
+                    torch.softmax(logits, dim=-1, out=gs)  # fp32 inside, compute_dtype out
+                    p_t = gs[rows, safe_t].float()
+                    nats = -torch.log(p_t)
+                else:
+                    lse = torch.logsumexp(logits, dim=-1)
+                    nats = lse - logits[rows, safe_t]
+                    torch.exp(logits.sub_(lse[:, None]), out=gs)
+                    p_t = gs[rows, safe_t]
+                # d loss / d logits = softmax - one_hot (zero for ignored rows)
+                gs[rows, safe_t] = (p_t - 1).to(compute_dtype)
+                if any_ignored:
+                    valid = ts != -1
+                    gs.mul_(valid[:, None].to(compute_dtype))
+                    nats = nats * valid
+                total += nats.sum()
+                grad_x[start:end] = (gs @ w).to(x.dtype)
+            n = g_end - g_start
+            grad_w.add_(g[:n].t() @ xc[g_start:g_end])  # accumulates in fp32, no fp32 temporary
         ctx.save_for_backward(grad_x, grad_w)
         ctx.weight_dtype = weight.dtype
         return total
@@ -51,15 +94,24 @@ class LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
         grad_x, grad_w = ctx.saved_tensors
-        return grad_x * grad_out, (grad_w * grad_out).to(ctx.weight_dtype), None, None, None, None
+        # In place: the graph is used once, and a fresh (vocab x n_embd) copy would raise
+        # the step's peak memory by its size.
+        grad_x.mul_(grad_out)
+        grad_w = grad_w.mul_(grad_out).to(ctx.weight_dtype)
+        return grad_x, grad_w, None, None, None, None, None
 
 
 def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                         chunk_size: int = 4096) -> torch.Tensor:
-    """Summed cross-entropy of ``x @ weight.T`` against ``targets`` (-1 ignored)."""
+                         chunk_size: int = CHUNK_SIZE, group_size: int = GROUP_SIZE) -> torch.Tensor:
+    """Summed cross-entropy of ``x @ weight.T`` against ``targets`` (-1 ignored).
+
+    ``chunk_size`` tokens' logits exist at a time; ``group_size`` tokens' logit gradients
+    (rounded up to whole chunks) are kept for one weight-gradient matmul."""
+    group_size = max(chunk_size, group_size // chunk_size * chunk_size)
     dtype = x.dtype
     if torch.is_autocast_enabled(x.device.type):
         dtype = torch.get_autocast_dtype(x.device.type)
     need_grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
     with torch.autocast(x.device.type, enabled=False):
-        return LinearCrossEntropy.apply(x, weight, targets.reshape(-1), chunk_size, dtype, need_grad)
+        return LinearCrossEntropy.apply(x, weight, targets.reshape(-1), chunk_size, group_size, dtype,
+                                        need_grad)
