@@ -5,6 +5,12 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+TORCH_VERSION ?= 2.13.0
+# Where torch comes from. Empty (default): pip's own configuration. On this project's
+# machines and CI that serves the local CPU wheel. On a stock machine PyPI serves the
+# multi-GB CUDA build, which is what a GPU machine wants; a CPU-only machine should use
+#   make setup TORCH_INDEX=https://download.pytorch.org/whl/cpu
+TORCH_INDEX ?=
 
 # Offline and quiet: no telemetry, no analytics, no update checks.
 export MLFLOW_DISABLE_TELEMETRY := true
@@ -22,8 +28,8 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	# torch first, pinned to the CPU wheel, so nothing can pull a CUDA build.
-	$(BIN)/python -m pip install -q torch==2.13.0
+	# torch first and pinned, so no later requirement can pull another build (see TORCH_INDEX).
+	$(BIN)/python -m pip install -q torch==$(TORCH_VERSION) $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	$(BIN)/python -m pip install -q -c constraints.txt -e '.[test]'
 	touch $(STAMP)
 

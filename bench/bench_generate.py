@@ -1,6 +1,6 @@
 """Decoding speed: gptcore's KV-cached generation vs Hugging Face ``GPT2LMHeadModel.generate``.
 
-    .venv/bin/python bench/bench_generate.py [--threads N] [--repeats 5] [--warmup 2]
+    .venv/bin/python bench/bench_generate.py [--device cpu|cuda] [--threads N] [--repeats 5] [--json]
 
 Both models are the reference architecture, ``GPTConfig()`` (4 layers, 4 heads,
 n_embd 128, block_size 256, vocab 50257), with IDENTICAL random weights: HF builds
@@ -31,15 +31,19 @@ The machine's cores may be shared: compare numbers from the same run only.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import sys
 import time
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 import torch  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from gptcore.config import GPTConfig  # noqa: E402
 from gptcore.generate import SamplingConfig, generate_ids, stream_ids  # noqa: E402
@@ -72,7 +76,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (default: %(default)s)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     args = parser.parse_args(argv)
+    device = torch.device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
 
@@ -83,9 +90,10 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(args.seed)
     hf = GPT2LMHeadModel(GPT2Config(**hf_config_dict(config))).eval()
     hf.generation_config.pad_token_id = EOT
-    ours = from_hf_state_dict(hf.state_dict(), config).eval()
+    ours = from_hf_state_dict(hf.state_dict(), config).eval().to(device)
+    hf = hf.to(device)
 
-    prompt = torch.tensor([[EOT]])
+    prompt = torch.tensor([[EOT]], device=device)
     greedy = SamplingConfig(max_new_tokens=NEW_TOKENS, temperature=0.0, stop_at_eot=False)
 
     def hf_run(ids=prompt, n=NEW_TOKENS):
@@ -112,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # time to first token, 200-token prompt
     gen = torch.Generator().manual_seed(1)
-    long_prompt = torch.randint(0, EOT, (1, TTFT_PROMPT), generator=gen)
+    long_prompt = torch.randint(0, EOT, (1, TTFT_PROMPT), generator=gen).to(device)
     one = SamplingConfig(max_new_tokens=1, temperature=0.0, stop_at_eot=False)
     t, ids = timed({"hf": lambda: hf_run(long_prompt, 1),
                     "ours": lambda: [next(stream_ids(ours, long_prompt[0], one))]}, args.repeats, args.warmup)
@@ -132,6 +140,19 @@ def main(argv: list[str] | None = None) -> int:
         ("gptcore, KV cache, nn.Module steps", t_module, None),
         ("gptcore, no KV cache", t_nocache, None),
     ]
+    if args.json:
+        from machine import describe
+
+        print(json.dumps({
+            "benchmark": "generate", "new_tokens": NEW_TOKENS, "machine": describe(args.device),
+            "greedy_ids_identical": f"{agree} of {limit}",
+            "rows": {name: {"tokens_per_s": NEW_TOKENS / t, "ratio_vs_hf": t_hf / t,
+                            **({"ttft_ms": ttft * 1e3} if ttft is not None else {})}
+                     for name, t, ttft in rows}}, indent=2))
+        return 0
+    from machine import headline, describe
+
+    print(headline(describe(args.device)))
     print(f"torch {torch.__version__}, transformers {transformers.__version__}, "
           f"{torch.get_num_threads()} thread(s), fp32, batch 1, greedy; GPTConfig() = "
           f"{config.n_layer} layers, {config.n_head} heads, n_embd {config.n_embd}, "

@@ -1,79 +1,92 @@
-"""Training throughput: gptcore vs Hugging Face GPT2LMHeadModel, same machine, same run.
+"""Training throughput and memory: gptcore vs Hugging Face GPT2LMHeadModel, same machine, same run.
 
-Both train the reference model (4 layers, 4 heads, d_model 128, context 256, vocab
-50,257) with AdamW on identical random batches; tokens/s is the median over timed
-steps after warm-up. Rows:
+All rows train the reference model (4 layers, 4 heads, d_model 128, context 256, vocab
+50,257) with fused AdamW (the same optimizer settings for every row) on identical random
+batches; tokens/s is the median over timed steps after warm-up. Rows:
   hf fp32            GPT2LMHeadModel, labels= loss (the peer as users run it)
   hf bf16 autocast   the same under torch.autocast(bfloat16)
+  hf compiled        the same, torch.compile'd (GPU only: on CPU compile does not pay)
   gptcore fp32       our model, logits + F.cross_entropy
-  gptcore default    our training path: bf16 autocast + fused LM-head/cross-entropy,
-                     glibc allocator tuned (gptcore.device), as `dvc repro` runs it
+  gptcore default    our training path: bf16 autocast + fused LM-head/cross-entropy and,
+                     on CPU, the glibc allocator tuning (gptcore.device), as `dvc repro` runs it
 
-    python bench/bench_train.py [--batch-size 8] [--steps 6]
+    python bench/bench_train.py [--device cpu|cuda] [--batch-size 8] [--steps 6] [--json]
 
-Each row runs in its own process.
+Each row runs in its own process, so no row inherits another's heap, caches or
+allocator settings; peak memory is that process's peak RSS (CPU) or peak allocated
+GPU memory (CUDA).
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
+import json
+import resource
 import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
 
-import torch
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from gptcore.config import GPTConfig
-from gptcore.model import GPT
-from gptcore.device import keep_freed_memory
+CPU_ROWS = ("hf fp32", "hf bf16 autocast", "gptcore fp32", "gptcore default")
+GPU_ROWS = ("hf fp32", "hf bf16 autocast", "hf compiled", "gptcore fp32", "gptcore default")
 
 
-def time_steps(step, n_warmup: int, n_steps: int) -> float:
+def time_steps(step, n_warmup: int, n_steps: int, sync) -> float:
     for _ in range(n_warmup):
         step()
+    sync()
     times = []
     for _ in range(n_steps):
         t0 = time.perf_counter()
         step()
+        sync()
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
 
 
-ROWS = ("hf fp32", "hf bf16 autocast", "gptcore fp32", "gptcore default")
+def measure(row: str, device: str, batch_size: int, warmup: int, steps: int) -> dict:
+    """One row, in this (fresh) process: tokens/s and peak memory."""
+    import contextlib
 
+    import torch
 
-def measure(row: str, batch_size: int, warmup: int, steps: int) -> float:
-    """Tokens/s of one row; called in a fresh process per row so that no row inherits
-    another's heap, caches or allocator settings."""
-    from transformers import GPT2Config, GPT2LMHeadModel
+    from gptcore.config import GPTConfig
 
+    dev = torch.device(device)
     cfg = GPTConfig()
     B, T = batch_size, cfg.block_size
     g = torch.Generator().manual_seed(0)
-    x = torch.randint(cfg.vocab_size, (B, T), generator=g)
-    y = torch.randint(cfg.vocab_size, (B, T), generator=g)
+    x = torch.randint(cfg.vocab_size, (B, T), generator=g).to(dev)
+    y = torch.randint(cfg.vocab_size, (B, T), generator=g).to(dev)
     torch.manual_seed(0)
-    amp = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if "bf16" in row or "default" in row \
-        else contextlib.nullcontext
+    low = "bf16" in row or "default" in row or "compiled" in row
+    amp = (lambda: torch.autocast(dev.type, dtype=torch.bfloat16)) if low else contextlib.nullcontext
     if row.startswith("hf"):
+        from transformers import GPT2Config, GPT2LMHeadModel
+
         model = GPT2LMHeadModel(GPT2Config(
             n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd, n_positions=T,
-            vocab_size=cfg.vocab_size, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)).train()
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+            vocab_size=cfg.vocab_size, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)).to(dev).train()
+        forward = torch.compile(model) if row == "hf compiled" else model
 
         def loss_fn():
-            return model(input_ids=x, labels=x).loss  # HF shifts labels itself
+            return forward(input_ids=x, labels=x).loss  # HF shifts labels itself
     else:
-        model = GPT(cfg).train()
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+        from gptcore.device import keep_freed_memory
+        from gptcore.model import GPT
+
+        model = GPT(cfg).to(dev).train()
         fused = row == "gptcore default"
-        if fused:
+        if fused and dev.type == "cpu":
             keep_freed_memory()
 
         def loss_fn():
             return model(x, y, return_logits=not fused)[1]
+
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
 
     def step():
         with amp():
@@ -82,31 +95,50 @@ def measure(row: str, batch_size: int, warmup: int, steps: int) -> float:
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    return B * T / time_steps(step, warmup, steps)
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    tokens_per_s = B * T / time_steps(step, warmup, steps, sync)
+    if dev.type == "cuda":
+        return {"tokens_per_s": tokens_per_s, "peak_mem_mb": torch.cuda.max_memory_allocated() / 2**20}
+    return {"tokens_per_s": tokens_per_s, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (default: %(default)s)")
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--row", choices=ROWS, help=argparse.SUPPRESS)  # internal: one row, print tokens/s
+    ap.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    ap.add_argument("--row", help=argparse.SUPPRESS)  # internal: one row, print its JSON
     args = ap.parse_args()
     if args.row:
-        print(measure(args.row, args.batch_size, args.warmup, args.steps))
+        print(json.dumps(measure(args.row, args.device, args.batch_size, args.warmup, args.steps)))
         return
+    from machine import describe, headline
+
+    rows = GPU_ROWS if args.device.startswith("cuda") else CPU_ROWS
     results = {}
-    for row in ROWS:
-        out = subprocess.run([sys.executable, __file__, "--row", row, "--batch-size", str(args.batch_size),
-                              "--steps", str(args.steps), "--warmup", str(args.warmup)],
-                             capture_output=True, text=True, check=True)
-        results[row] = float(out.stdout.strip().splitlines()[-1])
-    base = results["hf fp32"]
-    print(f"train step, batch {args.batch_size} x {GPTConfig().block_size} tokens, "
-          f"{torch.get_num_threads()} threads, torch {torch.__version__}")
-    print(f"{'':20s} {'tokens/s':>10s} {'vs hf fp32':>11s}")
-    for name, tps in results.items():
-        print(f"{name:20s} {tps:10,.0f} {tps / base:10.2f}x")
+    for row in rows:
+        out = subprocess.run([sys.executable, __file__, "--row", row, "--device", args.device,
+                              "--batch-size", str(args.batch_size), "--steps", str(args.steps),
+                              "--warmup", str(args.warmup)], capture_output=True, text=True)
+        if out.returncode != 0:
+            sys.exit(f"row {row!r} failed:\n{out.stderr}")
+        results[row] = json.loads(out.stdout.strip().splitlines()[-1])
+    base = results["hf fp32"]["tokens_per_s"]
+    for r in results.values():
+        r["ratio_vs_hf"] = r["tokens_per_s"] / base
+    info = describe(args.device)
+    if args.json:
+        print(json.dumps({"benchmark": "train_step", "batch_size": args.batch_size,
+                          "block_size": 256, "machine": info, "rows": results}, indent=2))
+        return
+    mem = "peak MB (GPU)" if args.device.startswith("cuda") else "peak RSS MB"
+    print(f"train step, batch {args.batch_size} x 256 tokens; {headline(info)}")
+    print(f"{'':20s} {'tokens/s':>10s} {'vs hf fp32':>11s} {mem:>14s}")
+    for name, r in results.items():
+        peak = r.get("peak_rss_mb", r.get("peak_mem_mb"))
+        print(f"{name:20s} {r['tokens_per_s']:10,.0f} {r['ratio_vs_hf']:10.2f}x {peak:14,.0f}")
 
 
 if __name__ == "__main__":

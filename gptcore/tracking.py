@@ -53,7 +53,7 @@ class Tracker:
         self.run_id: str | None = None
         self._client = None
         self._disabled_reason: str | None = None
-        self._logged_until = -1  # highest step already in the run when reattaching
+        self._logged: dict[str, int] = {}  # per metric: highest step already in the run when reattaching
 
     # -- guarded plumbing -------------------------------------------------------------
     def _warn(self, what: str, exc: BaseException) -> None:
@@ -105,10 +105,11 @@ class Tracker:
                 self.run_id = run.info.run_id
                 client.update_run(self.run_id, status="RUNNING")
                 # A run killed without warning logged steps past its last resume
-                # checkpoint; the resumed run redoes them identically, so skip them.
-                self._logged_until = max((m.step for key in run.data.metrics
-                                          for m in client.get_metric_history(self.run_id, key)),
-                                         default=-1)
+                # checkpoint; the resumed run redoes them identically, so skip them. Per
+                # metric: a kill between logging train_loss and val_loss of one step
+                # must not lose that step's val_loss.
+                self._logged = {key: max((m.step for m in client.get_metric_history(self.run_id, key)),
+                                         default=-1) for key in run.data.metrics}
                 return
             all_tags = {"git_commit": git_commit(self.root) or "unknown",
                         "dvc_exp_name": os.environ.get("DVC_EXP_NAME", ""), **(tags or {})}
@@ -142,10 +143,11 @@ class Tracker:
         from mlflow.entities import Metric
         import time
 
-        if step is not None and step <= self._logged_until:
-            return  # already logged before an interruption (see start)
         ts = int(time.time() * 1000)
-        batch = [Metric(k, float(v), ts, step or 0) for k, v in metrics.items() if v is not None]
+        batch = [Metric(k, float(v), ts, step or 0) for k, v in metrics.items()
+                 if v is not None and (step is None or step > self._logged.get(k, -1))]
+        if not batch:
+            return  # all already logged before an interruption (see start)
         self._call("log metrics", self._client.log_batch, self.run_id, metrics=batch)
 
     def set_tags(self, tags: dict[str, str]) -> None:

@@ -107,8 +107,8 @@ def test_malicious_trainer_state_is_refused_and_never_runs(tmp_path):
         ckpt = tmp_path / f"ckpt{i}"
         save_checkpoint(ckpt, model, tok)
         torch.save({"step": 1, "optimizer": payload}, ckpt / "trainer_state.pt")
-        with pytest.raises(CheckpointError,
-                           match=r"trainer_state.pt: refused to load.*references (io.open|posix.system)"):
+        # Refused, and the payload never ran; the reason's wording is torch's, not ours to pin.
+        with pytest.raises(CheckpointError, match=r"trainer_state.pt: refused to load.*could run code"):
             load_trainer_state(ckpt)
         (ckpt / "trainer_state.pt").write_bytes(pickle.dumps(payload, protocol=2))  # bare pickle
         with pytest.raises(CheckpointError, match="refused to load"):

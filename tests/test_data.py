@@ -336,3 +336,19 @@ def test_http_404_fails_at_once_without_retrying(tmp_path, server):
     assert "HTTP 404" in msg and server.url("no-such-file.txt") in msg and "not retried" in msg
     assert server.hits["no-such-file.txt"] == 1
     assert not (tmp_path / "raw" / "input.txt").exists()
+
+
+@pytest.mark.parametrize("content, match", [
+    ("{not json", r"meta\.json: not valid JSON"),
+    ("[1, 2]", r"meta\.json: expected a JSON object"),
+    ('{"dtype": "uint16"}', r"meta\.json: 'vocab_size' is missing or not a int"),
+    (None, r"meta\.json: dtype 'float64' is not uint16 or uint32"),
+])
+def test_corrupt_meta_json_is_a_data_error(tmp_path, raw_dir, content, match):
+    out = tmp_path / "processed"
+    meta = tokenize_corpus(DataConfig(raw_dir=str(raw_dir), processed_dir=str(out)), "char")
+    text = json.dumps({**meta, "dtype": "float64"}) if content is None else content
+    (out / "meta.json").write_text(text)
+    with pytest.raises(DataError, match=match) as info:
+        TokenData.load(out)
+    assert "re-run the tokenize stage" in str(info.value)

@@ -66,3 +66,70 @@ def test_torchrun_interrupted_run_resumes_bit_exactly(project):
     resumed = load_file(str(root / "models/best/model.safetensors"))
     assert reference.keys() == resumed.keys()
     assert all(torch.equal(reference[k], resumed[k]) for k in reference)
+
+
+PROBE = '''
+import json, sys
+from pathlib import Path
+import torch
+import torch.distributed as dist
+from gptcore.config import Params
+from gptcore.dataset import TokenData
+from gptcore.train import Trainer
+
+out, params = Path(sys.argv[1]), Params.from_dict(json.loads(sys.argv[2]))
+trainer = Trainer(params, TokenData.load("data/processed"), out / "best", out / "last", progress=False)
+batches, grads = [], []
+draw = trainer.sampler.next
+def next_batch():
+    x, y = draw()
+    batches.append((x.clone(), y.clone()))
+    return x, y
+trainer.sampler.next = next_batch
+trainer.optimizer.register_step_pre_hook(
+    lambda opt, args, kwargs: grads.append([p.grad.detach().clone() for p in trainer.model.parameters()]))
+trainer.train()
+every = [None] * dist.get_world_size()
+dist.all_gather_object(every, batches)
+if dist.get_rank() == 0:
+    torch.save({"batches": every, "grads": grads}, out / "probe.pt")
+'''
+
+
+def test_ranks_draw_different_batches_and_gradients_are_averaged(project, tmp_path):
+    """Two ranks at batch b give, at every step, the gradient of one process on both
+    ranks' 2b windows: DDP averages, and each rank draws its own batches."""
+    from gptcore.config import Params
+    from gptcore.model import GPT
+    from gptcore.optim import lr_at, make_optimizer
+    from test_faults import TINY
+
+    root, env = project
+    params = Params.from_dict({**TINY, "train": {**TINY["train"], "max_steps": 3, "eval_interval": 3,
+                                                 "checkpoint_interval": 10, "grad_clip": 0.0}})
+    probe = tmp_path / "probe.py"
+    probe.write_text(PROBE)
+    proc = subprocess.run([str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc-per-node", "2",
+                           str(probe), str(tmp_path), json.dumps(params.to_dict())],
+                          cwd=root, env={**env, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    got = torch.load(tmp_path / "probe.pt", weights_only=True)
+    per_rank, ddp_grads = got["batches"], got["grads"]
+    assert len(per_rank) == 2 and len(per_rank[0]) == len(ddp_grads) == 3
+    for (x0, _), (x1, _) in zip(*per_rank):
+        assert x0.shape == (params.train.batch_size, params.model.block_size)
+        assert not torch.equal(x0, x1)  # each rank draws its own windows
+
+    # One process, the same initial weights, both ranks' windows as one batch of 2b.
+    torch.manual_seed(params.train.seed)
+    model = GPT(params.model)
+    opt = make_optimizer(model, params.train)
+    for step, ((x0, y0), (x1, y1)) in enumerate(zip(*per_rank)):
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, params.train)
+        _, loss = model(torch.cat([x0, x1]), torch.cat([y0, y1]), return_logits=False)
+        loss.backward()
+        for (name, p), g in zip(model.named_parameters(), ddp_grads[step]):
+            torch.testing.assert_close(p.grad, g, rtol=1e-4, atol=1e-6, msg=f"step {step}: {name}")
+        opt.step()
+        opt.zero_grad(set_to_none=True)

@@ -23,7 +23,7 @@ from project_copy import copy_project, signal_after_first_checkpoint
 TINY = {
     "tokenizer": {"kind": "char"},
     "model": {"vocab_size": 128, "n_layer": 1, "n_head": 2, "n_embd": 32, "block_size": 32},
-    "train": {"batch_size": 4, "max_steps": 6, "warmup_steps": 2, "eval_interval": 3,
+    "train": {"device": "cpu", "batch_size": 4, "max_steps": 6, "warmup_steps": 2, "eval_interval": 3,
               "eval_batches": 2, "checkpoint_interval": 3, "log_interval": 1, "patience": 0,
               "threads": 1, "dtype": "float32"},
     "evaluate": {"batch_size": 64},

@@ -172,3 +172,18 @@ def test_export_without_biases_is_refused(tmp_path):
         export_hf(GPT(GPTConfig(n_layer=1, n_embd=16, n_head=2, vocab_size=50, bias=False)),
                   tmp_path / "hf")
     assert not (tmp_path / "hf").exists()
+
+
+def test_exported_end_of_text_id_belongs_to_the_vocabulary(tmp_path):
+    """GPT-2's 50256 only where it exists: a char-level export names its own end-of-text id."""
+    small = GPT(GPTConfig(n_layer=1, n_embd=16, n_head=2, vocab_size=66, block_size=8))
+    cfg = json.loads((export_hf(small, tmp_path / "char") / "config.json").read_text())
+    assert cfg["bos_token_id"] is None and cfg["eos_token_id"] is None
+    cfg = json.loads((export_hf(small, tmp_path / "char-eot", eot_id=65) / "config.json").read_text())
+    assert cfg["bos_token_id"] == cfg["eos_token_id"] == 65
+    with pytest.raises(ValueError, match=r"eot_id=66 is outside the vocabulary \[0, 66\)"):
+        export_hf(small, tmp_path / "bad", eot_id=66)
+    assert not (tmp_path / "bad").exists()
+    big = json.loads((export_hf(GPT(GPTConfig(n_layer=1, n_embd=16, n_head=2)), tmp_path / "bpe")
+                      / "config.json").read_text())
+    assert big["bos_token_id"] == big["eos_token_id"] == 50256

@@ -20,7 +20,7 @@ STAGES = ("download", "tokenize", "train", "evaluate", "sample")
 TINY = {
     "tokenizer": {"kind": "char"},
     "model": {"vocab_size": 128, "n_layer": 1, "n_head": 2, "n_embd": 32, "block_size": 32},
-    "train": {"batch_size": 4, "max_steps": 2, "warmup_steps": 1, "eval_interval": 2,
+    "train": {"device": "cpu", "batch_size": 4, "max_steps": 2, "warmup_steps": 1, "eval_interval": 2,
               "eval_batches": 1, "checkpoint_interval": 2, "threads": 1, "dtype": "float32"},
     "evaluate": {"batch_size": 64},
     "sample": {"max_new_tokens": 4},

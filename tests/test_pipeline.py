@@ -16,7 +16,7 @@ from project_copy import copy_project, write_params
 VENV_BIN = Path(sys.executable).parent
 TINY = {
     "model": {"n_layer": 1, "n_head": 2, "n_embd": 32, "block_size": 32},
-    "train": {"batch_size": 4, "max_steps": 6, "warmup_steps": 2, "eval_interval": 3,
+    "train": {"device": "cpu", "batch_size": 4, "max_steps": 6, "warmup_steps": 2, "eval_interval": 3,
               "eval_batches": 2, "checkpoint_interval": 3, "log_interval": 1, "patience": 0},
     "evaluate": {"batch_size": 64},
     "sample": {"max_new_tokens": 12},

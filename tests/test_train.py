@@ -21,10 +21,11 @@ from gptcore.checkpoint import load_checkpoint, load_trainer_state
 from gptcore.config import DataConfig, Params
 from gptcore.corpus import tokenize_corpus
 from gptcore.dataset import TokenData
-from gptcore.tokenizer import CharTokenizer
+from gptcore.errors import DataError
 from gptcore.metrics import write_train_outputs
 from gptcore.optim import lr_at, make_optimizer
 from gptcore.resume import fingerprint
+from gptcore.tokenizer import CharTokenizer
 from gptcore.train import Trainer
 
 TINY_MODEL = {"block_size": 16, "n_layer": 2, "n_head": 2, "n_embd": 32, "dropout": 0.0}
@@ -383,3 +384,10 @@ def test_resume_after_sigkill_uses_last_periodic_checkpoint(reference, shakespea
     assert "resuming from step 20" in err
     _assert_same_run(_reference_done(ref), work, resumed_from=20)
 
+
+
+def test_val_split_shorter_than_block_size_fails_before_training(tmp_path):
+    data = synthetic("abcdefgh" * 50, "hgfedcba")  # 8 val tokens, block_size 16
+    with pytest.raises(DataError, match=r"val split has 8 tokens, fewer than block_size \+ 1 = 17"):
+        Trainer(make_params(), data, tmp_path / "best", tmp_path / "last", progress=False)
+    assert not (tmp_path / "best").exists()

@@ -70,8 +70,19 @@ def from_hf_state_dict(state_dict: dict[str, torch.Tensor], config: GPTConfig) -
     return model
 
 
-def hf_config_dict(config: GPTConfig) -> dict:
-    """A GPT2Config as JSON, equivalent to ``config``."""
+GPT2_EOT = 50256  # <|endoftext|> in GPT-2's BPE vocabulary
+
+
+def hf_config_dict(config: GPTConfig, eot_id: int | None = None) -> dict:
+    """A GPT2Config as JSON, equivalent to ``config``.
+
+    ``eot_id`` (the end-of-text token, HF's bos/eos): default GPT-2's 50256 when the
+    vocabulary holds it; a smaller (e.g. char-level) vocabulary has none unless given.
+    """
+    if eot_id is None and config.vocab_size > GPT2_EOT:
+        eot_id = GPT2_EOT
+    if eot_id is not None and not 0 <= eot_id < config.vocab_size:
+        raise ValueError(f"eot_id={eot_id} is outside the vocabulary [0, {config.vocab_size})")
     return {
         "architectures": ["GPT2LMHeadModel"],
         "model_type": "gpt2",
@@ -87,8 +98,8 @@ def hf_config_dict(config: GPTConfig) -> dict:
         "attn_pdrop": config.dropout,
         "layer_norm_epsilon": config.layer_norm_eps,
         "initializer_range": 0.02,
-        "bos_token_id": 50256,
-        "eos_token_id": 50256,
+        "bos_token_id": eot_id,
+        "eos_token_id": eot_id,
         "tie_word_embeddings": True,
     }
 
@@ -111,8 +122,10 @@ def config_from_hf(hf: dict) -> GPTConfig:
                      layer_norm_eps=float(hf.get("layer_norm_epsilon", 1e-5)))
 
 
-def export_hf(model: GPT, directory: str | Path) -> Path:
-    """Write ``config.json`` + ``model.safetensors`` that ``GPT2LMHeadModel.from_pretrained`` loads."""
+def export_hf(model: GPT, directory: str | Path, eot_id: int | None = None) -> Path:
+    """Write ``config.json`` + ``model.safetensors`` that ``GPT2LMHeadModel.from_pretrained`` loads.
+
+    ``eot_id``: the tokenizer's end-of-text id (``tokenizer.eot_id``); see :func:`hf_config_dict`."""
     from safetensors.torch import save_file
 
     from ..io import atomic_dir
@@ -120,6 +133,6 @@ def export_hf(model: GPT, directory: str | Path) -> Path:
     if not model.config.bias:
         raise ValueError("GPT-2 layout needs bias=True")
     with atomic_dir(directory) as tmp:
-        (tmp / "config.json").write_text(json.dumps(hf_config_dict(model.config), indent=2))
+        (tmp / "config.json").write_text(json.dumps(hf_config_dict(model.config, eot_id), indent=2))
         save_file(to_hf_state_dict(model), str(tmp / "model.safetensors"), metadata={"format": "pt"})
     return Path(directory)

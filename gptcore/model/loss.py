@@ -66,10 +66,10 @@ class LinearCrossEntropy(torch.autograd.Function):
                 end = min(g_end, start + chunk_size)
                 ts, rows = targets[start:end], torch.arange(end - start, device=x.device)
                 safe_t = ts.clamp(min=0)
-                logits = xc[start:end] @ w.t()  # (n, V) in compute_dtype
                 gs = g[start - g_start:end - g_start]
+                logits = torch.mm(xc[start:end], w.t(), out=gs)  # (n, V), then turned into d/dlogits
                 if compute_dtype != torch.float32:
-                    torch.softmax(logits, dim=-1, out=gs)  # fp32 inside, compute_dtype out
+                    torch.softmax(logits, dim=-1, out=gs)  # in place; fp32 inside, compute_dtype out
                     p_t = gs[rows, safe_t].float()
                     nats = -torch.log(p_t)
                 else:
