@@ -24,6 +24,22 @@ def build_tokenizer(kind: str, raw_dir: str | Path, text: str) -> Tokenizer:
     return CharTokenizer.from_text(text)
 
 
+def read_corpus(path: Path) -> str:
+    """The corpus as text. It must be UTF-8: a wrong encoding is refused (naming the byte)
+    rather than silently replaced. Line ends are kept as they are ("\r\n" included)."""
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise DataError(f"{path}: missing; run the download stage first") from None
+    if not data.strip():
+        raise DataError(f"{path}: the corpus is empty; nothing to train on")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path}: not valid UTF-8 at byte {exc.start} ({exc.reason}, byte "
+                        f"0x{data[exc.start]:02x}); convert the file to UTF-8") from None
+
+
 def split_text(text: str, val_fraction: float) -> tuple[str, str]:
     """Split by characters: the first (1 - val_fraction) for training, the rest for validation."""
     n = int(len(text) * (1 - val_fraction))
@@ -38,12 +54,13 @@ def tokenize_corpus(cfg: DataConfig, tokenizer_kind: str) -> dict:
     """raw text -> ``train.bin``/``val.bin`` (compact ints), ``meta.json`` and the tokenizer."""
     raw, out = Path(cfg.raw_dir), Path(cfg.processed_dir)
     text_path = raw / CORPUS_FILE
-    try:
-        text = text_path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise DataError(f"{text_path}: missing; run the download stage first") from None
+    text = read_corpus(text_path)
     tokenizer = build_tokenizer(tokenizer_kind, raw, text)
     train_text, val_text = split_text(text, cfg.val_fraction)
+    if not train_text or not val_text:
+        raise DataError(f"{text_path}: {len(text)} characters leave an empty "
+                        f"{'train' if not train_text else 'val'} split at data.val_fraction={cfg.val_fraction}; "
+                        "use a longer text")
     dtype = token_dtype(tokenizer.vocab_size)
     out.mkdir(parents=True, exist_ok=True)
     counts = {}

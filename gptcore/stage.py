@@ -34,3 +34,8 @@ def run_stage(main: Callable[[], None]) -> None:
         # One line: some messages (a YAML parser's) span several with a caret diagram.
         print("error: " + " ".join(str(exc).split()), file=sys.stderr)
         sys.exit(EXIT_ERROR)
+    except OSError as exc:  # a full disk, a read-only or vanished directory, ...
+        where = f" ({exc.filename})" if exc.filename else ""
+        print(f"error: {exc.strerror or exc}{where}; outputs already written are intact "
+              "(every write is atomic); fix the cause and run again", file=sys.stderr)
+        sys.exit(EXIT_ERROR)

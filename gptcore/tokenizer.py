@@ -38,6 +38,14 @@ class Tokenizer:
     def save(self, directory: str | Path) -> None:
         raise NotImplementedError
 
+    def same_as(self, other: "Tokenizer") -> bool:
+        """True if both map text to the same ids (same kind and vocabulary)."""
+        return (self.kind, self.vocab_size, getattr(self, "chars", None)) == \
+            (other.kind, other.vocab_size, getattr(other, "chars", None))
+
+    def describe(self) -> str:
+        return f"{self.kind}, {self.vocab_size} ids"
+
 
 def _read_verified(path: Path, expected_sha256: str) -> bytes:
     try:

@@ -248,8 +248,10 @@ class Trainer:
                 self.train_time += dt
                 self.tokens_seen += tokens_per_step
                 if not math.isfinite(loss):
-                    raise FloatingPointError(f"training loss is {loss} at step {self.step}; lower "
-                                             "train.learning_rate or enable train.grad_clip")
+                    kept = (f"the best model so far (step {self.best_step}) is in {self.best_dir}"
+                            if self.best_step >= 0 else "no model was published")
+                    raise FloatingPointError(f"training loss is {loss} at step {self.step}: the run diverged; "
+                                             f"{kept}; lower train.learning_rate or enable train.grad_clip")
                 self._log_step(bar, loss, lr, tokens_per_step / dt)
                 at_end = self.step == cfg.max_steps
                 if self.step % cfg.eval_interval == 0 or at_end:

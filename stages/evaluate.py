@@ -6,6 +6,7 @@ from pathlib import Path
 from gptcore.checkpoint import load_checkpoint
 from gptcore.config import load_params
 from gptcore.dataset import TokenData
+from gptcore.errors import CheckpointError
 from gptcore.device import resolve_device
 from gptcore.evaluate import evaluate_tokens
 from gptcore.io import atomic_write_json
@@ -16,8 +17,13 @@ from gptcore.tracking import Tracker, read_run_file
 def main() -> None:
     params = load_params()
     device = resolve_device(params.train.device)
-    model, _, _ = load_checkpoint(Path(params.train.out_dir) / "best", device=device)
+    checkpoint = Path(params.train.out_dir) / "best"
+    model, tokenizer, _ = load_checkpoint(checkpoint, device=device)
     data = TokenData.load(params.data.processed_dir)
+    if not tokenizer.same_as(data.tokenizer):
+        raise CheckpointError(f"{checkpoint}: trained with another tokenizer ({tokenizer.describe()}) than "
+                              f"{params.data.processed_dir} ({data.tokenizer.describe()}); retrain, or "
+                              "evaluate it on the data it was trained on")
     metrics = evaluate_tokens(model, data.val, data.tokenizer.eot_id, data.meta["val_bytes"],
                               batch_size=params.evaluate.batch_size, dtype=params.evaluate.dtype,
                               device=device)

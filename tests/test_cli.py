@@ -340,3 +340,22 @@ def test_interactive_in_a_terminal_ctrl_c_set_and_ctrl_d(checkpoint):
         assert b"Traceback" not in term.buf
     finally:
         term.close()
+
+
+def test_checkpoint_path_that_is_a_file_is_exit_2(tmp_path, capsys):
+    path = tmp_path / "model.bin"
+    path.write_bytes(b"not a directory")
+    assert main(["generate", "--checkpoint", str(path)]) == 2
+    out, err = capsys.readouterr()
+    assert err.strip() == f"gptcore: error: {path}: no checkpoint directory here" and out == ""
+
+
+def test_empty_prompt_and_zero_new_tokens_with_a_char_tokenizer(checkpoint, capsys):
+    """An empty prompt starts from the end-of-text id (char vocabularies have one too);
+    --max-new-tokens 0 prints just the prompt."""
+    assert main(["generate", "--checkpoint", str(checkpoint), "--prompt", "", "--max-new-tokens", "5",
+                 "--temperature", "0"]) == 0
+    out, err = capsys.readouterr()
+    assert len(out) == 5 + 1 and err == ""  # five characters and the final newline
+    assert main(["generate", "--checkpoint", str(checkpoint), "--prompt", "ab", "--max-new-tokens", "0"]) == 0
+    assert capsys.readouterr().out == "ab\n"

@@ -352,3 +352,29 @@ def test_corrupt_meta_json_is_a_data_error(tmp_path, raw_dir, content, match):
     with pytest.raises(DataError, match=match) as info:
         TokenData.load(out)
     assert "re-run the tokenize stage" in str(info.value)
+
+
+@pytest.mark.parametrize("content, match", [
+    (b"", r"input\.txt: the corpus is empty"),
+    (b"  \n\n", r"input\.txt: the corpus is empty"),
+    (b"caf\xc3\xa9 ok, then \xff here", r"input\.txt: not valid UTF-8 at byte 15 \(invalid start byte, byte 0xff\)"),
+    (b"x", r"input\.txt: 1 characters leave an empty train split"),
+])
+def test_bad_corpus_is_a_clear_error_and_writes_nothing(tmp_path, content, match):
+    raw, out = tmp_path / "raw", tmp_path / "processed"
+    raw.mkdir()
+    (raw / "input.txt").write_bytes(content)
+    with pytest.raises(DataError, match=match):
+        tokenize_corpus(DataConfig(raw_dir=str(raw), processed_dir=str(out)), "char")
+    assert not out.exists()
+
+
+def test_crlf_line_ends_are_kept(tmp_path):
+    raw, out = tmp_path / "raw", tmp_path / "processed"
+    raw.mkdir()
+    text = "first line\r\nsecond line\r\n" * 20
+    (raw / "input.txt").write_bytes(text.encode())
+    tokenize_corpus(DataConfig(raw_dir=str(raw), processed_dir=str(out)), "char")
+    data = TokenData.load(out)
+    assert "\r" in data.tokenizer.chars
+    assert data.tokenizer.decode(data.train.tolist()) + data.tokenizer.decode(data.val.tolist()) == text

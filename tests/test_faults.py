@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -137,6 +138,86 @@ def test_evaluate_without_a_model_is_a_clear_error(project):
         aside.rename(best)
     assert line.startswith("error: models/best") and "no checkpoint" in line, line
     assert not (root / "metrics/eval.json").exists()
+
+
+def test_checkpoint_from_another_tokenizer_is_refused(project):
+    root, env = project
+    spec_path = root / "models/best/tokenizer.json"
+    saved = spec_path.read_text()
+    before = snapshot(root)
+    spec = json.loads(saved)
+    spec["chars"] = spec["chars"][::-1]  # same size, other ids: text would be scored wrongly
+    spec_path.write_text(json.dumps(spec))
+    try:
+        line = error_line(stage("evaluate", root, env))
+    finally:
+        spec_path.write_text(saved)
+    assert line.startswith("error: models/best: trained with another tokenizer (char, 66 ids) than "
+                           "data/processed (char, 66 ids)"), line
+    assert snapshot(root) == before  # metrics/eval.json untouched
+
+
+FULL_DISK = """
+import errno, runpy, sys
+import safetensors.torch as st
+real, calls = st.save_file, []
+def save_file(tensors, filename, metadata=None):
+    calls.append(filename)
+    if len(calls) == int(sys.argv[1]):  # this write finds the disk full
+        raise OSError(errno.ENOSPC, "No space left on device", filename)
+    return real(tensors, filename, metadata=metadata)
+st.save_file = save_file
+runpy.run_module("stages.train", run_name="__main__")
+"""
+
+
+@pytest.mark.parametrize("failing_write", [1, 3], ids=["first-best", "later-checkpoint"])
+def test_full_disk_during_a_checkpoint_fails_cleanly(project, failing_write):
+    root, env = project
+    before = snapshot(root)
+    try:
+        proc = subprocess.run([sys.executable, "-c", FULL_DISK, str(failing_write)], cwd=root, env=env,
+                              capture_output=True, text=True, timeout=180)
+        assert not list(root.glob(".gptcore/runs/*/*.tmp")) and not list(root.glob(".gptcore/runs/*/.*tmp"))
+    finally:
+        shutil.rmtree(root / ".gptcore", ignore_errors=True)  # the next test starts a fresh run
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    line = proc.stderr.strip().splitlines()[-1]  # after the progress lines of the steps that ran
+    assert line.startswith("error: No space left on device (") and "model.safetensors" in line, line
+    assert "outputs already written are intact" in line
+    assert snapshot(root) == before  # the published model and metrics are the previous run's
+
+
+DIVERGE = """
+import runpy, sys
+from gptcore.model.gpt import GPT
+real, calls = GPT.forward, []
+def forward(self, *args, **kwargs):
+    logits, loss = real(self, *args, **kwargs)
+    if self.training:
+        calls.append(1)
+        if len(calls) == int(sys.argv[1]):  # this step's loss overflows
+            loss = loss * float("inf")
+    return logits, loss
+GPT.forward = forward
+runpy.run_module("stages.train", run_name="__main__")
+"""
+
+
+def test_diverging_run_stops_naming_the_step_and_publishes_nothing(project):
+    root, env = project
+    before = snapshot(root)
+    proc = subprocess.run([sys.executable, "-c", DIVERGE, "5"], cwd=root, env=env,
+                          capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    line = proc.stderr.strip().splitlines()[-1]
+    assert line.startswith("error: training loss is inf at step 5: the run diverged; the best model "
+                           "so far (step 3) is in "), line
+    assert "lower train.learning_rate" in line
+    assert snapshot(root) == before  # nothing published: models/ and metrics/ are the last good run's
+    (best,) = root.glob(".gptcore/runs/*/best")
+    assert json.loads((best / "config.json").read_text())["meta"]["step"] == 3
+    shutil.rmtree(root / ".gptcore")  # the next test starts a fresh run
 
 
 def test_evaluate_with_a_truncated_model_is_a_clear_error(project):
