@@ -14,8 +14,11 @@ pickle that would construct objects or call functions. Writes go through
 from __future__ import annotations
 
 import json
+import os
 import pickle
 import re
+import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +26,7 @@ import torch
 
 from .config import GPTConfig
 from .errors import CheckpointError, ConfigError, TokenizerError
-from .io import atomic_dir, recover_dir
+from .io import atomic_dir, current_dir
 from .model import GPT
 from .tokenizer import Tokenizer, load_tokenizer
 
@@ -40,7 +43,9 @@ def save_checkpoint(directory: str | Path, model: GPT, tokenizer: Tokenizer,
 
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()
              if k != "lm_head.weight"}
-    config = {"format": FORMAT, "format_version": FORMAT_VERSION,
+    # save_id: every save is told apart, so a reader can tell that a save replaced the
+    # directory while it was reading (see load_checkpoint).
+    config = {"format": FORMAT, "format_version": FORMAT_VERSION, "save_id": uuid.uuid4().hex,
               "model": model.config.to_dict(), "meta": meta or {}}
     with atomic_dir(directory) as tmp:
         save_file(state, str(tmp / "model.safetensors"), metadata={"format": FORMAT})
@@ -52,7 +57,7 @@ def save_checkpoint(directory: str | Path, model: GPT, tokenizer: Tokenizer,
 
 
 def read_config(directory: str | Path) -> tuple[GPTConfig, dict]:
-    directory = recover_dir(directory)
+    directory = current_dir(directory)
     path = directory / "config.json"
     if not directory.is_dir():
         raise CheckpointError(f"{directory}: no checkpoint directory here")
@@ -79,11 +84,50 @@ def read_config(directory: str | Path) -> tuple[GPTConfig, dict]:
 
 def load_checkpoint(directory: str | Path, device: str | torch.device = "cpu",
                     attn_impl: str | None = None) -> tuple[GPT, Tokenizer, dict]:
-    """Load ``(model, tokenizer, meta)`` from a checkpoint directory, model in eval mode."""
+    """Load ``(model, tokenizer, meta)`` from a checkpoint directory, model in eval mode.
+
+    Safe while a trainer replaces the directory (a new best model): each save is a new
+    directory renamed into place, so a load that saw the directory change under it (or
+    lost a file to the swap) starts again, and never mixes two saves' files."""
+    for attempt in range(_LOAD_ATTEMPTS):
+        before = _identity(directory)
+        try:
+            loaded = _load_checkpoint(Path(directory), device, attn_impl)
+        except CheckpointError:
+            # Retry only if a save moved things meanwhile: a new save in place, or the
+            # directory between a save's two renames (only <dir>.old there right now).
+            mid_save = not Path(directory).exists()
+            if before is None or (_identity(directory) == before and not mid_save) \
+                    or attempt == _LOAD_ATTEMPTS - 1:
+                raise
+        else:
+            if before is not None and _identity(directory) == before:
+                return loaded
+        time.sleep(0.01 * (attempt + 1))  # a save is in progress: let it land
+    raise CheckpointError(f"{directory}: replaced {_LOAD_ATTEMPTS} times while being read; try again")
+
+
+_LOAD_ATTEMPTS = 10
+
+
+def _identity(directory: str | Path):
+    """Which save is there now: its save_id (and the directory's inode, for checkpoints
+    written before save_id existed). Saves only move forward and ids never repeat, so
+    the same identity before and after a load means nothing was replaced meanwhile."""
+    path = current_dir(directory)
+    try:
+        st = os.stat(path)
+        save_id = json.loads((path / "config.json").read_text(encoding="utf-8")).get("save_id")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return save_id, st.st_dev, st.st_ino
+
+
+def _load_checkpoint(directory: Path, device, attn_impl: str | None) -> tuple[GPT, Tokenizer, dict]:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    directory = Path(directory)
+    directory = current_dir(directory)
     config, meta = read_config(directory)
     if attn_impl is not None:
         config = GPTConfig.from_dict({**config.to_dict(), "attn_impl": attn_impl})
@@ -92,7 +136,9 @@ def load_checkpoint(directory: str | Path, device: str | torch.device = "cpu",
         state = load_file(str(weights), device="cpu")
     except FileNotFoundError:
         raise CheckpointError(f"{weights}: missing") from None
-    except (SafetensorError, OSError, ValueError) as exc:
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:  # safetensors: RuntimeError if unopenable
+        if not weights.exists():
+            raise CheckpointError(f"{weights}: missing") from None
         raise CheckpointError(f"{weights}: not a valid safetensors file (truncated or corrupt?): {exc}") from None
     model = GPT(config)
     expected = {k: v.shape for k, v in model.state_dict().items() if k != "lm_head.weight"}
@@ -123,7 +169,7 @@ def load_trainer_state(directory: str | Path) -> dict[str, Any] | None:
     Uses ``weights_only=True``: a pickle that tries to build arbitrary objects or run
     code is refused before anything in it executes.
     """
-    path = recover_dir(directory) / TRAINER_STATE
+    path = current_dir(directory) / TRAINER_STATE
     if not path.exists():
         return None
     try:

@@ -110,6 +110,16 @@ def recover_dir(path: str | Path) -> Path:
     return path
 
 
+def current_dir(path: str | Path) -> Path:
+    """Where the complete copy of ``path`` is now, without changing anything: ``path``, or
+    ``<path>.old`` between the two renames of a save (or after a crash there). Readers use
+    this; only a writer (:func:`atomic_dir`) moves ``.old`` back, so a reader never races
+    a save in progress."""
+    path = Path(path)
+    old = path.with_name(path.name + ".old")
+    return old if not path.exists() and old.exists() else path
+
+
 def sha256_file(path: str | Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import sys
 from typing import Callable
 
@@ -19,16 +20,25 @@ def offline_env() -> None:
         os.environ.setdefault(key, value)
 
 
+def _interrupt(signum, _frame):
+    raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
 def run_stage(main: Callable[[], None]) -> None:
     """Run a stage's ``main``; known failures become one clear line and exit code 2."""
     offline_env()
+    # SIGTERM (a scheduler, `kill`, DVC stopping a queue) ends the stage like Ctrl-C: the
+    # exception unwinds through the atomic writers, which delete their temporary files,
+    # so no partial output is left behind. Training installs its own handlers (resume).
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
         main()
     except TrainingInterrupted as exc:
         print(f"interrupted: {exc}", file=sys.stderr)
         sys.exit(EXIT_INTERRUPTED)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+    except KeyboardInterrupt as exc:
+        print(f"interrupted{': ' + str(exc) if str(exc) else ''}; outputs already written are intact",
+              file=sys.stderr)
         sys.exit(EXIT_INTERRUPTED)
     except (GptcoreError, FloatingPointError) as exc:
         # One line: some messages (a YAML parser's) span several with a caret diagram.

@@ -276,9 +276,53 @@ def test_crash_between_the_two_renames_is_recovered_on_load(tmp_path):
     # renaming the new one into place: only <dir>.old exists.
     os.replace(ckpt, tmp_path / "ckpt.old")
     assert load_trainer_state(ckpt) == {"step": 3}
-    assert ckpt.is_dir() and not (tmp_path / "ckpt.old").exists()
-    os.replace(ckpt, tmp_path / "ckpt.old")
     loaded, _, meta = load_checkpoint(ckpt)
     assert meta == {"n": 1}
     assert torch.equal(loaded.transformer.wte.weight, model.transformer.wte.weight)
     assert read_config(ckpt)[0] == model.config
+    # Readers never move anything (a save may be in progress); the next save recovers.
+    assert not ckpt.exists() and (tmp_path / "ckpt.old").is_dir()
+    save_checkpoint(ckpt, model, tok, meta={"n": 2})
+    assert load_checkpoint(ckpt)[2] == {"n": 2} and not (tmp_path / "ckpt.old").exists()
+
+
+READER = """
+import sys, time
+from gptcore.checkpoint import load_checkpoint
+deadline, loads = time.monotonic() + float(sys.argv[2]), 0
+while time.monotonic() < deadline:
+    model, tok, meta = load_checkpoint(sys.argv[1])
+    assert model.transformer.wte.weight[0, 0].item() == meta["n"], "files of two saves mixed"
+    loads += 1
+print(loads)
+"""
+
+
+def test_readers_never_see_a_half_written_or_mixed_checkpoint(tmp_path):
+    """Two processes load a checkpoint in a loop while this one keeps replacing it (as
+    training does with a new best model): every load is one complete save."""
+    import subprocess
+    import sys
+    import time
+
+    model, tok = char_setup()
+    ckpt = tmp_path / "ckpt"
+
+    def save(n: int) -> None:
+        with torch.no_grad():
+            model.transformer.wte.weight[0, 0] = float(n)  # each save is recognisable
+        save_checkpoint(ckpt, model, tok, meta={"n": n})
+
+    save(0)
+    readers = [subprocess.Popen([sys.executable, "-c", READER, str(ckpt), "8"], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    n = 0
+    while any(r.poll() is None for r in readers):
+        n += 1
+        save(n)
+        time.sleep(0.005)
+    for r in readers:
+        out, err = r.communicate()
+        assert r.returncode == 0, err
+        assert int(out) > 0
+    assert n > 10  # the saves really raced the loads

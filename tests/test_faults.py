@@ -220,6 +220,39 @@ def test_diverging_run_stops_naming_the_step_and_publishes_nothing(project):
     shutil.rmtree(root / ".gptcore")  # the next test starts a fresh run
 
 
+SLOW_WRITE = """
+import runpy, sys, time
+import gptcore.io as gio
+real = gio.os.replace
+def replace(src, dst):  # the temporary file is complete; pause before it takes the name
+    if str(dst).endswith(sys.argv[1]):
+        print("WRITING", flush=True)
+        time.sleep(60)
+    return real(src, dst)
+gio.os.replace = replace
+runpy.run_module(sys.argv[2], run_name="__main__")
+"""
+
+
+@pytest.mark.parametrize("name, output", [("evaluate", "eval.json"), ("sample", "samples.md")])
+def test_sigterm_while_writing_metrics_leaves_no_partial_file(project, name, output):
+    root, env = project
+    before = snapshot(root)
+    proc = subprocess.Popen([sys.executable, "-c", SLOW_WRITE, output, f"stages.{name}"], cwd=root, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "WRITING", proc.stderr.read()
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130 and "Traceback" not in err, err
+    assert err.strip().splitlines()[-1] == "interrupted: SIGTERM; outputs already written are intact"
+    assert snapshot(root) == before
+    assert not [p.name for p in (root / "metrics").iterdir() if p.name.startswith(".")]  # no temp files
+
+
 def test_evaluate_with_a_truncated_model_is_a_clear_error(project):
     root, env = project
     weights = root / "models/best/model.safetensors"
