@@ -21,7 +21,7 @@ export HF_HUB_OFFLINE := 1
 # Stages run `python`: make it the venv's.
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: setup repro test bench clean-venv
+.PHONY: setup repro test bench plots clean-venv
 
 setup: $(STAMP)
 
@@ -35,6 +35,12 @@ $(STAMP): pyproject.toml constraints.txt
 
 repro: setup
 	$(BIN)/dvc repro
+
+# The committed default run's curves beside the reference run (the recipe before Muon),
+# from the metric files alone: docs/loss_curve.png, shown in the README.
+plots: setup
+	$(BIN)/python -m gptcore.plots --run "default (Muon)=metrics" \
+		--run "reference (AdamW)=docs/reference_run" -o docs/loss_curve.png
 
 test: setup
 	$(BIN)/python -m pytest -q

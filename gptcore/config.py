@@ -208,12 +208,15 @@ class TrainConfig:
     batch_size: int = 8
     grad_accum_steps: int = 1
     max_steps: int = 1000
+    optimizer: str = "muon"  # adamw | muon (Muon for the blocks' matrices, AdamW for the rest)
     learning_rate: float = 1.5e-3
     min_lr: float = 1.5e-4
     warmup_steps: int = 50
     weight_decay: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.99
+    muon_lr_scale: float = 3.0  # Muon's rate = this x the scheduled learning_rate (optimizer: muon)
+    muon_momentum: float = 0.95
     grad_clip: float = 1.0  # 0 disables clipping
     eval_interval: int = 100
     eval_batches: int = 10
@@ -236,6 +239,9 @@ class TrainConfig:
         _check(self.grad_clip >= 0, "grad_clip", self.grad_clip, ">= 0 (0 disables clipping)")
         _check_choice("device", self.device, ("auto", "cpu", "cuda", "mps"))
         _check_choice("dtype", self.dtype, ("float32", "bfloat16"))
+        _check_choice("optimizer", self.optimizer, ("adamw", "muon"))
+        _check(self.muon_lr_scale > 0, "muon_lr_scale", self.muon_lr_scale, "> 0")
+        _check(0 <= self.muon_momentum < 1, "muon_momentum", self.muon_momentum, "0 <= muon_momentum < 1")
 
 
 @dataclass(frozen=True)

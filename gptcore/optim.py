@@ -1,4 +1,12 @@
-"""The optimizer and the learning-rate schedule."""
+"""The optimizer and the learning-rate schedule.
+
+``train.optimizer: adamw`` is AdamW on every parameter. ``muon`` is Muon (orthogonalised
+momentum, ``torch.optim.Muon``) for the 2-D matrices inside the transformer blocks and
+AdamW for the rest (embeddings, LayerNorms, biases): Muon is defined for hidden weight
+matrices only, and the embedding is a lookup table, not a linear map whose updates benefit
+from orthogonalisation. Muon's step is scaled to match AdamW's update size
+(``adjust_lr_fn="match_rms_adamw"``), so one ``learning_rate`` and schedule drive both.
+"""
 
 from __future__ import annotations
 
@@ -18,10 +26,62 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     return cfg.min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (cfg.learning_rate - cfg.min_lr)
 
 
-def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
-    """AdamW with weight decay on matrices (incl. embeddings) only, not on biases or norms."""
-    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay},
-              {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2), fused=True)
+def set_lr(optimizer, lr: float) -> None:
+    """Set the scheduled rate on every group (Muon's groups scale it by ``lr_scale``)."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group.get("lr_scale", 1.0)
+
+
+class Chained:
+    """Several optimizers stepped as one: the Trainer, resume and DDP see one object."""
+
+    def __init__(self, **optimizers: torch.optim.Optimizer) -> None:
+        self.optimizers = optimizers
+
+    @property
+    def param_groups(self) -> list[dict]:
+        return [g for opt in self.optimizers.values() for g in opt.param_groups]
+
+    def step(self) -> None:
+        for opt in self.optimizers.values():
+            opt.step()
+
+    def register_step_pre_hook(self, hook):
+        """Called before the chain steps (the first optimizer steps first), as torch's is."""
+        return next(iter(self.optimizers.values())).register_step_pre_hook(hook)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for opt in self.optimizers.values():
+            opt.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self) -> dict:
+        return {name: opt.state_dict() for name, opt in self.optimizers.items()}
+
+    def load_state_dict(self, state: dict) -> None:
+        for name, opt in self.optimizers.items():
+            opt.load_state_dict(state[name])
+
+
+def _adamw(groups: list[dict], cfg: TrainConfig, device_type: str) -> torch.optim.AdamW:
+    # fused AdamW runs on CPU and CUDA; elsewhere (mps on older torch) use the default loop.
+    fused = device_type in ("cpu", "cuda")
+    return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2), fused=fused)
+
+
+def make_optimizer(model: torch.nn.Module, cfg: TrainConfig):
+    """AdamW with weight decay on matrices (incl. embeddings) only, not on biases or norms;
+    or, for ``optimizer: muon``, Muon on the blocks' matrices chained with that AdamW."""
+    device_type = next(model.parameters()).device.type
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    hidden = [p for n, p in named if p.dim() == 2 and ".h." in f".{n}"] if cfg.optimizer == "muon" else []
+    taken = {id(p) for p in hidden}
+    decay = [p for _, p in named if p.dim() >= 2 and id(p) not in taken]
+    no_decay = [p for _, p in named if p.dim() < 2]
+    adamw = _adamw([{"params": decay, "weight_decay": cfg.weight_decay},
+                    {"params": no_decay, "weight_decay": 0.0}], cfg, device_type)
+    if not hidden:
+        return adamw
+    muon = torch.optim.Muon([{"params": hidden, "lr_scale": cfg.muon_lr_scale}],
+                            lr=cfg.learning_rate * cfg.muon_lr_scale, weight_decay=cfg.weight_decay,
+                            momentum=cfg.muon_momentum, adjust_lr_fn="match_rms_adamw")
+    return Chained(adamw=adamw, muon=muon)

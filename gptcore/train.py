@@ -35,7 +35,7 @@ from .dataset import BatchSampler, TokenData
 from .device import autocast, keep_freed_memory
 from .errors import ConfigError, TrainingInterrupted
 from .model import GPT
-from .optim import lr_at, make_optimizer
+from .optim import lr_at, make_optimizer, set_lr
 
 __all__ = ["Trainer", "TrainResult", "TrainingInterrupted"]
 
@@ -199,8 +199,7 @@ class Trainer:
     # -- the loop ---------------------------------------------------------------------
     def _train_step(self, lr: float) -> float:
         """One optimizer step over ``grad_accum_steps`` micro-batches; returns the mean loss."""
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+        set_lr(self.optimizer, lr)
         accum = self.cfg.grad_accum_steps
         total = 0.0
         for micro in range(accum):

@@ -87,7 +87,7 @@ def test_lr_warmup_then_cosine_to_min_lr():
 def test_optimizer_decays_only_matrices():
     from gptcore.model import GPT
 
-    p = make_params(train={"weight_decay": 0.25})
+    p = make_params(train={"weight_decay": 0.25, "optimizer": "adamw"})
     model = GPT(p.model)
     opt = make_optimizer(model, p.train)
     decay, no_decay = opt.param_groups
@@ -103,6 +103,37 @@ def test_optimizer_decays_only_matrices():
     assert not any(n.endswith(".bias") or ".ln_" in n for n in decayed)
     # The tied LM head is the embedding: one tensor, decayed once.
     assert model.lm_head.weight is model.transformer.wte.weight
+
+
+def test_muon_takes_the_blocks_matrices_and_adamw_the_rest():
+    from gptcore.model import GPT
+
+    p = make_params(train={"optimizer": "muon", "weight_decay": 0.25, "muon_lr_scale": 2.0})
+    model = GPT(p.model)
+    opt = make_optimizer(model, p.train)
+    names = {id(t): n for n, t in model.named_parameters()}
+    adam_decay, adam_no_decay, muon = opt.param_groups
+    muon_names = {names[id(t)] for t in muon["params"]}
+    assert muon_names == {n for n, t in model.named_parameters() if t.dim() == 2 and ".h." in n}
+    assert any("attn.c_attn" in n for n in muon_names) and any("mlp.c_proj" in n for n in muon_names)
+    # Embeddings (and the tied head) stay with AdamW, decayed; norms and biases undecayed.
+    assert {names[id(t)] for t in adam_decay["params"]} == {"transformer.wte.weight", "transformer.wpe.weight"}
+    assert all(t.dim() == 1 for t in adam_no_decay["params"])
+    every = [id(t) for g in opt.param_groups for t in g["params"]]
+    assert sorted(every) == sorted(id(t) for t in model.parameters())  # each exactly once
+    from gptcore.optim import set_lr
+    set_lr(opt, 1e-3)
+    assert adam_decay["lr"] == 1e-3 and muon["lr"] == pytest.approx(2e-3)
+
+
+def test_muon_trains(tmp_path):
+    text = "the quick brown fox jumps over the lazy dog. " * 200
+    data = synthetic(text, text[:400])
+    p = make_params(train={"optimizer": "muon", "max_steps": 40, "eval_interval": 40, "learning_rate": 1e-2,
+                           "min_lr": 1e-3}, vocab_size=data.tokenizer.vocab_size)
+    result = Trainer(p, data, tmp_path / "best", tmp_path / "last", progress=False).train()
+    first, last = result.train_log[0][1], result.train_log[-1][1]
+    assert last < first / 2, (first, last)
 
 
 # -- the loop ----------------------------------------------------------------------------
@@ -141,7 +172,10 @@ def _record_grads(trainer: Trainer) -> list:
 
 def test_grad_accumulation_matches_one_big_batch(tmp_path):
     data = synthetic("to be or not to be, that is the question. " * 50, "whether tis nobler " * 10)
-    common = {"max_steps": 3, "grad_clip": 0.0, "eval_interval": 100, "checkpoint_interval": 100}
+    # AdamW: Muon orthogonalises in bf16, which turns float-rounding differences between the
+    # two gradients into ~1e-3 weight differences and would blur the weight comparison below.
+    common = {"max_steps": 3, "grad_clip": 0.0, "eval_interval": 100, "checkpoint_interval": 100,
+              "optimizer": "adamw"}
     big = Trainer(make_params(train={**common, "batch_size": 8, "grad_accum_steps": 1}), data,
                   tmp_path / "a/best", tmp_path / "a/last", progress=False)
     acc = Trainer(make_params(train={**common, "batch_size": 4, "grad_accum_steps": 2}), data,
@@ -386,6 +420,28 @@ def test_resume_after_sigkill_uses_last_periodic_checkpoint(reference, shakespea
     assert "resuming from step 20" in err
     _assert_same_run(_reference_done(ref), work, resumed_from=20)
 
+
+
+MUON_PARAMS = make_params(model={"dropout": 0.2},
+                          train={**asdict(RESUME_PARAMS.train), "optimizer": "muon"}, vocab_size=66)
+
+
+def test_muon_resume_after_sigint_is_bit_exact(tmp_path, shakespeare_dir):
+    """Muon's momentum buffers travel in the resume checkpoint beside AdamW's moments."""
+    script = tmp_path / "train_script.py"
+    script.write_text(SCRIPT)
+    ref = Run(script, shakespeare_dir, tmp_path / "reference", params=MUON_PARAMS)
+    run = Run(script, shakespeare_dir, tmp_path / "sigint", params=MUON_PARAMS, block_at=13)
+    run.wait_until("AT 13")
+    run.proc.send_signal(signal.SIGINT)
+    rc, err = run.finish()
+    assert rc == 130, err
+    assert set(load_trainer_state(tmp_path / "sigint/last")["optimizer"]) == {"adamw", "muon"}
+    rerun = Run(script, shakespeare_dir, tmp_path / "sigint", params=MUON_PARAMS)
+    rc, err = rerun.finish()
+    assert rc == 0, err
+    assert "resuming from step 13" in err
+    _assert_same_run(_reference_done(ref), tmp_path / "sigint", resumed_from=13)
 
 
 def test_val_split_shorter_than_block_size_fails_before_training(tmp_path):

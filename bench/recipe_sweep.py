@@ -1,0 +1,147 @@
+"""Recipe sweep: train named param variants over several seeds, each in its own process,
+and report the whole-split val loss (as the evaluate stage measures it) as mean ± spread.
+
+    python bench/recipe_sweep.py bench/recipes.yaml [--only NAME ...] [--seeds 1337 1338 1339]
+                                 [--jobs 1] [--device auto] [--out sweep.jsonl]
+
+The recipes file maps a name to dotted overrides of params.yaml, like
+``dvc exp run --set-param``::
+
+    default: {}
+    steps2000: {train.max_steps: 2000}
+
+This is for screening many variants quickly (several runs share a GPU with ``--jobs``);
+a recipe that becomes the default is confirmed with the pipeline itself, e.g.
+``dvc exp run --set-param train.seed=1338``, on the CPU where ``make repro`` runs.
+Needs data/processed (``dvc repro tokenize``). Each finished run is appended to
+``--out`` as one JSON line, so an interrupted sweep keeps what it measured; runs already
+in ``--out`` are not repeated.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def with_overrides(overrides: dict, seed: int, device: str):
+    from gptcore.config import Params, load_params
+
+    d = load_params(ROOT / "params.yaml").to_dict()
+    for dotted, value in {**overrides, "train.seed": seed, "train.device": device}.items():
+        section, key = dotted.split(".", 1)
+        if section not in d or key not in d[section]:
+            raise SystemExit(f"unknown param {dotted!r}")
+        d[section][key] = value
+    return Params.from_dict(d)
+
+
+def run_one(name: str, overrides: dict, seed: int, device: str) -> dict:
+    """Train, then evaluate the best checkpoint on the whole val split (like the stages)."""
+    from gptcore.checkpoint import load_checkpoint
+    from gptcore.dataset import TokenData
+    from gptcore.device import resolve_device
+    from gptcore.evaluate import evaluate_tokens
+    from gptcore.train import Trainer
+
+    params = with_overrides(overrides, seed, device)
+    data = TokenData.load(ROOT / params.data.processed_dir)
+    t0 = time.monotonic()
+    with tempfile.TemporaryDirectory() as d:
+        r = Trainer(params, data, Path(d) / "best", Path(d) / "last", progress=False).train()
+        dev = resolve_device(params.train.device)
+        model, _, _ = load_checkpoint(Path(d) / "best", device=dev)
+        ev = evaluate_tokens(model, data.val, data.tokenizer.eot_id, data.meta["val_bytes"],
+                             batch_size=params.evaluate.batch_size, dtype=params.evaluate.dtype,
+                             device=dev, progress=False)
+    tail = [row[1] for row in r.train_log[-50:]]
+    return {"name": name, "overrides": overrides, "seed": seed, "val_loss": ev["val_loss"],
+            "bits_per_byte": ev["bits_per_byte"], "best_step": r.best_step, "steps": r.steps,
+            "stopped_early": r.stopped_early, "train_loss_last50": statistics.mean(tail),
+            "tokens": r.tokens_seen, "tokens_per_s": r.tokens_per_s,
+            "wall_s": time.monotonic() - t0, "device": str(dev)}
+
+
+def summarize(rows: list[dict], order: list[str]) -> str:
+    lines = ["| recipe | overrides | seeds | val loss mean | spread (max-min) | bits/byte | "
+             "train loss | best step | tokens |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for name in order:
+        rs = [r for r in rows if r["name"] == name and "val_loss" in r]
+        if not rs:
+            continue
+        v = [r["val_loss"] for r in rs]
+        over = ", ".join(f"{k}={val}" for k, val in rs[0]["overrides"].items()) or "(params.yaml)"
+        lines.append(
+            f"| {name} | {over} | {len(rs)} | {statistics.mean(v):.3f} | {max(v) - min(v):.3f} | "
+            f"{statistics.mean(r['bits_per_byte'] for r in rs):.3f} | "
+            f"{statistics.mean(r['train_loss_last50'] for r in rs):.3f} | "
+            f"{'/'.join(str(r['best_step']) for r in rs)} | {rs[0]['tokens']:,} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("recipes", type=Path)
+    ap.add_argument("--only", nargs="+")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[1337, 1338, 1339])
+    ap.add_argument("--jobs", type=int, default=1)
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads per run (0: torch's default)")
+    ap.add_argument("--out", type=Path, default=Path("sweep.jsonl"))
+    ap.add_argument("--one", help=argparse.SUPPRESS)  # internal: one run, JSON in, JSON out
+    args = ap.parse_args()
+    if args.one:
+        job = json.loads(args.one)
+        if args.threads:
+            import torch
+            torch.set_num_threads(args.threads)
+        print(json.dumps(run_one(job["name"], job["overrides"], job["seed"], args.device)))
+        return
+
+    import yaml
+    recipes = yaml.safe_load(args.recipes.read_text())
+    names = args.only or list(recipes)
+    unknown = [n for n in names if n not in recipes]
+    if unknown:
+        raise SystemExit(f"unknown recipe(s) {unknown}; the file has {list(recipes)}")
+    for name in names:  # fail on a bad override before any training
+        with_overrides(recipes[name] or {}, args.seeds[0], args.device)
+    done = [json.loads(line) for line in args.out.read_text().splitlines()] if args.out.exists() else []
+    have = {(r["name"], r["seed"]) for r in done if "val_loss" in r}
+    jobs = [{"name": n, "overrides": recipes[n] or {}, "seed": s}
+            for n in names for s in args.seeds if (n, s) not in have]
+    print(f"{len(jobs)} runs ({len(have)} already in {args.out}), {args.jobs} at a time", file=sys.stderr)
+
+    def launch(job: dict) -> dict:
+        cmd = [sys.executable, __file__, str(args.recipes), "--one", json.dumps(job),
+               "--device", args.device, "--threads", str(args.threads)]
+        p = subprocess.run(cmd, capture_output=True, text=True)
+        if p.returncode != 0:
+            return {**job, "error": p.stderr.strip().splitlines()[-1:] or [f"exit {p.returncode}"]}
+        return json.loads(p.stdout.strip().splitlines()[-1])
+
+    with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool, args.out.open("a") as out:
+        for future in concurrent.futures.as_completed([pool.submit(launch, j) for j in jobs]):
+            row = future.result()
+            out.write(json.dumps(row) + "\n")
+            out.flush()
+            done.append(row)
+            shown = (f"val {row['val_loss']:.4f} (best step {row['best_step']}, {row['wall_s']:.0f} s)"
+                     if "val_loss" in row else f"FAILED: {row['error']}")
+            print(f"{row['name']} seed {row['seed']}: {shown}", file=sys.stderr, flush=True)
+    print(summarize(done, names))
+
+
+if __name__ == "__main__":
+    main()
