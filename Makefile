@@ -21,7 +21,7 @@ export HF_HUB_OFFLINE := 1
 # Stages run `python`: make it the venv's.
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: setup repro test bench plots clean-venv
+.PHONY: setup repro test bench plots exps clean-venv
 
 setup: $(STAMP)
 
@@ -35,6 +35,12 @@ $(STAMP): pyproject.toml constraints.txt
 
 repro: setup
 	$(BIN)/dvc repro
+
+# Experiments side by side: the params and quality metrics that differ between them, as a
+# Markdown table (no timing, dependency-hash or output-hash columns).
+exps: setup
+	$(BIN)/dvc exp show --no-pager --only-changed --md \
+		--drop '.*_time_s|.*tokens_per_s|resumed_from_step|stopped_early|val_tokens|val_bytes|models|.*mlflow_run.*|(gptcore|stages|data)/.*'
 
 # The committed default run's curves beside the reference run (the recipe before Muon),
 # from the metric files alone: docs/loss_curve.png, shown in the README.

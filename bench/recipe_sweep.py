@@ -13,7 +13,8 @@ The recipes file maps a name to dotted overrides of params.yaml, like
 This is for screening many variants quickly (several runs share a GPU with ``--jobs``);
 a recipe that becomes the default is confirmed with the pipeline itself, e.g.
 ``dvc exp run --set-param train.seed=1338``, on the CPU where ``make repro`` runs.
-Needs data/processed (``dvc repro tokenize``). Each finished run is appended to
+Needs data/raw (``dvc repro download``); a recipe whose ``data.processed_dir`` does not
+exist yet (e.g. a char-level variant) is tokenized into it first. Each finished run is appended to
 ``--out`` as one JSON line, so an interrupted sweep keeps what it measured; runs already
 in ``--out`` are not repeated.
 """
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import dataclasses
 import json
 import statistics
 import subprocess
@@ -115,8 +117,15 @@ def main() -> None:
     unknown = [n for n in names if n not in recipes]
     if unknown:
         raise SystemExit(f"unknown recipe(s) {unknown}; the file has {list(recipes)}")
-    for name in names:  # fail on a bad override before any training
-        with_overrides(recipes[name] or {}, args.seeds[0], args.device)
+    for name in names:  # fail on a bad override before any training...
+        params = with_overrides(recipes[name] or {}, args.seeds[0], args.device)
+        processed = ROOT / params.data.processed_dir
+        if not (processed / "meta.json").exists():  # ...and tokenize a variant's data once
+            from gptcore.corpus import tokenize_corpus
+            print(f"{name}: tokenizing {params.data.raw_dir} -> {processed} ({params.tokenizer.kind})",
+                  file=sys.stderr)
+            tokenize_corpus(dataclasses.replace(params.data, processed_dir=str(processed),
+                                                raw_dir=str(ROOT / params.data.raw_dir)), params.tokenizer.kind)
     done = [json.loads(line) for line in args.out.read_text().splitlines()] if args.out.exists() else []
     have = {(r["name"], r["seed"]) for r in done if "val_loss" in r}
     jobs = [{"name": n, "overrides": recipes[n] or {}, "seed": s}

@@ -2,6 +2,7 @@
 
     gptcore generate --checkpoint models/best --prompt "ROMEO:" --temperature 0.8
     gptcore generate --interactive            # a prompt loop; /help lists its commands
+    gptcore generate --run <mlflow run id>    # the model an MLflow run logged
 
 One-shot mode prints the prompt, then the completion as it is generated (flushed piece
 by piece), then a newline; ``--num-samples N`` repeats that under "--- sample i ---"
@@ -46,7 +47,10 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     g = sub.add_parser("generate", help="stream text from a checkpoint",
                        description="Stream a completion to stdout as it is generated.")
-    g.add_argument("--checkpoint", default="models/best", help="checkpoint directory (default: %(default)s)")
+    src = g.add_mutually_exclusive_group()
+    src.add_argument("--checkpoint", default="models/best", help="checkpoint directory (default: %(default)s)")
+    src.add_argument("--run", metavar="RUN_ID",
+                     help="the model logged with this MLflow run (store: MLFLOW_TRACKING_URI or ./mlflow.db)")
     g.add_argument("--prompt", default="", help="text to continue (default: empty: start from end-of-text)")
     g.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens, metavar="N",
                    help="tokens to generate (default: %(default)s)")
@@ -191,7 +195,15 @@ def _run(args: argparse.Namespace) -> int:
         torch.empty(0, device=device)  # fails now, clearly, if the device is unavailable
     except (RuntimeError, AssertionError) as exc:
         raise _UsageError(f"--device {args.device}: {str(exc).splitlines()[0]}") from None
-    model, tokenizer, _ = load_checkpoint(args.checkpoint, device=device)
+    if args.run:
+        import tempfile
+
+        from .tracking import download_run_model
+        with tempfile.TemporaryDirectory(prefix="gptcore-run-") as tmp:
+            # Copied out of the store, then read by the same safe loader as any checkpoint.
+            model, tokenizer, _ = load_checkpoint(download_run_model(args.run, tmp), device=device)
+    else:
+        model, tokenizer, _ = load_checkpoint(args.checkpoint, device=device)
     if args.interactive:
         return _repl(model, tokenizer, cfg)
     ids = _encode(model, tokenizer, args.prompt)

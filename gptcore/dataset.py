@@ -43,6 +43,24 @@ class TokenData:
     val: torch.Tensor
     meta: dict
     tokenizer: Tokenizer
+    directory: str = ""  # where it was loaded from ("" when built in memory)
+
+    def describe(self) -> list[dict]:
+        """Each split as a dataset entry for tracking: name, digest (sha256 of the token
+        file's bytes, first 16 hex digits), source, context and token counts."""
+        import hashlib
+
+        dtype = np.dtype(self.meta.get("dtype", "int64"))
+        out = []
+        for split, context in (("train", "training"), ("val", "validation")):
+            tokens = getattr(self, split)
+            digest = hashlib.sha256(tokens.numpy().astype(dtype).tobytes()).hexdigest()[:16]
+            source = str(Path(self.directory, f"{split}.bin").resolve()) if self.directory else "memory"
+            profile = {"tokens": int(tokens.numel()), "tokenizer": self.tokenizer.describe(),
+                       "corpus_sha256": self.meta.get("source_sha256", "")}
+            out.append({"name": f"{split} split ({self.tokenizer.describe()})", "digest": digest,
+                        "source": source, "context": context, "profile": profile})
+        return out
 
     @classmethod
     def load(cls, processed_dir: str | Path) -> "TokenData":
@@ -61,7 +79,7 @@ class TokenData:
                 raise DataError(f"{d / (split + '.bin')}: token id {int(arr.max())} is outside the "
                                 f"vocabulary [0, {meta['vocab_size']}); corrupt file, re-run the tokenize stage")
             splits[split] = torch.from_numpy(arr.astype(np.int64))
-        return cls(splits["train"], splits["val"], meta, load_tokenizer(d))
+        return cls(splits["train"], splits["val"], meta, load_tokenizer(d), str(d))
 
 
 class BatchSampler:

@@ -4,8 +4,8 @@
 
 Each ``--run`` names a directory holding a run's ``train_log.csv`` and ``val_log.csv``
 (``metrics/`` after ``dvc repro``, or a copy of it); several runs are overlaid. The
-left panel is the loss (training loss smoothed over 50 steps, and the validation
-estimates), the right one the learning rate. ``make plots`` draws the committed
+left panel is the loss (training loss smoothed over 50 steps, and the periodic
+validation estimates on ``train.eval_batches`` batches), the right one the learning rate. ``make plots`` draws the committed
 default run beside the reference run in ``docs/reference_run``.
 """
 
@@ -64,13 +64,13 @@ def plot_runs(runs: list[tuple[str, str | Path]], out: str | Path, smooth: int =
         ax_loss.plot(steps, _smooth([r[1] for r in c["train"]], smooth), color=color, alpha=0.6, lw=1,
                      label=f"{label}: train (mean of {smooth} steps)")
         ax_loss.plot([r[0] for r in c["val"]], [r[1] for r in c["val"]], color=color, marker="o", ms=3,
-                     lw=1.8, label=f"{label}: val (best {min(r[1] for r in c['val']):.3f})")
+                     lw=1.8, label=f"{label}: val estimate (best {min(r[1] for r in c['val']):.3f})")
         ax_lr.plot(steps, [r[2] for r in c["train"]], color=color, label=label)
     low = min(min(r[1] for r in c["val"]) for _, c in curves)
     ax_loss.set(xlabel="step", ylabel="loss (nats/token)", title="loss", ylim=(min(low, 3.0) - 0.2, 7.5))
     ax_loss.grid(alpha=0.3)
     ax_loss.legend(fontsize=8)
-    ax_lr.set(xlabel="step", ylabel="learning rate (AdamW groups)", title="learning rate")
+    ax_lr.set(xlabel="step", ylabel="scheduled rate (Muon: x muon_lr_scale)", title="learning rate")
     ax_lr.ticklabel_format(axis="y", style="sci", scilimits=(0, 0))
     ax_lr.grid(alpha=0.3)
     ax_lr.legend(fontsize=8)

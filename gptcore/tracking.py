@@ -8,6 +8,12 @@ otherwise. ``MLFLOW_TRACKING_URI`` overrides everything (a team's tracking serve
 One MLflow run per pipeline execution: the train stage creates it and records its id
 in ``metrics/mlflow_run.json``; evaluate and sample log into the same run. Every call
 is guarded: if MLflow is unavailable the stage warns once and carries on.
+
+What a run carries, so that a person in ``mlflow ui`` can trace it: a readable name (the
+DVC experiment's name, or the git commit plus the params that differ from it), tags
+linking it to git and DVC, the token splits as dataset inputs (with their digests), and
+the best checkpoint as a logged model (``gptcore generate --run <run id>`` loads it).
+The experiment is marked as classic model training, so MLflow 3 opens its runs view.
 """
 
 from __future__ import annotations
@@ -22,6 +28,10 @@ from typing import Any
 
 EXPERIMENT = "gptcore"
 RUN_FILE = "metrics/mlflow_run.json"
+# MLflow 3 shows an untyped experiment in its GenAI layout (traces, judges); this tag
+# selects the model-training layout (runs, metrics, charts).
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+MODEL_ID_TAG = "gptcore.model_id"
 
 
 def project_root() -> Path:
@@ -36,13 +46,38 @@ def _configure_env() -> None:
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
 
 
-def git_commit(root: Path) -> str | None:
+def _git(root: Path, *args: str) -> str | None:
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True,
-                             text=True, timeout=10)
+        out = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=10)
     except (OSError, subprocess.TimeoutExpired):
         return None
-    return out.stdout.strip() or None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+def git_commit(root: Path) -> str | None:
+    return _git(root, "rev-parse", "HEAD")
+
+
+def readable_run_name(root: Path, params: dict[str, Any]) -> str | None:
+    """``<short commit>`` plus each flattened param that differs from the committed
+    params.yaml, e.g. ``8a63cad train.seed=1338``; None outside git."""
+    short = _git(root, "rev-parse", "--short", "HEAD")
+    if short is None:
+        return None
+    committed = _git(root, "show", "HEAD:params.yaml")
+    changed = []
+    if committed is not None:
+        import yaml
+
+        from .config import flatten
+        try:
+            before = flatten(yaml.safe_load(committed) or {})
+        except yaml.YAMLError:
+            before = {}
+        same = lambda a, b: json.dumps(a, default=str) == json.dumps(b, default=str)  # noqa: E731 - (1,) == [1]
+        changed = [f"{k}={v}" for k, v in params.items() if k in before and not same(before[k], v)]
+    name = " ".join([short, *changed])
+    return name if len(name) <= 120 else name[:119] + "…"
 
 
 class Tracker:
@@ -88,9 +123,12 @@ class Tracker:
         exp = client.get_experiment_by_name(EXPERIMENT)
         if exp is None:
             artifacts = (self.root / "mlartifacts").as_uri() if uri.startswith("sqlite") else None
-            exp_id = client.create_experiment(EXPERIMENT, artifact_location=artifacts)
+            exp_id = client.create_experiment(EXPERIMENT, artifact_location=artifacts, tags=EXPERIMENT_KIND)
         else:
             exp_id = exp.experiment_id
+            for key, value in EXPERIMENT_KIND.items():  # stores made before the tag existed
+                if exp.tags.get(key) != value:
+                    client.set_experiment_tag(exp_id, key, value)
         return client, exp_id
 
     # -- run lifecycle ----------------------------------------------------------------
@@ -113,8 +151,9 @@ class Tracker:
                 return
             all_tags = {"git_commit": git_commit(self.root) or "unknown",
                         "dvc_exp_name": os.environ.get("DVC_EXP_NAME", ""), **(tags or {})}
+            name = os.environ.get("DVC_EXP_NAME") or readable_run_name(self.root, params)
             run = client.create_run(exp_id, tags={k: v for k, v in all_tags.items() if v},
-                                    run_name=os.environ.get("DVC_EXP_NAME") or None)
+                                    run_name=name or None)
             self.run_id = run.info.run_id
             from mlflow.entities import Param
             items = [Param(k, str(v)[:6000]) for k, v in params.items()]
@@ -165,9 +204,72 @@ class Tracker:
         if self.enabled:
             self._call("log table", self._client.log_table, self.run_id, data, artifact_file)
 
+    def log_datasets(self, splits: list[dict]) -> None:
+        """Each split as an MLflow dataset input: name, digest, source and token counts
+        (``dataset.TokenData.describe`` builds the entries)."""
+        if not self.enabled:
+            return
+
+        def _log():
+            from mlflow.entities import Dataset, DatasetInput, InputTag
+            inputs = [DatasetInput(Dataset(name=d["name"], digest=d["digest"], source_type="local",
+                                           source=json.dumps({"uri": d["source"]}),
+                                           profile=json.dumps(d["profile"])),
+                                   tags=[InputTag("mlflow.data.context", d["context"])])
+                      for d in splits]
+            self._client.log_inputs(self.run_id, datasets=inputs)
+
+        self._call("log datasets", _log)
+
+    def log_model(self, directory: str | Path, step: int, name: str = "gptcore") -> str | None:
+        """The checkpoint directory as an MLflow logged model, linked to this run at
+        ``step``; returns its model id (also the run's ``gptcore.model_id`` tag)."""
+        if not self.enabled:
+            return None
+
+        def _log():
+            from mlflow.entities import LoggedModelOutput, RunTag
+            exp_id = self._client.get_run(self.run_id).info.experiment_id
+            model = self._client.create_logged_model(exp_id, name=name, source_run_id=self.run_id,
+                                                     model_type="gptcore checkpoint")
+            self._client.log_model_artifacts(model.model_id, str(directory))
+            self._client.finalize_logged_model(model.model_id, "READY")
+            self._client.log_outputs(self.run_id, [LoggedModelOutput(model.model_id, step)])
+            self._client.log_batch(self.run_id, tags=[RunTag(MODEL_ID_TAG, model.model_id)])
+            return model.model_id
+
+        return self._call("log model", _log)
+
     def end(self, status: str = "FINISHED") -> None:
         if self.enabled:
             self._call("end run", self._client.set_terminated, self.run_id, status)
+
+
+def download_run_model(run_id: str, dst: str | Path) -> Path:
+    """The checkpoint directory logged with ``run_id``, copied into ``dst``, from the
+    store ``MLFLOW_TRACKING_URI`` names (default: ./mlflow.db). Raises CheckpointError."""
+    from .errors import CheckpointError
+
+    _configure_env()
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{project_root() / 'mlflow.db'}"
+    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).exists():
+        raise CheckpointError(f"no MLflow store at {uri.removeprefix('sqlite:///')}; run from the "
+                              "project root or set MLFLOW_TRACKING_URI")
+    client = MlflowClient(tracking_uri=uri)
+    try:
+        run = client.get_run(run_id)
+    except mlflow.exceptions.MlflowException:
+        raise CheckpointError(f"run {run_id!r}: not found in {uri}") from None
+    model_id = run.data.tags.get(MODEL_ID_TAG)
+    if not model_id:
+        raise CheckpointError(f"run {run_id!r} ({run.info.run_name}) has no logged model; "
+                              "only runs whose train stage finished carry one")
+    location = client.get_logged_model(model_id).artifact_location
+    return Path(mlflow.artifacts.download_artifacts(artifact_uri=location, dst_path=str(dst),
+                                                    tracking_uri=uri))
 
 
 def write_run_file(run_id: str | None, path: str | Path = RUN_FILE) -> None:

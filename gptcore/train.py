@@ -227,8 +227,12 @@ class Trainer:
         if self.try_resume():
             self._say(f"resuming from step {self.step} ({self.resume_dir})")
         if self.tracker is not None:
-            self.tracker.start(self.run_params, tags={"stage": "train"}, run_id=self.run_id)
+            fresh = self.run_id is None
+            self.tracker.start(self.run_params, tags={"stage": "train", "gptcore.fingerprint": self.fingerprint},
+                               run_id=self.run_id)
             self.run_id = self.tracker.run_id
+            if fresh:  # a resumed run already has its inputs
+                self.tracker.log_datasets(self.data.describe())
         tokens_per_step = (cfg.batch_size * cfg.grad_accum_steps * self.params.model.block_size
                            * self.dist.world_size)
         stopped_early = False

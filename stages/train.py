@@ -30,6 +30,7 @@ def main() -> None:
     if not trainer.is_main:  # under torchrun, rank 0 alone publishes
         return
     copy_dir(work / "best", Path(params.train.out_dir) / "best")
+    tracker.log_model(Path(params.train.out_dir) / "best", step=result.best_step)
     write_train_outputs(result, "metrics")
     write_run_file(tracker.run_id)
     tracker.log_metrics({"final_val_loss": result.final_val_loss, "train_tokens_per_s": result.tokens_per_s,

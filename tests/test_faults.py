@@ -303,6 +303,62 @@ def test_train_and_evaluate_without_mlflow(project, params_restored):
     assert time.monotonic() - t0 < 100  # no retrying against the dead server for minutes
 
 
+LOCK_HOLDER = """
+import sqlite3, sys, time
+conn = sqlite3.connect(sys.argv[1], isolation_level=None)
+conn.execute("BEGIN EXCLUSIVE")  # no other connection may read or write until we exit
+print("locked", flush=True)
+time.sleep(600)
+"""
+
+
+def test_locked_mlflow_store_warns_once_and_the_next_run_logs(project, params_restored):
+    """Another process holds an exclusive lock on mlflow.db for the whole train stage:
+    the stage warns once and completes; once the lock is gone, the next run logs."""
+    root, env = project
+    ok(stage("train", root, env, timeout=120))  # make sure the store exists
+    holder = subprocess.Popen([sys.executable, "-c", LOCK_HOLDER, str(root / "mlflow.db")],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        write_params(root, {"train": {"seed": 8}})
+        proc = ok(stage("train", root, env, timeout=180))
+        assert proc.stderr.count("warning: MLflow unavailable") == 1, proc.stderr
+        assert "locked" in proc.stderr  # the warning says why
+        assert json.loads((root / "metrics/train.json").read_text())["steps"] == 6
+        assert (root / "models/best/model.safetensors").is_file()
+        assert json.loads((root / "metrics/mlflow_run.json").read_text()) == {"run_id": None}
+    finally:
+        holder.kill()
+        holder.wait()
+    write_params(root, {"train": {"seed": 9}})
+    proc = ok(stage("train", root, env, timeout=120))
+    assert "MLflow unavailable" not in proc.stderr
+    run_id = json.loads((root / "metrics/mlflow_run.json").read_text())["run_id"]
+    from mlflow.tracking import MlflowClient
+    run = MlflowClient(tracking_uri=f"sqlite:///{root / 'mlflow.db'}").get_run(run_id)
+    assert run.data.params["train.seed"] == "9" and "val_loss" in run.data.metrics
+
+
+def test_unwritable_mlflow_store_warns_and_completes(project, params_restored, tmp_path):
+    """The store's directory cannot be written (read-only for a normal user; root ignores
+    permissions, so then a path under /proc, which nobody can create files in)."""
+    root, env = project
+    if os.geteuid() == 0:
+        where = Path("/proc/gptcore-store")
+    else:
+        where = tmp_path / "ro"
+        where.mkdir()
+        where.chmod(0o555)
+    write_params(root, {"train": {"seed": 10}})
+    proc = ok(stage("train", root, {**env, "MLFLOW_TRACKING_URI": f"sqlite:///{where / 'mlflow.db'}"},
+                    timeout=120))
+    assert proc.stderr.count("warning: MLflow unavailable") == 1, proc.stderr
+    assert json.loads((root / "metrics/train.json").read_text())["steps"] == 6
+    assert json.loads((root / "metrics/mlflow_run.json").read_text()) == {"run_id": None}
+    assert not (where / "mlflow.db").exists()
+
+
 # -- interrupt and resume ----------------------------------------------------------------
 
 def test_sigint_saves_state_and_rerun_resumes(project, params_restored):
