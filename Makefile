@@ -21,7 +21,7 @@ export HF_HUB_OFFLINE := 1
 # Stages run `python`: make it the venv's.
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: setup repro test bench plots exps clean-venv
+.PHONY: setup repro test bench plots exps ui-check clean-venv
 
 setup: $(STAMP)
 
@@ -41,6 +41,11 @@ repro: setup
 exps: setup
 	$(BIN)/dvc exp show --no-pager --only-changed --md \
 		--drop '.*_time_s|.*tokens_per_s|resumed_from_step|stopped_early|val_tokens|val_bytes|models|.*mlflow_run.*|(gptcore|stages|data)/.*'
+
+# mlflow ui shows every run with its name, datasets and model (rendered in headless
+# Chromium when installed, else through the REST API); screenshot: docs/mlflow_run.png.
+ui-check: setup
+	$(BIN)/python tests/ui_check.py
 
 # The committed default run's curves beside the reference run (the recipe before Muon),
 # from the metric files alone: docs/loss_curve.png, shown in the README.

@@ -221,7 +221,7 @@ class Tracker:
 
         self._call("log datasets", _log)
 
-    def log_model(self, directory: str | Path, step: int, name: str = "gptcore") -> str | None:
+    def log_model(self, directory: str | Path, step: int, name: str = "gptcore-best") -> str | None:
         """The checkpoint directory as an MLflow logged model, linked to this run at
         ``step``; returns its model id (also the run's ``gptcore.model_id`` tag)."""
         if not self.enabled:
