@@ -22,7 +22,6 @@ import json
 import os
 import subprocess
 import sys
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +43,10 @@ def _configure_env() -> None:
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+    # MLflow logs each database error with the SQL and a traceback before raising it; the
+    # guarded call reports it in one line instead.
+    import logging
+    logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
 
 
 def _git(root: Path, *args: str) -> str | None:
@@ -93,10 +96,12 @@ class Tracker:
     # -- guarded plumbing -------------------------------------------------------------
     def _warn(self, what: str, exc: BaseException) -> None:
         if self._disabled_reason is None:
-            self._disabled_reason = f"{what}: {type(exc).__name__}: {exc}"
+            # One line: database errors carry the SQL statement and a URL on later lines.
+            lines = str(exc).strip().splitlines() or [""]
+            first = lines[0] if len(lines[0]) <= 200 else lines[0][:199] + "…"
+            self._disabled_reason = f"{what}: {type(exc).__name__}: {first}"
             msg = (f"MLflow unavailable ({self._disabled_reason}); continuing without tracking. "
                    "Outputs in metrics/ and models/ are unaffected.")
-            warnings.warn(msg, RuntimeWarning, stacklevel=3)
             print(f"warning: {msg}", file=sys.stderr)
 
     @property
