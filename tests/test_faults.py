@@ -188,6 +188,28 @@ def test_full_disk_during_a_checkpoint_fails_cleanly(project, failing_write):
     assert snapshot(root) == before  # the published model and metrics are the previous run's
 
 
+FULL_DISK_ON_FSYNC = """
+import errno, os, runpy, sys
+def fsync(fd):  # the disk fills up as the metrics file is flushed
+    raise OSError(errno.ENOSPC, "No space left on device")
+os.fsync = fsync
+runpy.run_module("stages." + sys.argv[1], run_name="__main__")
+"""
+
+
+def test_full_disk_during_a_metrics_write_keeps_the_previous_file(project):
+    root, env = project
+    ok(stage("evaluate", root, env))  # a complete metrics/eval.json to keep
+    before = snapshot(root)
+    proc = subprocess.run([sys.executable, "-c", FULL_DISK_ON_FSYNC, "evaluate"], cwd=root, env=env,
+                          capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    line = proc.stderr.strip().splitlines()[-1]
+    assert line.startswith("error: No space left on device") and "outputs already written are intact" in line, line
+    assert snapshot(root) == before  # eval.json is the previous one, whole
+    assert not list((root / "metrics").glob(".*.tmp"))  # the half-written temp file is gone
+
+
 DIVERGE = """
 import runpy, sys
 from gptcore.model.gpt import GPT
