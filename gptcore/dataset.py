@@ -51,14 +51,15 @@ class TokenData:
         import hashlib
 
         dtype = np.dtype(self.meta.get("dtype", "int64"))
+        tokenizer = self.tokenizer.describe()
         out = []
         for split, context in (("train", "training"), ("val", "validation")):
             tokens = getattr(self, split)
             digest = hashlib.sha256(tokens.numpy().astype(dtype).tobytes()).hexdigest()[:16]
             source = str(Path(self.directory, f"{split}.bin").resolve()) if self.directory else "memory"
-            profile = {"tokens": int(tokens.numel()), "tokenizer": self.tokenizer.describe(),
+            profile = {"tokens": int(tokens.numel()), "tokenizer": tokenizer,
                        "corpus_sha256": self.meta.get("source_sha256", "")}
-            out.append({"name": f"{split} split ({self.tokenizer.describe()})", "digest": digest,
+            out.append({"name": f"{split} split ({tokenizer})", "digest": digest,
                         "source": source, "context": context, "profile": profile})
         return out
 

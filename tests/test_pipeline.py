@@ -171,38 +171,14 @@ def test_mlflow_ui_shows_both_runs_with_dataset_and_model(project):
     pages load): both runs, their names, dataset inputs and logged models. Headless
     Chromium is not part of the project's set-up, so the page itself is not rendered here
     (see `make ui-check`)."""
-    import socket
-    import time
     import urllib.request
 
+    from ui_check import api, mlflow_ui
+
     root, env = project
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = subprocess.Popen([str(VENV_BIN / "mlflow"), "ui", "--backend-store-uri",
-                               f"sqlite:///{root / 'mlflow.db'}", "--host", "127.0.0.1", "--port", str(port)],
-                              cwd=root, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                              start_new_session=True)
-    base = f"http://127.0.0.1:{port}"
-
-    def get(path: str, body: dict | None = None) -> dict:
-        req = urllib.request.Request(base + path, data=json.dumps(body).encode() if body else None,
-                                     headers={"Content-Type": "application/json"})
-        with urllib.request.urlopen(req, timeout=10) as r:
-            return json.loads(r.read())
-
-    try:
-        deadline = time.monotonic() + 90
-        while True:
-            try:
-                urllib.request.urlopen(base + "/health", timeout=2).read()
-                break
-            except OSError:
-                assert server.poll() is None, server.stderr.read().decode()
-                assert time.monotonic() < deadline, "mlflow ui did not start within 90 s"
-                time.sleep(0.5)
-        exp = get("/api/2.0/mlflow/experiments/get-by-name?experiment_name=gptcore")["experiment"]
-        runs = get("/api/2.0/mlflow/runs/search", {"experiment_ids": [exp["experiment_id"]]})["runs"]
+    with mlflow_ui(root / "mlflow.db", env=env) as base:
+        exp = api(base, "/api/2.0/mlflow/experiments/get-by-name?experiment_name=gptcore")["experiment"]
+        runs = api(base, "/api/2.0/mlflow/runs/search", {"experiment_ids": [exp["experiment_id"]]})["runs"]
         assert len(runs) >= 2
         for run in runs:
             tags = {t["key"]: t["value"] for t in run["data"]["tags"]}
@@ -212,14 +188,11 @@ def test_mlflow_ui_shows_both_runs_with_dataset_and_model(project):
             else:  # plain dvc repro: the short commit (+ params changed since it)
                 assert tags["git_commit"].startswith(name.split()[0])
             assert len(run["inputs"]["dataset_inputs"]) == 2
-            model = get(f"/api/2.0/mlflow/logged-models/{tags['gptcore.model_id']}")["model"]
+            model = api(base, f"/api/2.0/mlflow/logged-models/{tags['gptcore.model_id']}")["model"]
             assert model["info"]["source_run_id"] == run["info"]["run_id"]
             assert any(m.get("key") == "eval_val_loss" for m in run["data"]["metrics"])
         page = urllib.request.urlopen(base + "/", timeout=10).read()
         assert b"<html" in page.lower()  # the UI itself is served
-    finally:
-        os.killpg(server.pid, 15)
-        server.wait(timeout=30)
 
 
 def test_queued_experiments_on_two_workers_log_into_the_same_store(project):

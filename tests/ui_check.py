@@ -14,6 +14,7 @@ only (the CI test `tests/test_pipeline.py` does the same, on a tiny pipeline).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -21,9 +22,11 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
+from typing import Iterator
 
 
 def _free_port() -> int:
@@ -45,6 +48,45 @@ def _chromium(browser: str, url: str, *args: str) -> str:
     return subprocess.run(cmd, capture_output=True, text=True, timeout=120).stdout
 
 
+@contextlib.contextmanager
+def mlflow_ui(store: Path, env: dict | None = None, timeout: float = 90) -> Iterator[str]:
+    """A real `mlflow ui` over ``store`` on a free localhost port, until the block ends;
+    yields its base URL once it answers /health."""
+    port = _free_port()
+    base = f"http://127.0.0.1:{port}"
+    mlflow = Path(sys.executable).parent / "mlflow"
+    log = tempfile.TemporaryFile()  # a file, not a pipe: the server's request log never blocks it
+    server = subprocess.Popen([str(mlflow), "ui", "--backend-store-uri", f"sqlite:///{store}", "--host",
+                               "127.0.0.1", "--port", str(port)], stdout=log, stderr=log,
+                              start_new_session=True, env={**(env or os.environ), "MLFLOW_DISABLE_TELEMETRY": "true"})
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                urllib.request.urlopen(base + "/health", timeout=2).read()
+                break
+            except OSError:
+                if server.poll() is not None:
+                    log.seek(0)
+                    raise RuntimeError(f"mlflow ui exited: {log.read().decode(errors='replace')[-2000:]}") from None
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"mlflow ui did not start within {timeout:.0f} s") from None
+                time.sleep(0.5)
+        yield base
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)
+        log.close()
+
+
+def api(base: str, path: str, body: dict | None = None) -> dict:
+    """GET (or POST ``body``) one MLflow REST endpoint; the decoded JSON."""
+    req = urllib.request.Request(base + path, data=json.dumps(body).encode() if body else None,
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=10) as r:
+        return json.loads(r.read())
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--store", default="mlflow.db")
@@ -54,62 +96,39 @@ def main() -> int:
     if not store.exists():
         print(f"error: {store}: no MLflow store; run `make repro` first", file=sys.stderr)
         return 2
-    port = _free_port()
-    base = f"http://127.0.0.1:{port}"
-    mlflow = Path(sys.executable).parent / "mlflow"
-    server = subprocess.Popen([str(mlflow), "ui", "--backend-store-uri", f"sqlite:///{store}", "--host",
-                               "127.0.0.1", "--port", str(port)], stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL, start_new_session=True,
-                              env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"})
-
-    def get(path: str, body: dict | None = None) -> dict:
-        req = urllib.request.Request(base + path, data=json.dumps(body).encode() if body else None,
-                                     headers={"Content-Type": "application/json"})
-        with urllib.request.urlopen(req, timeout=10) as r:
-            return json.loads(r.read())
-
     failures = []
     try:
-        deadline = time.monotonic() + 90
-        while True:
-            try:
-                urllib.request.urlopen(base + "/health", timeout=2).read()
-                break
-            except OSError:
-                if time.monotonic() > deadline or server.poll() is not None:
-                    print("error: mlflow ui did not start", file=sys.stderr)
-                    return 1
-                time.sleep(0.5)
-        exp = get("/api/2.0/mlflow/experiments/get-by-name?experiment_name=gptcore")["experiment"]
-        runs = get("/api/2.0/mlflow/runs/search", {"experiment_ids": [exp["experiment_id"]],
-                                                    "order_by": ["attributes.start_time DESC"]})["runs"]
-        browser = _browser()
-        print(f"mlflow ui at {base}: {len(runs)} run(s) in experiment gptcore"
-              + ("" if browser else "; Chromium not found: checking through the REST API only"))
-        for i, run in enumerate(runs):
-            info, tags = run["info"], {t["key"]: t["value"] for t in run["data"].get("tags", [])}
-            datasets = [d["dataset"]["name"] for d in run.get("inputs", {}).get("dataset_inputs", [])]
-            model_id = tags.get("gptcore.model_id")
-            problems = [p for p, bad in (("no dataset inputs", len(datasets) != 2),
-                                         ("no logged model", not model_id)) if bad]
-            if browser:
-                url = f"{base}/#/experiments/{exp['experiment_id']}/runs/{info['run_id']}"
-                dom = _chromium(browser, url, "--dump-dom")
-                for what, text in (("run name", info["run_name"]), ("dataset", "train split"),
-                                   ("logged model", "gptcore-best")):
-                    if text not in dom:
-                        problems.append(f"{what} {text!r} not on the rendered page")
-                if i == 0:
-                    shot = Path(args.screenshot).resolve()
-                    shot.parent.mkdir(parents=True, exist_ok=True)
-                    _chromium(browser, url, f"--screenshot={shot}")
-                    print(f"screenshot of {info['run_name']!r}: {shot}")
-            print(f"  {info['run_name']!r}: datasets {datasets}, model {model_id}: "
-                  + ("ok" if not problems else "; ".join(problems)))
-            failures += problems
-    finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        server.wait(timeout=30)
+        with mlflow_ui(store) as base:
+            exp = api(base, "/api/2.0/mlflow/experiments/get-by-name?experiment_name=gptcore")["experiment"]
+            runs = api(base, "/api/2.0/mlflow/runs/search", {"experiment_ids": [exp["experiment_id"]],
+                                                              "order_by": ["attributes.start_time DESC"]})["runs"]
+            browser = _browser()
+            print(f"mlflow ui at {base}: {len(runs)} run(s) in experiment gptcore"
+                  + ("" if browser else "; Chromium not found: checking through the REST API only"))
+            for i, run in enumerate(runs):
+                info, tags = run["info"], {t["key"]: t["value"] for t in run["data"].get("tags", [])}
+                datasets = [d["dataset"]["name"] for d in run.get("inputs", {}).get("dataset_inputs", [])]
+                model_id = tags.get("gptcore.model_id")
+                problems = [p for p, bad in (("no dataset inputs", len(datasets) != 2),
+                                             ("no logged model", not model_id)) if bad]
+                if browser:
+                    url = f"{base}/#/experiments/{exp['experiment_id']}/runs/{info['run_id']}"
+                    dom = _chromium(browser, url, "--dump-dom")
+                    for what, text in (("run name", info["run_name"]), ("dataset", "train split"),
+                                       ("logged model", "gptcore-best")):
+                        if text not in dom:
+                            problems.append(f"{what} {text!r} not on the rendered page")
+                    if i == 0:
+                        shot = Path(args.screenshot).resolve()
+                        shot.parent.mkdir(parents=True, exist_ok=True)
+                        _chromium(browser, url, f"--screenshot={shot}")
+                        print(f"screenshot of {info['run_name']!r}: {shot}")
+                print(f"  {info['run_name']!r}: datasets {datasets}, model {model_id}: "
+                      + ("ok" if not problems else "; ".join(problems)))
+                failures += problems
+    except RuntimeError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     return 1 if failures else 0
 
 
