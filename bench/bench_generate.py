@@ -1,6 +1,7 @@
 """Decoding speed: gptcore's KV-cached generation vs Hugging Face ``GPT2LMHeadModel.generate``.
 
     .venv/bin/python bench/bench_generate.py [--device cpu|cuda] [--threads N] [--repeats 5] [--json]
+                                             [--num-samples 8]
 
 Both models are the reference architecture, ``GPTConfig()`` (4 layers, 4 heads,
 n_embd 128, block_size 256, vocab 50257), with IDENTICAL random weights: HF builds
@@ -25,12 +26,19 @@ For context the table also shows gptcore's cached loop with ordinary ``nn.Module
 per step (the model in train mode with dropout 0, which disables the fused eval-mode
 step) and without a KV cache (a full forward over the window every step).
 
+``--num-samples N``: also time N sampled completions of that 1-token prompt
+(temperature 0.8, top-k 200, seed 0, 256 new tokens each, no end-of-text stop), decoded as
+one batch (``generate_ids_batch``, what ``gptcore generate --num-samples N`` runs) and
+one after another (``generate_ids`` with seeds 0..N-1, what it ran before); tokens/s
+counts all N x 256 tokens.
+
 The machine's cores may be shared: compare numbers from the same run only.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import statistics
@@ -46,7 +54,7 @@ import torch  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from gptcore.config import GPTConfig  # noqa: E402
-from gptcore.generate import SamplingConfig, generate_ids, stream_ids  # noqa: E402
+from gptcore.generate import SamplingConfig, generate_ids, generate_ids_batch, stream_ids  # noqa: E402
 from gptcore.model.hf import from_hf_state_dict, hf_config_dict  # noqa: E402
 
 NEW_TOKENS = 256
@@ -78,7 +86,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu", help="cpu or cuda (default: %(default)s)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    parser.add_argument("--num-samples", type=int, default=0, metavar="N",
+                        help="also time N sampled completions, batched vs one after another (default: off)")
     args = parser.parse_args(argv)
+    if args.num_samples < 0:
+        parser.error(f"--num-samples={args.num_samples} is invalid; allowed: 0 (off) or an integer >= 1")
     device = torch.device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -134,6 +146,21 @@ def main(argv: list[str] | None = None) -> int:
     assert hf_first == our_first, (hf_first, our_first)
     assert agree >= min(16, limit), f"gptcore and HF greedy ids differ at position {agree}"
 
+    batch = None
+    if args.num_samples:
+        n = args.num_samples
+        sampled = SamplingConfig(max_new_tokens=NEW_TOKENS, temperature=0.8, top_k=200, seed=0, stop_at_eot=False)
+        t, ids = timed({"batched": lambda: generate_ids_batch(ours, [EOT], n, sampled),
+                        "sequential": lambda: [generate_ids(ours, [EOT], dataclasses.replace(sampled, seed=i))
+                                               for i in range(n)]},
+                       max(1, args.repeats // 2), 1)
+        # Row i is seed i's single decode up to float rounding of the batched products.
+        same = sum(a == b for a, b in zip(ids["batched"], ids["sequential"]))
+        batch = {"num_samples": n, "sampling": "temperature 0.8, top_k 200",
+                 "rows": {f"{n} samples, one batch": n * NEW_TOKENS / t["batched"],
+                          f"{n} samples, one after another": n * NEW_TOKENS / t["sequential"]},
+                 "speedup": t["sequential"] / t["batched"], "samples_identical": f"{same} of {n}"}
+
     rows = [
         ("Hugging Face generate (KV cache)", t_hf, ttft_hf),
         ("gptcore generate_ids (KV cache)", t_ours, ttft_ours),
@@ -148,7 +175,9 @@ def main(argv: list[str] | None = None) -> int:
             "greedy_ids_identical": f"{agree} of {limit}",
             "rows": {name: {"tokens_per_s": NEW_TOKENS / t, "ratio_vs_hf": t_hf / t,
                             **({"ttft_ms": ttft * 1e3} if ttft is not None else {})}
-                     for name, t, ttft in rows}}, indent=2))
+                     for name, t, ttft in rows},
+            **({"batch": {**batch, "rows": {name: {"tokens_per_s": tps} for name, tps in batch["rows"].items()}}}
+               if batch else {})}, indent=2))
         return 0
     from machine import headline, describe
 
@@ -169,6 +198,13 @@ def main(argv: list[str] | None = None) -> int:
     print(f"speed-up gptcore/HF: {t_hf / t_ours:.2f}x tokens/s, {ttft_hf / ttft_ours:.2f}x time to first token")
     print(f"greedy ids identical to HF's for the first {agree} of {limit} compared tokens "
           f"({NEW_TOKENS} generated); first token after the 200-token prompt identical")
+    if batch:
+        print()
+        print(f"--num-samples {batch['num_samples']} ({batch['sampling']}, {NEW_TOKENS} new tokens each):")
+        for name, tps in batch["rows"].items():
+            print(f"  gptcore, {name:30s} {tps:9.1f} tokens/s")
+        print(f"  batched / one after another: {batch['speedup']:.2f}x; "
+              f"samples identical to the single decodes: {batch['samples_identical']}")
     return 0
 
 

@@ -5,11 +5,16 @@
     gptcore generate --run <mlflow run id>    # the model an MLflow run logged
 
 One-shot mode prints the prompt, then the completion as it is generated (flushed piece
-by piece), then a newline; ``--num-samples N`` repeats that under "--- sample i ---"
-headers, sample i using seed + i. Problems a user can fix (missing or corrupt
-checkpoint, invalid sampling value, text the tokenizer cannot encode, unusable device)
-are one line on stderr and exit code 2, never a traceback; a prompt longer than the
-context gets a warning on stderr and only its last block_size tokens are used.
+by piece), then a newline. ``--num-samples N`` (N > 1) decodes the N completions as one
+batch (one forward pass per step for all of them, far cheaper than N decodes) and prints
+each under a "--- sample i ---" header, with the prompt, once it and every sample before
+it are complete (streaming N interleaved completions would be unreadable); sample i
+samples with seed + i, so it is the completion ``--seed`` + i alone would give.
+
+Problems a user can fix (missing or corrupt checkpoint, invalid sampling value, text the
+tokenizer cannot encode, unusable device) are one line on stderr and exit code 2, never a
+traceback; a prompt longer than the context gets a warning on stderr and only its last
+block_size tokens are used.
 
 Interactive mode reads prompts with ``input()`` (a terminal or piped stdin) and prints
 only completions. Ctrl-C stops a completion and gives a new prompt, Ctrl-C at the prompt
@@ -63,7 +68,8 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--stop", action="append", default=[], metavar="TEXT",
                    help="stop before this text (repeatable; --stop=TEXT if TEXT starts with '-')")
     g.add_argument("--seed", type=int, default=None, help="sample i uses seed + i (default: random)")
-    g.add_argument("--num-samples", type=int, default=1, metavar="N", help="completions to print (default: 1)")
+    g.add_argument("--num-samples", type=int, default=1, metavar="N",
+                   help="completions to print, decoded as one batch (default: 1)")
     g.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default: %(default)s)")
     g.add_argument("--interactive", action="store_true", help="read prompts in a loop (/help lists commands)")
     return parser
@@ -207,13 +213,21 @@ def _run(args: argparse.Namespace) -> int:
     if args.interactive:
         return _repl(model, tokenizer, cfg)
     ids = _encode(model, tokenizer, args.prompt)
-    for i in range(args.num_samples):
-        if args.num_samples > 1:
-            _out(f"{'' if i == 0 else chr(10)}--- sample {i + 1} ---\n")
-        seed = None if cfg.seed is None else cfg.seed + i
+    if args.num_samples == 1:
         _out(args.prompt)
-        _complete(model, tokenizer, ids, dataclasses.replace(cfg, seed=seed))
+        _complete(model, tokenizer, ids, cfg)
         _out("\n")
+        return 0
+    from .generate import stream_batch
+
+    done: dict[int, str] = {}
+    shown = 0
+    for i, text in stream_batch(model, tokenizer, ids, args.num_samples, cfg):
+        done[i] = text
+        # In sample order: a sample that finishes early waits for the ones before it.
+        while shown in done:
+            _out(f"{'' if shown == 0 else chr(10)}--- sample {shown + 1} ---\n{args.prompt}{done.pop(shown)}\n")
+            shown += 1
     return 0
 
 

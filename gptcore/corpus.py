@@ -1,86 +1,415 @@
-"""Corpus -> token files: split the raw text and tokenize each split.
+"""Corpus -> token files, streamed: any number of sources, any size, bounded memory.
 
     <processed_dir>/train.bin, val.bin   token ids, uint16 (vocab <= 65,536) or uint32
-    <processed_dir>/meta.json            counts, dtype, vocabulary, source sha256, split rule
+    <processed_dir>/meta.json            counts, dtype, vocabulary, sources and their sha256,
+                                         the split rule
     <processed_dir>/tokenizer.json ...   the tokenizer, saved so the data loads by itself
+
+The corpus is the ``data.sources`` entries in order; every file is one *document*, and
+documents are joined by the end-of-text token (none after the last one, so a one-file
+corpus tokenizes exactly as one string). Two passes, neither holding the corpus:
+
+1. **scan** every document in 1 MiB blocks: sha256 (checked against a pinned one, else
+   recorded), strict UTF-8 (an error names the file and byte), character count and, for
+   the char tokenizer, the character set.
+2. **tokenize**: decode the blocks again, cut the text into ~1 MiB chunks at places
+   where GPT-2's pre-tokenizer splits anyway (a single space or newline between two
+   non-space characters: no BPE token can span it, so chunked encoding equals encoding
+   the whole text, token for token), encode the chunks on a thread pool while reading
+   on (tiktoken releases the GIL), and append the ids to the split's file in order.
+
+Everything is written into a temporary directory that replaces ``processed_dir`` only
+when complete, so a crash or Ctrl-C never leaves a ``train.bin`` that looks finished.
 """
 
 from __future__ import annotations
 
+import codecs
+import glob
+import hashlib
+import os
+import re
+import sys
+import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 
 from .config import DataConfig
 from .errors import DataError
-from .io import atomic_write_bytes, atomic_write_json, sha256_file
-from .sources import CORPUS_FILE
+from .io import atomic_dir, atomic_write_json
 from .tokenizer import CharTokenizer, GPT2Tokenizer, Tokenizer
 
+BLOCK_BYTES = 1 << 20  # read size
+CHUNK_CHARS = 1 << 20  # encode size: big enough to amortise a call, small enough for cache and RAM
+# A chunk with no safe cut grows up to this before it is cut anyway (text without spaces
+# or newlines, e.g. CJK): one token boundary there may then differ from whole-text encoding.
+MAX_CHUNK_CHARS = 16 * CHUNK_CHARS
+# Listing every file of a huge folder would bloat meta.json: beyond this, a count and digest.
+MAX_LISTED_FILES = 1000
 
-def build_tokenizer(kind: str, raw_dir: str | Path, text: str) -> Tokenizer:
+# A single space or newline with a non-space character on both sides: GPT-2's
+# pre-tokenizer always starts a new piece at it (only whitespace pieces contain
+# whitespace after their first character, and they cannot swallow the non-space after).
+# Python's \s is a superset of the Rust regex's, so \S here is the stricter side.
+_SAFE_CUT = re.compile(r"(?<=\S)[ \n](?=\S)")
+
+
+@dataclass
+class Document:
+    """One file of the corpus."""
+
+    path: Path
+    label: str  # how meta.json and errors name it
+    source: int  # its index in data.sources
+    size: int = 0  # bytes
+    chars: int = 0
+    sha256: str = ""
+    blank: bool = True  # only whitespace (or nothing)
+
+
+def build_tokenizer(kind: str, raw_dir: str | Path, chars: set[str] | None = None) -> Tokenizer:
     if kind == "gpt2":
         return GPT2Tokenizer(raw_dir)
-    return CharTokenizer.from_text(text)
-
-
-def read_corpus(path: Path) -> str:
-    """The corpus as text. It must be UTF-8: a wrong encoding is refused (naming the byte)
-    rather than silently replaced. Line ends are kept as they are ("\r\n" included)."""
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        raise DataError(f"{path}: missing; run the download stage first") from None
-    if not data.strip():
-        raise DataError(f"{path}: the corpus is empty; nothing to train on")
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise DataError(f"{path}: not valid UTF-8 at byte {exc.start} ({exc.reason}, byte "
-                        f"0x{data[exc.start]:02x}); convert the file to UTF-8") from None
-
-
-def split_text(text: str, val_fraction: float) -> tuple[str, str]:
-    """Split by characters: the first (1 - val_fraction) for training, the rest for validation."""
-    n = int(len(text) * (1 - val_fraction))
-    return text[:n], text[n:]
+    return CharTokenizer(sorted(chars or ()))
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16) if vocab_size <= 1 << 16 else np.dtype(np.uint32)
 
 
-def tokenize_corpus(cfg: DataConfig, tokenizer_kind: str) -> dict:
-    """raw text -> ``train.bin``/``val.bin`` (compact ints), ``meta.json`` and the tokenizer."""
-    raw, out = Path(cfg.raw_dir), Path(cfg.processed_dir)
-    text_path = raw / CORPUS_FILE
-    text = read_corpus(text_path)
-    tokenizer = build_tokenizer(tokenizer_kind, raw, text)
-    train_text, val_text = split_text(text, cfg.val_fraction)
-    if not train_text or not val_text:
-        raise DataError(f"{text_path}: {len(text)} characters leave an empty "
-                        f"{'train' if not train_text else 'val'} split at data.val_fraction={cfg.val_fraction}; "
-                        "use a longer text")
+# -- sources -> documents -------------------------------------------------------------
+
+def resolve_documents(cfg: DataConfig) -> list[Document]:
+    """Every file of every source, in a deterministic order: sources as listed; a
+    directory's ``*.txt`` files (recursively, hidden ones skipped) and a glob's matches
+    sorted by path."""
+    docs: list[Document] = []
+    seen: dict[Path, str] = {}
+    for i, src in enumerate(cfg.sources):
+        where = f"data.sources[{i}]"
+        if src.url:
+            path = Path(cfg.raw_dir) / src.file_name
+            if not path.is_file():
+                raise DataError(f"{path}: missing; run the download stage first ({where}: {src.url})")
+            found = [(path, src.file_name)]
+        else:
+            found = _local_files(src.path, where)
+        for path, label in found:
+            key = path.resolve()
+            if key in seen:
+                raise DataError(f"{label}: listed twice ({seen[key]} and {where}); "
+                                "allowed: each file in one source")
+            seen[key] = where
+            docs.append(Document(path, label, i))
+    return docs
+
+
+def untracked_sources(cfg: DataConfig, deps: list[str], root: Path) -> list[str]:
+    """The local ``path:`` sources no declared dependency covers (a dep equal to the path
+    or a directory above it). DVC re-runs the tokenize stage only when a dep changes, so
+    an undeclared corpus would be edited without effect."""
+    covered = [Path(d) for d in deps]
+    missing = []
+    for src in cfg.sources:
+        if not src.path:
+            continue
+        base = src.path.split("*")[0].split("?")[0].split("[")[0]
+        target = (root / Path(base or ".").expanduser()).resolve()
+        if not any(target == d or d in target.parents for d in covered):
+            missing.append(src.path)
+    return missing
+
+
+def _local_files(spec: str, where: str) -> list[tuple[Path, str]]:
+    root = Path(spec).expanduser()
+    if any(c in spec for c in "*?["):
+        files = sorted(p for p in (Path(m) for m in glob.glob(str(root), recursive=True)) if p.is_file())
+        if not files:
+            raise DataError(f"{where}.path={spec!r}: the glob matches no file")
+        return [(p, str(p)) for p in files]
+    if root.is_dir():
+        files = sorted((p for p in root.rglob("*.txt")
+                        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts)),
+                       key=lambda p: p.relative_to(root).as_posix())
+        if not files:
+            raise DataError(f"{where}.path={spec!r}: the directory holds no *.txt file")
+        return [(p, f"{spec.rstrip('/')}/{p.relative_to(root).as_posix()}") for p in files]
+    if root.is_file():
+        return [(root, spec)]
+    raise DataError(f"{where}.path={spec!r}: no such file or directory (relative paths start at "
+                    f"{Path.cwd()}); allowed: a file, a directory of *.txt files, or a glob")
+
+
+def _decoded_blocks(doc: Document, hasher=None) -> Iterator[tuple[str, int]]:
+    """(text, its byte count) per block of ``doc``; invalid UTF-8 is an error naming the
+    byte. ``hasher`` sees every byte read, so the bytes checked are the bytes tokenized."""
+    decoder = codecs.getincrementaldecoder("utf-8")("strict")
+    offset = 0
+    with open(doc.path, "rb") as f:
+        while True:
+            block = f.read(BLOCK_BYTES)
+            final = not block
+            if hasher is not None:
+                hasher.update(block)
+            try:
+                text = decoder.decode(block, final=final)
+            except UnicodeDecodeError as exc:
+                pending = len(exc.object) - len(block)  # bytes the decoder held from the last block
+                at = offset - pending + exc.start
+                raise DataError(f"{doc.label}: not valid UTF-8 at byte {at} ({exc.reason}, byte "
+                                f"0x{exc.object[exc.start]:02x}); convert the file to UTF-8") from None
+            if text or block:
+                yield text, len(block)
+            if final:
+                return
+            offset += len(block)
+
+
+def _bar(total: int, desc: str, progress: bool):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="B", unit_scale=True, unit_divisor=1024,
+                file=sys.stderr, disable=not progress or None, dynamic_ncols=True)
+
+
+def scan(docs: list[Document], cfg: DataConfig, want_chars: bool, progress: bool = True) -> set[str]:
+    """Pass 1: sha256, UTF-8 check and character count of every document (and the
+    character set when ``want_chars``); pinned sources must match their sha256."""
+    charset: set[str] = set()
+    for doc in docs:
+        doc.size = doc.path.stat().st_size
+    with _bar(sum(d.size for d in docs), "scan", progress) as bar:
+        for doc in docs:
+            h, n = hashlib.sha256(), 0
+            for text, nbytes in _decoded_blocks(doc, h):
+                n += len(text)
+                doc.blank = doc.blank and not text.strip()
+                if want_chars:
+                    charset.update(text)
+                bar.update(nbytes)
+            doc.chars, doc.sha256 = n, h.hexdigest()
+            pinned = cfg.sources[doc.source].sha256
+            if pinned and doc.sha256 != pinned:
+                raise DataError(f"{doc.label}: sha256 {doc.sha256}, but data.sources[{doc.source}] pins "
+                                f"{pinned}; the file changed: update the sha256 or restore the file")
+    return charset
+
+
+# -- the split ------------------------------------------------------------------------
+
+def plan_split(docs: list[Document], cfg: DataConfig) -> list[tuple[Document, int]]:
+    """For each document, the character index where its validation part starts:
+    ``chars``: the last ``val_fraction`` of all characters (documents in order);
+    ``documents``: the ``round(n * val_fraction)`` (at least 1) documents with the
+    smallest sha256 are validation documents: deterministic, independent of names and
+    order, and identical files always land in the same split (no train/val leaks)."""
+    total = sum(d.chars for d in docs)
+    if cfg.split == "chars":
+        n_train = int(total * (1 - cfg.val_fraction))
+        plan, at = [], 0
+        for d in docs:
+            plan.append((d, min(d.chars, max(0, n_train - at))))
+            at += d.chars
+        return plan
+    live = [d for d in docs if d.chars]
+    if len(live) < 2:
+        raise DataError(f"data.split=documents needs at least 2 non-empty documents (files), the corpus has "
+                        f"{len(live)}; add files or use data.split: chars")
+    n_val = min(len(live) - 1, max(1, round(len(live) * cfg.val_fraction)))
+    val = {id(d) for d in sorted(live, key=lambda d: (d.sha256, d.label))[:n_val]}
+    return [(d, 0 if id(d) in val else d.chars) for d in docs]
+
+
+# -- streamed encoding ----------------------------------------------------------------
+
+@dataclass
+class _SplitWriter:
+    """Appends one split's token ids to its file: text arrives in pieces, is cut at safe
+    places into chunks, and each chunk is encoded on the thread pool while the next is
+    read (tiktoken releases the GIL); results are written in order, and at most
+    ``2 * threads`` chunks are in flight, which bounds the memory."""
+
+    path: Path
+    tokenizer: Tokenizer
+    dtype: np.dtype
+    pool: ThreadPoolExecutor
+    threads: int
+    tokens: int = 0
+    chars: int = 0
+    nbytes: int = 0
+    documents: int = 0
+    _buf: list[str] = field(default_factory=list)
+    _buf_len: int = 0
+    _inflight: deque = field(default_factory=deque)  # futures of id lists, and None (= end-of-text)
+    _in_doc: bool = False
+    _file: object = None
+
+    def __post_init__(self) -> None:
+        self._file = open(self.path, "wb")
+
+    def feed(self, text: str) -> None:
+        if not text:
+            return
+        if not self._in_doc:
+            if self.documents:
+                self._inflight.append(None)  # between documents, never after the last
+            self.documents += 1
+            self._in_doc = True
+        self.chars += len(text)
+        self.nbytes += len(text.encode("utf-8"))
+        self._buf.append(text)
+        self._buf_len += len(text)
+        if self._buf_len >= 2 * CHUNK_CHARS:
+            self._cut()
+
+    def end_document(self) -> None:
+        if self._buf_len:
+            self._queue("".join(self._buf))
+            self._buf, self._buf_len = [], 0
+        self._in_doc = False
+
+    def _cut(self) -> None:
+        """Queue whole chunks from the buffer, keeping the text after the last safe cut."""
+        text = "".join(self._buf)
+        start = 0
+        while len(text) - start >= 2 * CHUNK_CHARS:
+            target = start + CHUNK_CHARS
+            cut = _last_safe_cut(text, start + CHUNK_CHARS // 2, target)
+            if cut is None:
+                cut = _last_safe_cut(text, start + 1, len(text) - 1)
+                if cut is None:
+                    if len(text) - start < MAX_CHUNK_CHARS:
+                        break  # wait for more text: a cut may come
+                    cut = target
+            self._queue(text[start:cut])
+            start = cut
+        rest = text[start:]
+        self._buf, self._buf_len = [rest], len(rest)
+
+    def _queue(self, chunk: str) -> None:
+        self._inflight.append(self.pool.submit(self.tokenizer.encode, chunk))
+        while len(self._inflight) > 2 * self.threads:
+            self._write_one()
+
+    def _write_one(self) -> None:
+        item = self._inflight.popleft()
+        ids = np.array([self.tokenizer.eot_id] if item is None else item.result(), dtype=self.dtype)
+        ids.tofile(self._file)
+        self.tokens += ids.size
+
+    def close(self) -> None:
+        self.end_document()
+        while self._inflight:
+            self._write_one()
+        self._file.close()
+
+
+def _last_safe_cut(text: str, lo: int, hi: int) -> int | None:
+    """The index of the last safe cut in ``text[lo:hi]`` (cut before that space/newline)."""
+    window = 1 << 16
+    end = hi
+    while end > lo:
+        begin = max(lo, end - window)
+        last = None
+        for m in _SAFE_CUT.finditer(text, begin, end):
+            last = m.start()
+        if last is not None:
+            return last
+        end = begin
+    return None
+
+
+def tokenize_corpus(cfg: DataConfig, tokenizer_kind: str, progress: bool = False,
+                    threads: int | None = None) -> dict:
+    """``data.sources`` -> ``train.bin``/``val.bin``, ``meta.json`` and the tokenizer,
+    streamed (peak memory independent of the corpus size). Returns the meta dict."""
+    docs = resolve_documents(cfg)
+    charset = scan(docs, cfg, want_chars=tokenizer_kind == "char", progress=progress)
+    total = sum(d.chars for d in docs)
+    if all(d.blank for d in docs):
+        where = docs[0].label if len(docs) == 1 else f"{len(docs)} files"
+        raise DataError(f"{where}: the corpus is empty; nothing to train on")
+    plan = plan_split(docs, cfg)
+    n_train = sum(k for _, k in plan)
+    if n_train == 0 or n_train == total:
+        where = docs[0].label if len(docs) == 1 else f"{len(docs)} files"
+        raise DataError(f"{where}: {total} characters leave an empty {'train' if n_train == 0 else 'val'} "
+                        f"split at data.val_fraction={cfg.val_fraction}; use a longer text")
+    tokenizer = build_tokenizer(tokenizer_kind, cfg.raw_dir, charset)
     dtype = token_dtype(tokenizer.vocab_size)
-    out.mkdir(parents=True, exist_ok=True)
-    counts = {}
-    for split, part in (("train", train_text), ("val", val_text)):
-        ids = np.asarray(tokenizer.encode(part), dtype=dtype)
-        atomic_write_bytes(out / f"{split}.bin", ids.tobytes())
-        counts[split] = int(ids.size)
-    tokenizer.save(out)
-    meta = {
-        "tokenizer": tokenizer.kind,
-        "vocab_size": tokenizer.vocab_size,
-        "eot_id": tokenizer.eot_id,
-        "dtype": dtype.name,
-        "train_tokens": counts["train"],
-        "val_tokens": counts["val"],
-        "train_chars": len(train_text),
-        "val_chars": len(val_text),
-        "val_bytes": len(val_text.encode("utf-8")),
-        "source_sha256": sha256_file(text_path),
-        "val_fraction": cfg.val_fraction,
-    }
-    atomic_write_json(out / "meta.json", meta)
+    threads = threads or max(1, min(8, os.cpu_count() or 1))
+    t0 = time.perf_counter()
+    with atomic_dir(cfg.processed_dir) as tmp, ThreadPoolExecutor(threads) as pool:
+        writers = {s: _SplitWriter(tmp / f"{s}.bin", tokenizer, dtype, pool, threads) for s in ("train", "val")}
+        try:
+            with _bar(sum(d.size for d in docs), "tokenize", progress) as bar:
+                for doc, val_at in plan:
+                    at = 0
+                    for text, nbytes in _decoded_blocks(doc):
+                        if at < val_at:  # the train part of this document
+                            writers["train"].feed(text[:val_at - at])
+                            if at + len(text) >= val_at:
+                                writers["train"].end_document()
+                        if at + len(text) > val_at:
+                            writers["val"].feed(text[max(0, val_at - at):])
+                        at += len(text)
+                        bar.update(nbytes)
+                        bar.set_postfix(tokens=f"{writers['train'].tokens + writers['val'].tokens:,}",
+                                        refresh=False)
+                    writers["train"].end_document()
+                    writers["val"].end_document()
+        finally:
+            for w in writers.values():
+                w.close()
+        tokenizer.save(tmp)
+        seconds = time.perf_counter() - t0
+        train, val = writers["train"], writers["val"]
+        meta = {
+            "tokenizer": tokenizer.kind,
+            "vocab_size": tokenizer.vocab_size,
+            "eot_id": tokenizer.eot_id,
+            "dtype": dtype.name,
+            "train_tokens": train.tokens,
+            "val_tokens": val.tokens,
+            "train_chars": train.chars,
+            "val_chars": val.chars,
+            "val_bytes": val.nbytes,
+            "source_sha256": _corpus_digest(docs),
+            "split": cfg.split,
+            "val_fraction": cfg.val_fraction,
+            "documents": {"train": train.documents, "val": val.documents},
+            "sources": _describe_sources(cfg, docs),
+        }
+        atomic_write_json(tmp / "meta.json", meta)
+    if progress:
+        mb = sum(d.size for d in docs) / 1e6
+        print(f"tokenized {mb:,.1f} MB into {train.tokens + val.tokens:,} tokens in {seconds:.1f} s "
+              f"({mb / max(seconds, 1e-9):,.1f} MB/s, {threads} threads)", file=sys.stderr)
     return meta
+
+
+def _corpus_digest(docs: list[Document]) -> str:
+    """One file: its sha256 (so the default corpus keeps its familiar checksum). Several:
+    the sha256 of their ``sha256  label`` lines, like a SHA256SUMS file."""
+    if len(docs) == 1:
+        return docs[0].sha256
+    return hashlib.sha256("".join(f"{d.sha256}  {d.label}\n" for d in docs).encode()).hexdigest()
+
+
+def _describe_sources(cfg: DataConfig, docs: list[Document]) -> list[dict]:
+    out = []
+    for i, src in enumerate(cfg.sources):
+        mine = [d for d in docs if d.source == i]
+        entry = {"url": src.url} if src.url else {"path": src.path}
+        entry.update(pinned=bool(src.sha256), bytes=sum(d.size for d in mine), n_files=len(mine))
+        if len(mine) <= MAX_LISTED_FILES:
+            entry["files"] = [{"file": d.label, "sha256": d.sha256, "bytes": d.size} for d in mine]
+        else:
+            entry["files_sha256"] = _corpus_digest(mine)
+        out.append(entry)
+    return out

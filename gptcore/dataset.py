@@ -1,4 +1,9 @@
-"""Token dataset: the processed splits in memory, and random training windows from them."""
+"""Token dataset: the processed splits, memory-mapped, and random training windows from them.
+
+The token files are never read whole: :class:`TokenData` maps them (``numpy.memmap``),
+and :class:`BatchSampler` gathers only the windows of each batch, so a corpus larger
+than RAM trains, and torchrun's ranks share one page cache instead of a copy each.
+"""
 
 from __future__ import annotations
 
@@ -35,15 +40,25 @@ def _read_meta(path: Path) -> dict:
     return meta
 
 
+_CHECK_TOKENS = 1 << 24  # ids validated per read when loading (32 MiB of uint16)
+
+
 @dataclass
 class TokenData:
-    """A processed split directory: token ids, metadata and tokenizer."""
+    """A processed split directory: token ids, metadata and tokenizer.
 
-    train: torch.Tensor  # int64 ids
-    val: torch.Tensor
+    ``train``/``val`` are 1-D integer arrays: read-only memory maps of the token files
+    after :meth:`load`; tensors or arrays given directly (tests, notebooks) are taken
+    as they are, without a copy where possible."""
+
+    train: np.ndarray
+    val: np.ndarray
     meta: dict
     tokenizer: Tokenizer
     directory: str = ""  # where it was loaded from ("" when built in memory)
+
+    def __post_init__(self) -> None:
+        self.train, self.val = _as_array(self.train), _as_array(self.val)
 
     def describe(self) -> list[dict]:
         """Each split as a dataset entry for tracking: name, digest (sha256 of the token
@@ -55,11 +70,13 @@ class TokenData:
         out = []
         for split, context in (("train", "training"), ("val", "validation")):
             tokens = getattr(self, split)
-            digest = hashlib.sha256(tokens.numpy().astype(dtype).tobytes()).hexdigest()[:16]
+            h = hashlib.sha256()
+            for i in range(0, tokens.size, _CHECK_TOKENS):  # in slices: never the whole split in RAM
+                h.update(np.ascontiguousarray(tokens[i:i + _CHECK_TOKENS], dtype=dtype).tobytes())
             source = str(Path(self.directory, f"{split}.bin").resolve()) if self.directory else "memory"
-            profile = {"tokens": int(tokens.numel()), "tokenizer": tokenizer,
+            profile = {"tokens": int(tokens.size), "tokenizer": tokenizer,
                        "corpus_sha256": self.meta.get("source_sha256", "")}
-            out.append({"name": f"{split} split ({tokenizer})", "digest": digest,
+            out.append({"name": f"{split} split ({tokenizer})", "digest": h.hexdigest()[:16],
                         "source": source, "context": context, "profile": profile})
         return out
 
@@ -67,20 +84,38 @@ class TokenData:
     def load(cls, processed_dir: str | Path) -> "TokenData":
         d = Path(processed_dir)
         meta = _read_meta(d / "meta.json")
+        dtype = np.dtype(meta["dtype"])
         splits = {}
         for split in ("train", "val"):
+            path = d / f"{split}.bin"
             try:
-                arr = np.fromfile(d / f"{split}.bin", dtype=np.dtype(meta["dtype"]))
+                size = path.stat().st_size
             except FileNotFoundError:
-                raise DataError(f"{d / (split + '.bin')}: missing; re-run the tokenize stage") from None
-            if arr.size != meta[f"{split}_tokens"]:
-                raise DataError(f"{d / (split + '.bin')}: {arr.size} tokens, meta.json says "
+                raise DataError(f"{path}: missing; re-run the tokenize stage") from None
+            n = size // dtype.itemsize
+            if size % dtype.itemsize or n != meta[f"{split}_tokens"]:
+                stray = f" and {size % dtype.itemsize} stray byte(s)" if size % dtype.itemsize else ""
+                raise DataError(f"{path}: {n} tokens{stray}, meta.json says "
                                 f"{meta[f'{split}_tokens']}; re-run the tokenize stage")
-            if arr.size and int(arr.max()) >= meta["vocab_size"]:
-                raise DataError(f"{d / (split + '.bin')}: token id {int(arr.max())} is outside the "
-                                f"vocabulary [0, {meta['vocab_size']}); corrupt file, re-run the tokenize stage")
-            splits[split] = torch.from_numpy(arr.astype(np.int64))
+            # An id outside the vocabulary would index past the embedding: check once, in
+            # slices read from the file (bounded memory; pages of a map would stay resident).
+            with open(path, "rb") as f:
+                while (chunk := np.fromfile(f, dtype=dtype, count=_CHECK_TOKENS)).size:
+                    if int(chunk.max()) >= meta["vocab_size"]:
+                        raise DataError(f"{path}: token id {int(chunk.max())} is outside the vocabulary "
+                                        f"[0, {meta['vocab_size']}); corrupt file, re-run the tokenize stage")
+            # np.memmap cannot map an empty file; an empty split stays an empty array.
+            splits[split] = np.memmap(path, dtype=dtype, mode="r") if n else np.zeros(0, dtype)
         return cls(splits["train"], splits["val"], meta, load_tokenizer(d), str(d))
+
+
+def _as_array(tokens) -> np.ndarray:
+    if isinstance(tokens, torch.Tensor):
+        tokens = tokens.cpu().numpy()
+    tokens = np.asanyarray(tokens)  # a memmap stays one (no copy)
+    if tokens.ndim != 1 or tokens.dtype.kind not in "iu":
+        raise DataError(f"token ids must be a 1-D integer array, got shape {tokens.shape} {tokens.dtype}")
+    return tokens
 
 
 class BatchSampler:
@@ -90,19 +125,22 @@ class BatchSampler:
     restoring ``state_dict()`` replays exactly the same batches.
     """
 
-    def __init__(self, tokens: torch.Tensor, block_size: int, batch_size: int, seed: int,
+    def __init__(self, tokens, block_size: int, batch_size: int, seed: int,
                  name: str = "split") -> None:
-        if tokens.numel() < block_size + 1:
-            raise DataError(f"{name} has {tokens.numel()} tokens, fewer than block_size + 1 = "
+        tokens = _as_array(tokens)
+        if tokens.size < block_size + 1:
+            raise DataError(f"{name} has {tokens.size} tokens, fewer than block_size + 1 = "
                             f"{block_size + 1}; lower model.block_size or use more data")
         self.tokens, self.block_size, self.batch_size = tokens, block_size, batch_size
         self.generator = torch.Generator().manual_seed(seed)
-        self._offsets = torch.arange(block_size + 1)
+        self._offsets = np.arange(block_size + 1)
 
     def next(self) -> tuple[torch.Tensor, torch.Tensor]:
-        starts = torch.randint(self.tokens.numel() - self.block_size, (self.batch_size,),
-                               generator=self.generator)
-        windows = self.tokens[starts[:, None] + self._offsets]  # (B, T+1)
+        # Window starts from the sampler's own torch generator (its state is the resume
+        # state); the gather touches only those windows of the memory map.
+        starts = torch.randint(self.tokens.size - self.block_size, (self.batch_size,),
+                               generator=self.generator).numpy()
+        windows = torch.from_numpy(self.tokens[starts[:, None] + self._offsets].astype(np.int64))
         return windows[:, :-1], windows[:, 1:]
 
     def state_dict(self) -> dict:

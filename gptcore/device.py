@@ -40,6 +40,29 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     return torch.device(name)
 
 
+def resolve_precision(device: torch.device, dtype: str) -> tuple[str, str | None]:
+    """The autocast dtype ``device`` can run for the configured ``dtype``, and, where that
+    differs, one line saying why (the caller prints it).
+
+    Falls back rather than fails, as ``device: auto`` does: the same params.yaml should
+    train on a laptop, an old GPU and a new one. float16 needs a gradient scaler, which
+    the trainer adds whenever the dtype returned is float16.
+    """
+    if dtype == "float32":
+        return dtype, None
+    kind = device.type
+    if not torch.amp.is_autocast_available(kind):
+        return "float32", f"train.dtype={dtype}: no autocast on {kind}; training in float32"
+    if dtype == "bfloat16" and kind == "cuda" and not torch.cuda.is_bf16_supported(including_emulation=False):
+        # Pre-Ampere GPUs (V100, T4) emulate bf16 slowly; float16 runs on their tensor cores.
+        return "float16", (f"train.dtype=bfloat16: {torch.cuda.get_device_name(device)} has no native "
+                           "bfloat16; training in float16 with a gradient scaler")
+    if dtype == "bfloat16" and kind == "mps" and not torch.backends.mps.is_macos_or_newer(14, 0):
+        return "float16", ("train.dtype=bfloat16: MPS needs macOS 14 for bfloat16; training in float16 "
+                           "with a gradient scaler")
+    return dtype, None
+
+
 def autocast(device: torch.device, dtype: str):
     """Matmuls in ``dtype`` under autocast (weights and optimizer state stay fp32)."""
     if dtype == "float32":

@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 import sys
 
+import numpy as np
 import torch
 
 from .device import autocast
@@ -20,7 +21,7 @@ from .model import GPT
 
 
 @torch.no_grad()
-def evaluate_tokens(model: GPT, tokens: torch.Tensor, eot_id: int, n_bytes: int,
+def evaluate_tokens(model: GPT, tokens, eot_id: int, n_bytes: int,
                     batch_size: int = 8, dtype: str = "float32",
                     device: torch.device | str = "cpu", progress: bool = True) -> dict:
     """``val_loss`` (mean nats/token), ``perplexity`` and ``bits_per_byte`` of ``tokens``."""
@@ -29,8 +30,8 @@ def evaluate_tokens(model: GPT, tokens: torch.Tensor, eot_id: int, n_bytes: int,
     device = torch.device(device)
     model.eval()
     T = model.config.block_size
-    seq = torch.cat([torch.tensor([eot_id]), tokens.long()])
-    n = tokens.numel()
+    tokens = tokens.numpy() if isinstance(tokens, torch.Tensor) else tokens  # or a memory map
+    n = len(tokens)
     starts = list(range(0, n, T))
     total_nats = 0.0
     counted = 0
@@ -41,9 +42,12 @@ def evaluate_tokens(model: GPT, tokens: torch.Tensor, eot_id: int, n_bytes: int,
             x = torch.full((len(group), T), eot_id, dtype=torch.long)
             y = torch.full((len(group), T), -1, dtype=torch.long)  # -1: padding, ignored
             for row, s in enumerate(group):
+                # Over seq = [eot] + tokens: x = seq[s:s+length], y = seq[s+1:s+1+length],
+                # read from the (memory-mapped) split one window at a time, never whole.
                 length = min(T, n - s)
-                x[row, :length] = seq[s:s + length]
-                y[row, :length] = seq[s + 1:s + 1 + length]
+                y[row, :length] = torch.from_numpy(np.asarray(tokens[s:s + length], dtype=np.int64))
+                x[row, 1:length] = y[row, :length - 1]
+                x[row, 0] = eot_id if s == 0 else int(tokens[s - 1])
             with autocast(device, dtype):
                 nats = model.loss(x.to(device), y.to(device), reduction="sum")
             total_nats += nats.item()

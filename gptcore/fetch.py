@@ -76,7 +76,8 @@ def fetch_sources(dest: str | Path, sources: Mapping[str, Source] = SOURCES, *,
                   mirror: str | Path | None = None) -> dict[str, str]:
     """Place every source in ``dest`` with its sha256 verified; returns {name: sha256}.
 
-    A file already present with the right hash is kept. ``mirror`` (default: the
+    A file already present with the right hash is kept. A source without a sha256 (only
+    where ``data.require_sha256`` allows it) is fetched every time and its hash returned. ``mirror`` (default: the
     ``GPTCORE_MIRROR`` environment variable) takes files from a local directory
     instead of the network.
     """
@@ -86,7 +87,7 @@ def fetch_sources(dest: str | Path, sources: Mapping[str, Source] = SOURCES, *,
     fetched = {}
     for name, src in sources.items():
         target = dest / name
-        if target.is_file() and sha256_file(target) == src.sha256:
+        if src.sha256 and target.is_file() and sha256_file(target) == src.sha256:
             fetched[name] = src.sha256
             continue
         if mirror is not None:
@@ -99,7 +100,7 @@ def fetch_sources(dest: str | Path, sources: Mapping[str, Source] = SOURCES, *,
             origin = src.url
             data = _fetch_with_retries(src.url, name, retries, timeout_s)
         actual = sha256_bytes(data)
-        if actual != src.sha256:
+        if src.sha256 and actual != src.sha256:  # unpinned (data.require_sha256: none): reported, kept
             raise DataError(f"{name}: sha256 mismatch for {origin}: got {actual}, expected {src.sha256}; "
                             "nothing was written")
         atomic_write_bytes(target, data)

@@ -22,7 +22,11 @@ from .checkpoint import load_checkpoint, load_trainer_state, save_checkpoint
 from .config import Params
 
 # Logging and checkpoint cadence do not change the weights, so a run may resume with them changed.
-_NOT_IDENTITY = ("log_interval", "checkpoint_interval")
+# Nor does compile: the compiled step computes the same function (to float rounding), and
+# the checkpoint holds the uncompiled module's weights, so a run compiled on a GPU may be
+# resumed eagerly (e.g. where compiling failed or is switched off) and vice versa. Bit-exact
+# continuation needs the same setting, as it needs the same machine and thread count.
+_NOT_IDENTITY = ("log_interval", "checkpoint_interval", "compile")
 
 
 def fingerprint(params: Params, data_meta: dict, world_size: int = 1) -> str:

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import sys
+from pathlib import Path
 from typing import Callable
 
 from .errors import GptcoreError, TrainingInterrupted
@@ -49,3 +51,26 @@ def run_stage(main: Callable[[], None]) -> None:
         print(f"error: {exc.strerror or exc}{where}; outputs already written are intact "
               "(every write is atomic); fix the cause and run again", file=sys.stderr)
         sys.exit(EXIT_ERROR)
+
+
+def project_root() -> Path:
+    """The DVC project's root: ``DVC_ROOT`` when DVC runs the stage, else the working directory."""
+    return Path(os.environ.get("DVC_ROOT") or os.getcwd()).resolve()
+
+
+def declared_deps(stage: str, params: dict, root: Path | None = None) -> list[str] | None:
+    """The deps ``dvc.yaml`` declares for ``stage``, with ``${a.b}`` templates filled
+    from ``params`` (flattened), as absolute paths; None where there is no dvc.yaml."""
+    import yaml
+
+    from .config import flatten
+
+    root = root or project_root()
+    try:
+        spec = yaml.safe_load((root / "dvc.yaml").read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None
+    values = flatten(params)
+    deps = ((spec or {}).get("stages") or {}).get(stage, {}).get("deps") or []
+    fill = lambda m: str(values.get(m.group(1).strip(), m.group(0)))  # noqa: E731
+    return [str((root / re.sub(r"\$\{([^}]*)\}", fill, d)).resolve()) for d in deps]

@@ -25,16 +25,14 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from .stage import project_root  # noqa: F401 - also stages/train.py's
+
 EXPERIMENT = "gptcore"
 RUN_FILE = "metrics/mlflow_run.json"
 # MLflow 3 shows an untyped experiment in its GenAI layout (traces, judges); this tag
 # selects the model-training layout (runs, metrics, charts).
 EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
 MODEL_ID_TAG = "gptcore.model_id"
-
-
-def project_root() -> Path:
-    return Path(os.environ.get("DVC_ROOT") or os.getcwd()).resolve()
 
 
 def _configure_env() -> None:
@@ -77,15 +75,23 @@ def readable_run_name(root: Path, params: dict[str, Any]) -> str | None:
     if committed is not None:
         import yaml
 
-        from .config import flatten
-        try:
-            before = flatten(yaml.safe_load(committed) or {})
-        except yaml.YAMLError:
+        from .config import Params, flatten
+        from .errors import ConfigError
+        try:  # parsed, so defaults and omitted keys (a source's empty path:) compare equal
+            before = flatten(Params.from_dict(yaml.safe_load(committed) or {}).to_dict())
+        except (yaml.YAMLError, ConfigError):
             before = {}
         same = lambda a, b: json.dumps(a, default=str) == json.dumps(b, default=str)  # noqa: E731 - (1,) == [1]
-        changed = [f"{k}={v}" for k, v in params.items() if k in before and not same(before[k], v)]
+        changed = [f"{k}={_short(v)}" for k, v in params.items() if k in before and not same(before[k], v)]
     name = " ".join([short, *changed])
     return name if len(name) <= 120 else name[:119] + "…"
+
+
+def _short(value: Any) -> str:
+    """A param as a run name shows it: data.sources as its paths/URLs, the rest as is."""
+    if isinstance(value, (list, tuple)) and value and all(isinstance(v, dict) for v in value):
+        return ",".join(v.get("path") or v.get("url") or "?" for v in value)
+    return str(value)
 
 
 class Tracker:

@@ -32,7 +32,7 @@ from . import distributed, resume
 from .checkpoint import save_checkpoint
 from .config import Params
 from .dataset import BatchSampler, TokenData
-from .device import autocast, keep_freed_memory
+from .device import autocast, keep_freed_memory, resolve_precision
 from .errors import ConfigError, TrainingInterrupted
 from .model import GPT
 from .optim import lr_at, make_optimizer, set_lr
@@ -113,6 +113,23 @@ class Trainer:
             torch.manual_seed(self.cfg.seed + self.dist.rank)
         self.module = distributed.wrap(self.model, self.device) if self.dist.enabled else self.model
         self.optimizer = make_optimizer(self.model, self.cfg)
+        self.dtype, note = resolve_precision(self.device, self.cfg.dtype)
+        if note:
+            self._say(note)
+        # float16's narrow range underflows small gradients unless the loss is scaled up;
+        # bfloat16 and float32 have float32's range and need no scaler (disabled = no-op).
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == "float16")
+        # What the training step calls: the module, or its compiled twin. Both share the
+        # weights; checkpoints and evaluation use the uncompiled ``self.model``.
+        self.step_module, self._compile_pending = self.module, self._wants_compile()
+        if self._compile_pending:
+            self.step_module = torch.compile(self.module)
+        # On CUDA a .item() per step makes the host wait for the GPU every step: step losses
+        # stay on the device and are read every log_interval steps (and before evaluating,
+        # checkpointing or stopping). On CPU there is nothing to overlap: read at once.
+        self.defer_sync = self.device.type == "cuda"
+        self._pending: list[tuple[int, torch.Tensor, float]] = []  # (step, loss, lr) not yet read
+        self._window_start = 0.0  # when the first of the pending steps began
         self.sampler = BatchSampler(data.train, params.model.block_size, self.cfg.batch_size,
                                     seed=self.cfg.seed + 1 + self.dist.rank, name="train split")
         self._val_sampler()  # a val split too short for block_size fails now, not at the first evaluation
@@ -132,7 +149,9 @@ class Trainer:
         progress = {k: getattr(self, k) for k in _PROGRESS}
         progress["wall_time"] = self._wall_now()
         return {"fingerprint": self.fingerprint, "world_size": self.dist.world_size,
-                "optimizer": self.optimizer.state_dict(), **progress}
+                "optimizer": self.optimizer.state_dict(),
+                "scaler": self.scaler.state_dict(),  # {} unless float16: the loss scale and its growth count
+                **progress}
 
     def _wall_now(self) -> float:
         return self.wall_time + time.monotonic() - self._segment_start
@@ -145,6 +164,8 @@ class Trainer:
         weights, state = found
         self.model.load_state_dict(weights)
         self.optimizer.load_state_dict(state["optimizer"])
+        if state.get("scaler"):  # without it a float16 run would restart at the initial scale
+            self.scaler.load_state_dict(state["scaler"])
         # The fingerprint fixes the world size, so there is one entry per rank.
         resume.load_rank_state(state["ranks"][self.dist.rank], self.sampler, self.device)
         for key in _PROGRESS:
@@ -169,7 +190,7 @@ class Trainer:
         total = 0.0
         for _ in range(n):
             x, y = sampler.next()
-            with autocast(self.device, self.cfg.dtype):
+            with autocast(self.device, self.dtype):
                 total += self.model.loss(x.to(self.device), y.to(self.device)).item()
         self.model.train()
         return total / n
@@ -197,27 +218,76 @@ class Trainer:
         return self.cfg.patience > 0 and self.bad_evals >= self.cfg.patience
 
     # -- the loop ---------------------------------------------------------------------
-    def _train_step(self, lr: float) -> float:
-        """One optimizer step over ``grad_accum_steps`` micro-batches; returns the mean loss."""
+    def _wants_compile(self) -> bool:
+        want = self.cfg.compile
+        if want == "auto":
+            # Measured (issue #8): on a 2-core CPU compile bought memory, not speed, for ~30 s
+            # of warm-up; on an H100 the compiled model step ran ~2x nanoGPT's eager one.
+            want = self.device.type == "cuda"
+        if not want:
+            return False
+        try:
+            import torch._dynamo
+
+            torch._dynamo.eval_frame.check_if_dynamo_supported()  # e.g. a Python newer than this torch
+        except Exception as exc:  # noqa: BLE001 - any reason means: train eagerly, say why
+            self._say(f"train.compile: torch.compile is unavailable ({_first_line(exc)}); training eagerly")
+            return False
+        return True
+
+    def _to_device(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.device.type == "cuda":
+            # From pinned host memory the copy is asynchronous: the host samples the next
+            # batch while the GPU still works on this one.
+            return (x.pin_memory().to(self.device, non_blocking=True),
+                    y.pin_memory().to(self.device, non_blocking=True))
+        return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+
+    def _train_step(self, lr: float) -> float | torch.Tensor:
+        """One optimizer step over ``grad_accum_steps`` micro-batches; returns the mean loss
+        (a float, or with ``defer_sync`` a device tensor that :meth:`_flush` reads later)."""
         set_lr(self.optimizer, lr)
         accum = self.cfg.grad_accum_steps
         total = 0.0
         for micro in range(accum):
-            x, y = self.sampler.next()
-            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+            x, y = self._to_device(*self.sampler.next())
             # Under DDP, average gradients across ranks only on the last micro-batch.
             last = micro == accum - 1
             sync = contextlib.nullcontext() if last or not self.dist.enabled else self.module.no_sync()
             with sync:
-                with autocast(self.device, self.cfg.dtype):
-                    _, loss = self.module(x, y, return_logits=False)
-                (loss / accum).backward()
-            total += loss.item()
+                with autocast(self.device, self.dtype):
+                    _, loss = self.step_module(x, y, return_logits=False)
+                self.scaler.scale(loss / accum).backward()
+            total += loss.detach() if self.defer_sync else loss.item()
         if self.cfg.grad_clip > 0:
+            self.scaler.unscale_(self.optimizer)  # clip the true gradients, not the scaled ones
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
-        self.optimizer.step()
+        # float16: skips the update if a gradient overflowed, and then lowers the scale.
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         return total / accum
+
+    def _compiling_step(self, lr: float) -> float | torch.Tensor:
+        """The first step with compile on: graph capture and code generation happen here.
+        If they fail (no C++ compiler, an unsupported op), undo the step's side effects and
+        take it eagerly, so the run stays what it would have been without compile."""
+        self._compile_pending = False
+        before = resume.rank_state(self.sampler, self.device)  # the batch and dropout RNG
+        t0 = time.perf_counter()
+        try:
+            loss = self._train_step(lr)
+        except Exception as exc:  # noqa: BLE001 - a real error recurs in the eager retry below
+            self.optimizer.zero_grad(set_to_none=True)
+            resume.load_rank_state(before, self.sampler, self.device)
+            self.step_module = self.module
+            self._say(f"train.compile: torch.compile failed at the first step ({type(exc).__name__}: "
+                      f"{_first_line(exc)}); training eagerly")
+            return self._train_step(lr)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)  # once: the warm-up is host and GPU time
+        self._say(f"compiled in {time.perf_counter() - t0:.1f} s (first step, included in train time)")
+        return loss
 
     def train(self) -> TrainResult:
         from tqdm import tqdm
@@ -243,28 +313,35 @@ class Trainer:
             while self.step < cfg.max_steps:
                 lr = lr_at(self.step, cfg)
                 t0 = time.perf_counter()
-                loss = self._train_step(lr)
-                if self.device.type == "cuda":
-                    torch.cuda.synchronize()
+                if not self._pending:  # deferred: a window of steps is timed, from its first step
+                    self._window_start = t0
+                loss = self._compiling_step(lr) if self._compile_pending else self._train_step(lr)
                 dt = time.perf_counter() - t0
                 self.step += 1
-                self.train_time += dt
                 self.tokens_seen += tokens_per_step
-                if not math.isfinite(loss):
-                    kept = (f"the best model so far (step {self.best_step}) is in {self.best_dir}"
-                            if self.best_step >= 0 else "no model was published")
-                    raise FloatingPointError(f"training loss is {loss} at step {self.step}: the run diverged; "
-                                             f"{kept}; lower train.learning_rate or enable train.grad_clip")
-                self._log_step(bar, loss, lr, tokens_per_step / dt)
                 at_end = self.step == cfg.max_steps
-                if self.step % cfg.eval_interval == 0 or at_end:
+                evaluating = self.step % cfg.eval_interval == 0 or at_end
+                checkpointing = self.step % cfg.checkpoint_interval == 0 and not at_end
+                if self.defer_sync:
+                    self._pending.append((self.step, loss, lr))
+                    if self.step % cfg.log_interval == 0 or evaluating or checkpointing:
+                        self._flush(bar, tokens_per_step)
+                else:
+                    self.train_time += dt
+                    self._check_finite(self.step, loss)
+                    self._log_step(bar, loss, lr, tokens_per_step / dt)
+                if evaluating:
                     if distributed.any_rank(self.is_main and self._evaluate(), self.dist, self.device):
                         stopped_early = True
                         self._say(f"early stop: no improvement in {cfg.patience} evaluations")
                         break
-                if self.step % cfg.checkpoint_interval == 0 and not at_end:
+                if checkpointing:
                     self.save_resume()
-                if distributed.any_rank(bool(stop), self.dist, self.device) and not at_end:
+                # Under DDP, asking the other ranks is a collective the host waits for: with
+                # deferred losses, ask only when a flush has just synchronised anyway.
+                may_ask = not (self.dist.enabled and self._pending)
+                if may_ask and distributed.any_rank(bool(stop), self.dist, self.device) and not at_end:
+                    self._flush(bar, tokens_per_step)  # the state saved holds every step's row
                     self.save_resume()
                     raise TrainingInterrupted(
                         f"{stop.get('stop', 'signal on another rank')} at step {self.step}: state saved "
@@ -277,15 +354,43 @@ class Trainer:
             resumed_from_step=self.resumed_from, num_parameters=self.model.num_parameters(),
             train_log=self.train_log, val_log=self.val_log)
 
-    def _log_step(self, bar, loss: float, lr: float, tokens_per_s: float) -> None:
-        self.train_log.append([self.step, loss, lr, tokens_per_s])
+    def _check_finite(self, step: int, loss: float) -> None:
+        if not math.isfinite(loss):
+            kept = (f"the best model so far (step {self.best_step}) is in {self.best_dir}"
+                    if self.best_step >= 0 else "no model was published")
+            raise FloatingPointError(f"training loss is {loss} at step {step}: the run diverged; "
+                                     f"{kept}; lower train.learning_rate or enable train.grad_clip")
+
+    def _flush(self, bar, tokens_per_step: int) -> None:
+        """Read the deferred step losses in one transfer, then check and log each step as
+        the undeferred loop does. Throughput is the window's: steps x tokens / its time."""
+        if not self._pending:
+            return
+        losses = torch.stack([loss for _, loss, _ in self._pending]).tolist()  # the one host sync
+        dt = time.perf_counter() - self._window_start
+        self.train_time += dt
+        rate = tokens_per_step * len(losses) / dt
+        pending, self._pending = self._pending, []
+        for (step, _, lr), loss in zip(pending, losses):
+            self._check_finite(step, loss)
+            self._log_step(bar, loss, lr, rate, step)
+
+    def _log_step(self, bar, loss: float, lr: float, tokens_per_s: float, step: int | None = None) -> None:
+        step = self.step if step is None else step
+        self.train_log.append([step, loss, lr, tokens_per_s])
         bar.update(1)
         bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:,.0f}")
-        if self.tracker is not None and (self.step % self.cfg.log_interval == 0 or self.step == 1):
+        if self.tracker is not None and (step % self.cfg.log_interval == 0 or step == 1):
             self.tracker.log_metrics({"train_loss": loss, "lr": lr, "tokens_per_s": tokens_per_s},
-                                     step=self.step)
+                                     step=step)
 
     def _say(self, msg: str) -> None:
         if self.is_main and self.progress:
             from tqdm import tqdm
             tqdm.write(msg, file=sys.stderr)
+
+
+def _first_line(exc: BaseException) -> str:
+    """An exception's message as one short line (compile errors span pages)."""
+    lines = str(exc).strip().splitlines()
+    return lines[0][:200] if lines else type(exc).__name__

@@ -1,18 +1,23 @@
-"""Stage: fetch Tiny Shakespeare and GPT-2's BPE files, sha256-verified, into data.raw_dir.
+"""Stage: fetch GPT-2's BPE files and every url: entry of data.sources (Tiny Shakespeare
+by default), sha256-verified, into data.raw_dir.
 
-The files, URLs and checksums are gptcore/sources.py. Offline: set GPTCORE_MIRROR to a
-directory of byte-exact copies (CI: ../shared/mirror).
+The fixed files, URLs and checksums are gptcore/sources.py. Offline: set GPTCORE_MIRROR
+to a directory of byte-exact copies (CI: ../shared/mirror). Local path: sources are not
+copied: the tokenize stage reads them where they are.
 """
 
 from gptcore.config import load_params
 from gptcore.fetch import fetch_sources
+from gptcore.sources import download_sources
 from gptcore.stage import run_stage
 
 
 def main() -> None:
     data = load_params().data
-    for name, sha in fetch_sources(data.raw_dir, retries=data.retries, timeout_s=data.timeout_s).items():
-        print(f"{name}: sha256 {sha} ok")
+    pinned = download_sources(data)
+    for name, sha in fetch_sources(data.raw_dir, pinned, retries=data.retries,
+                                   timeout_s=data.timeout_s).items():
+        print(f"{name}: sha256 {sha} {'ok' if pinned[name].sha256 else '(not pinned)'}")
 
 
 if __name__ == "__main__":

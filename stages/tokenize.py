@@ -1,16 +1,24 @@
-"""Stage: split the text 90/10 by characters and tokenize into data.processed_dir."""
+"""Stage: tokenize data.sources (Tiny Shakespeare by default), split into train/val,
+into data.processed_dir, streamed (memory bounded whatever the corpus size)."""
 
 import json
 
 from gptcore.config import load_params
-from gptcore.corpus import tokenize_corpus
-from gptcore.stage import run_stage
+from gptcore.corpus import tokenize_corpus, untracked_sources
+from gptcore.errors import ConfigError
+from gptcore.stage import declared_deps, project_root, run_stage
 
 
 def main() -> None:
     params = load_params()
-    meta = tokenize_corpus(params.data, params.tokenizer.kind)
-    print(json.dumps(meta, indent=2))
+    deps = declared_deps("tokenize", params.to_dict())
+    missing = untracked_sources(params.data, deps, project_root()) if deps is not None else []
+    if missing:
+        raise ConfigError(f"data.sources path(s) {', '.join(map(repr, missing))} are not deps of the tokenize "
+                          "stage in dvc.yaml, so DVC would not re-run it when they change; add each under "
+                          "stages.tokenize.deps (README: 'Train on your own text')")
+    meta = tokenize_corpus(params.data, params.tokenizer.kind, progress=True)
+    print(json.dumps({k: v for k, v in meta.items() if k != "sources"}, indent=2))
 
 
 if __name__ == "__main__":

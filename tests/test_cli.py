@@ -4,6 +4,7 @@ stdin, and clean one-line errors for bad input. Uses a tiny char-level checkpoin
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import select
 import string
@@ -97,6 +98,35 @@ def test_num_samples_seeds_and_stop(checkpoint, loaded):
               f"--stop={stop}", "--stop", "@@")  # --stop=TEXT: TEXT may start with "-"
     assert cut.returncode == 0
     assert cut.stdout.decode() == "To be" + samples[0][:samples[0].index(stop)] + "\n"
+
+
+def test_num_samples_decode_as_one_batch(checkpoint, loaded, capsys, monkeypatch):
+    """N > 1 goes through the batch (the one-sample streaming path is never used), prints
+    every sample in order under its header, rows stop independently at --stop, and a
+    batch longer than block_size (32) crops and goes on."""
+    import gptcore.generate
+
+    model, tok = loaded
+    greedy = generate(model, tok, "To be", SamplingConfig(max_new_tokens=80, temperature=0))
+    cfg = SamplingConfig(max_new_tokens=80, temperature=1.0, seed=3)
+    free = [generate(model, tok, "To be", dataclasses.replace(cfg, seed=3 + i)) for i in range(4)]
+    stop = next(c for c in string.ascii_lowercase if 1 <= sum(c in t for t in free) < 4)
+    cut = [generate(model, tok, "To be", dataclasses.replace(cfg, seed=3 + i, stop=(stop,))) for i in range(4)]
+    assert len(greedy) == 80 and len({len(t) for t in cut}) > 1  # the rows end at different steps
+
+    def no_single_decodes(*args, **kwargs):
+        raise AssertionError("--num-samples > 1 decoded a sample on its own")
+
+    monkeypatch.setattr(gptcore.generate, "stream", no_single_decodes)
+    base = ["generate", "--checkpoint", str(checkpoint), "--prompt", "To be", "--max-new-tokens", "80"]
+
+    def expected(samples):
+        return "".join(f"{'' if i == 0 else chr(10)}--- sample {i + 1} ---\nTo be{s}\n" for i, s in enumerate(samples))
+
+    assert main([*base, "--temperature", "0", "--num-samples", "3"]) == 0
+    assert capsys.readouterr().out == expected([greedy] * 3)
+    assert main([*base, "--temperature", "1", "--seed", "3", "--num-samples", "4", "--stop", stop]) == 0
+    assert capsys.readouterr().out == expected(cut)
 
 
 def test_output_streams_before_generation_ends(checkpoint):

@@ -169,3 +169,24 @@ def test_load_params_names_file_and_field(tmp_path):
     with pytest.raises(ConfigError, match=r"train\.batch_size must be an integer, got '16'"):
         load_params(path)
 
+
+
+@pytest.mark.parametrize("value", ["auto", True, False])
+def test_train_compile_is_auto_or_a_yaml_boolean(tmp_path, value):
+    path = tmp_path / "params.yaml"
+    path.write_text(f"train:\n  compile: {str(value).lower()}\n")
+    assert load_params(path).train.compile == value
+
+
+@pytest.mark.parametrize("data, match", [
+    ({"train": {"compile": "yes"}}, r"^train\.compile='yes' is invalid; allowed: auto \| true \| false"),
+    ({"train": {"compile": 1}}, r"^train\.compile must be true or false, got 1"),
+    ({"train": {"dtype": "float8"}}, r"^train\.dtype='float8' is invalid; allowed: float32 \| bfloat16 \| float16"),
+])
+def test_train_compile_and_dtype_errors_name_the_choices(data, match):
+    with pytest.raises(ConfigError, match=match):
+        Params.from_dict(data)
+
+
+def test_train_float16_is_a_choice():
+    assert Params.from_dict({"train": {"dtype": "float16"}}).train.dtype == "float16"

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from gptcore.config import DataConfig
+from gptcore.config import CorpusSource, DataConfig
 from gptcore.corpus import tokenize_corpus
 from gptcore.dataset import BatchSampler, TokenData
 from gptcore.errors import DataError
@@ -235,7 +235,8 @@ def test_tokenize_gpt2(tmp_path, raw_dir):
     assert (out / "val.bin").stat().st_size == 36_059 * 2
     assert json.loads((out / "meta.json").read_text()) == meta
     data = TokenData.load(out)
-    assert data.train.dtype == torch.int64 and data.train.numel() == 301_966
+    # Memory-mapped, never converted: the split stays the file's uint16 ids.
+    assert isinstance(data.train, np.memmap) and data.train.dtype == np.uint16 and data.train.size == 301_966
     text = (raw_dir / "input.txt").read_text()
     assert data.train[:2].tolist() == data.tokenizer.encode("First Citizen") == [5962, 22307]
     assert data.tokenizer.decode(data.train.tolist()) + data.tokenizer.decode(data.val.tolist()) == text
@@ -354,6 +355,12 @@ def test_corrupt_meta_json_is_a_data_error(tmp_path, raw_dir, content, match):
     assert "re-run the tokenize stage" in str(info.value)
 
 
+def _local(path: Path, out: Path) -> DataConfig:
+    """A config whose one source is the local file ``path``."""
+    return DataConfig(raw_dir=str(out.parent / "raw_unused"), processed_dir=str(out),
+                      sources=(CorpusSource(path=str(path)),))
+
+
 @pytest.mark.parametrize("content, match", [
     (b"", r"input\.txt: the corpus is empty"),
     (b"  \n\n", r"input\.txt: the corpus is empty"),
@@ -365,7 +372,7 @@ def test_bad_corpus_is_a_clear_error_and_writes_nothing(tmp_path, content, match
     raw.mkdir()
     (raw / "input.txt").write_bytes(content)
     with pytest.raises(DataError, match=match):
-        tokenize_corpus(DataConfig(raw_dir=str(raw), processed_dir=str(out)), "char")
+        tokenize_corpus(_local(raw / "input.txt", out), "char")
     assert not out.exists()
 
 
@@ -374,7 +381,7 @@ def test_crlf_line_ends_are_kept(tmp_path):
     raw.mkdir()
     text = "first line\r\nsecond line\r\n" * 20
     (raw / "input.txt").write_bytes(text.encode())
-    tokenize_corpus(DataConfig(raw_dir=str(raw), processed_dir=str(out)), "char")
+    tokenize_corpus(_local(raw / "input.txt", out), "char")
     data = TokenData.load(out)
     assert "\r" in data.tokenizer.chars
     assert data.tokenizer.decode(data.train.tolist()) + data.tokenizer.decode(data.val.tolist()) == text

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from gptcore.device import resolve_device
+from gptcore.device import resolve_device, resolve_precision
 from gptcore.errors import ConfigError
 
 
@@ -42,3 +42,42 @@ def test_asking_for_an_absent_accelerator_is_a_clear_error(machine):
         resolve_device("cuda")
     with pytest.raises(ConfigError, match="train.device=mps but Apple's MPS backend is not available"):
         resolve_device("mps")
+
+
+# -- precision: what the device can run ---------------------------------------------------
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
+def test_cpu_runs_every_precision_as_asked(dtype):
+    assert resolve_precision(torch.device("cpu"), dtype) == (dtype, None)
+
+
+def test_gpu_without_native_bf16_falls_back_to_float16_saying_so(machine, monkeypatch):
+    machine(cuda=1)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla T4")
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation)
+    dtype, note = resolve_precision(torch.device("cuda", 0), "bfloat16")
+    assert dtype == "float16"
+    assert note == ("train.dtype=bfloat16: Tesla T4 has no native bfloat16; training in float16 "
+                    "with a gradient scaler")
+    assert resolve_precision(torch.device("cuda", 0), "float16") == ("float16", None)
+    assert resolve_precision(torch.device("cuda", 0), "float32") == ("float32", None)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)  # Ampere+
+    assert resolve_precision(torch.device("cuda", 0), "bfloat16") == ("bfloat16", None)
+
+
+@pytest.mark.parametrize("macos_14, expected", [(True, "bfloat16"), (False, "float16")])
+def test_mps_takes_bf16_only_from_macos_14(monkeypatch, macos_14, expected):
+    monkeypatch.setattr(torch.backends.mps, "is_macos_or_newer", lambda major, minor: macos_14)
+    dtype, note = resolve_precision(torch.device("mps"), "bfloat16")
+    assert dtype == expected
+    assert (note is None) == macos_14
+    if note:
+        assert note.startswith("train.dtype=bfloat16: MPS needs macOS 14") and "float16" in note
+    assert resolve_precision(torch.device("mps"), "float16") == ("float16", None)
+
+
+def test_a_device_without_autocast_trains_in_float32_saying_so():
+    # "meta" is a real torch device with no autocast support.
+    for dtype in ("bfloat16", "float16"):
+        assert resolve_precision(torch.device("meta"), dtype) == (
+            "float32", f"train.dtype={dtype}: no autocast on meta; training in float32")

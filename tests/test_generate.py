@@ -1,5 +1,6 @@
 """Generation: the KV cache against full forward passes, every sampling filter, stop
-conditions and UTF-8-safe streaming. Tiny models only; everything runs on a CPU."""
+conditions, UTF-8-safe streaming, and batches of samples against single decodes. Tiny
+models only; everything runs on a CPU."""
 
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ import torch
 from gptcore.config import ConfigError, GPTConfig, SampleConfig
 from gptcore.generate import (
     SamplingConfig, apply_repetition_penalty, apply_top_k, apply_top_p,
-    decode_stream, generate, generate_ids, process_logits, sample_token, stream,
+    decode_stream, generate, generate_batch, generate_ids, generate_ids_batch, process_logits, sample_token,
+    stream, stream_batch, stream_ids_batch,
 )
 from gptcore.model import GPT, KVCache
 from gptcore.model.decode import CachedDecoder
@@ -401,3 +403,142 @@ def test_sampling_reads_only_ids_the_tokenizer_has():
                 SamplingConfig(temperature=1.0, seed=0, stop_at_eot=False)):
         ids = generate_ids(model, [1, 2], dataclasses.replace(cfg, max_new_tokens=20), vocab_size=1000)
         assert len(ids) == 20 and max(ids) < 1000
+
+
+# --------------------------------------------------------------------------- batches
+
+
+SAMPLED = SamplingConfig(temperature=1.0, top_k=10, top_p=0.9, repetition_penalty=1.3, seed=11, stop_at_eot=False)
+
+
+@pytest.mark.parametrize("fast", [True, False], ids=["fast-step", "module-step"])
+def test_batched_decoder_rows_equal_single_decoders(tok, fast):
+    """Rows with different windows and tokens: each row's logits are what a one-row
+    decoder computes for that row, after a prefill, steps, and dropping a row."""
+    model = tiny_model(tok.vocab_size)
+    if not fast:
+        model.train()  # dropout is 0: same numbers, but steps go through GPT.hidden_states
+    gen = torch.Generator().manual_seed(7)
+    seqs = torch.randint(0, tok.vocab_size, (3, BLOCK), generator=gen)
+    batch = CachedDecoder(model, batch_size=3)
+    singles = [CachedDecoder(model) for _ in range(3)]
+    got = batch.prefill_rows(seqs[:, :5])
+    for r in range(3):
+        torch.testing.assert_close(got[r], singles[r].prefill(seqs[r, :5].tolist()), atol=1e-5, rtol=0)
+    for t in range(5, 9):
+        got = batch.step_rows(seqs[:, t])
+        for r in range(3):
+            torch.testing.assert_close(got[r], singles[r].step(int(seqs[r, t])), atol=1e-5, rtol=0)
+    batch.keep_rows([2, 0])  # row 1 finished; the others keep their caches
+    for t in range(9, BLOCK):
+        got = batch.step_rows(seqs[[2, 0], t])
+        assert got.shape == (2, tok.vocab_size)
+        for b, r in enumerate([2, 0]):
+            torch.testing.assert_close(got[b], singles[r].step(int(seqs[r, t])), atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="full|block_size"):
+        batch.step_rows(seqs[[2, 0], 0])
+
+
+def test_batched_decoder_shares_one_prompt_prefill(tok):
+    """A (1, T) prefill runs once and fills every row: the rows then diverge correctly."""
+    model = tiny_model(tok.vocab_size)
+    prompt = [3, 1, 4, 1, 5]
+    batch = CachedDecoder(model, batch_size=4)
+    first = batch.prefill_rows(torch.tensor([prompt]))
+    ref = CachedDecoder(model).prefill(prompt)
+    assert first.shape == (4, tok.vocab_size) and all(torch.equal(row, ref) for row in first)
+    tokens = torch.tensor([0, 7, 9, 2])
+    got = batch.step_rows(tokens)
+    for r in range(4):
+        single = CachedDecoder(model)
+        single.prefill(prompt)
+        torch.testing.assert_close(got[r], single.step(int(tokens[r])), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("top", [1, 5])
+def test_batched_screened_head_keeps_each_rows_exact_top_k(top):
+    model = tiny_model(50257, seed=4)
+    seqs = torch.randint(0, 50257, (3, BLOCK), generator=torch.Generator().manual_seed(6))
+    screened, full = CachedDecoder(model, top=top, batch_size=3), CachedDecoder(model, batch_size=3)
+    pairs = [(screened.prefill_rows(seqs[:, :3]), full.prefill_rows(seqs[:, :3]))]
+    pairs += [(screened.step_rows(seqs[:, t]), full.step_rows(seqs[:, t])) for t in range(3, 8)]
+    for got, ref in pairs:
+        for g, r in zip(got, ref):
+            finite = torch.isfinite(g)
+            torch.testing.assert_close(g[finite], r[finite], atol=1e-5, rtol=0)
+            assert g.topk(top).indices.tolist() == r.topk(top).indices.tolist()
+
+
+@pytest.mark.parametrize("crop_to", [None, 3])
+@pytest.mark.parametrize("use_cache", [True, False], ids=["cached", "uncached"])
+def test_greedy_batch_rows_equal_the_single_greedy_decode(model, tok, crop_to, use_cache):
+    """Past block_size (the whole batch crops and re-prefills together), with and without
+    the repetition penalty (per-row history)."""
+    for penalty in (1.0, 2.0):
+        cfg = dataclasses.replace(GREEDY, max_new_tokens=3 * BLOCK + 5, repetition_penalty=penalty)
+        single = generate_ids(model, [1, 2], cfg, crop_to=crop_to)
+        rows = generate_ids_batch(model, [1, 2], 4, cfg, crop_to=crop_to, use_cache=use_cache)
+        assert rows == [single] * 4
+        assert len(single) == cfg.max_new_tokens and len(set(single)) > 3
+
+
+@pytest.mark.parametrize("crop_to", [None, 3])
+def test_sampled_batch_row_i_equals_an_independent_uncached_decode_with_seed_plus_i(model, tok, crop_to):
+    """Row i draws from its own generator seeded seed + i and filters its own logits
+    (penalty on its own tokens, top-k, top-p): it equals the single-sequence decode with
+    that seed through full forward passes, past block_size."""
+    cfg = dataclasses.replace(SAMPLED, max_new_tokens=3 * BLOCK)
+    rows = generate_ids_batch(model, tok.encode("First"), 5, cfg, crop_to=crop_to)
+    reference = [generate_ids(model, tok.encode("First"), dataclasses.replace(cfg, seed=cfg.seed + i),
+                              crop_to=crop_to, use_cache=False) for i in range(5)]
+    assert rows == reference
+    assert len({tuple(r) for r in rows}) == 5  # the rows are different samples
+    assert generate_ids_batch(model, tok.encode("First"), 5, cfg, crop_to=crop_to) == rows  # reproducible
+    other = generate_ids_batch(model, tok.encode("First"), 5, dataclasses.replace(cfg, seed=99), crop_to=crop_to)
+    assert other != rows
+
+
+def test_batch_of_one_is_the_single_decode_exactly(model, tok, mirror_dir):
+    """num_samples=1 gives what generate() gives (the sample stage's samples.md relies on
+    it): greedy, sampled, with stop strings, from an empty prompt, with a screened head."""
+    for cfg in (dataclasses.replace(GREEDY, max_new_tokens=50), dataclasses.replace(SAMPLED, max_new_tokens=50),
+                SamplingConfig(max_new_tokens=50, seed=3, stop=["e"]), SamplingConfig(max_new_tokens=30, seed=4)):
+        for prompt in ("First", ""):
+            assert generate_batch(model, tok, prompt, 1, cfg) == [generate(model, tok, prompt, cfg)]
+    gpt2 = GPT2Tokenizer(mirror_dir)
+    big = tiny_model(gpt2.vocab_size, block_size=32)
+    for cfg in (SamplingConfig(max_new_tokens=40, seed=0, top_k=50), SamplingConfig(max_new_tokens=40, temperature=0)):
+        assert generate_batch(big, gpt2, "Hello", 1, cfg) == [generate(big, gpt2, "Hello", cfg)]
+
+
+def test_batch_rows_stop_independently(model, tok):
+    """A stop string, or end-of-text, ends one row at its own step; the others go on,
+    and the finished row leaves the batch."""
+    cfg = SamplingConfig(max_new_tokens=40, temperature=1.5, seed=11, stop_at_eot=False)  # varied rows
+    full = generate_batch(model, tok, "First", 4, cfg)
+    assert len(set(full)) == 4 and all(len(t) == 40 for t in full)
+    stop = next(c for c in "etaoinsrh ,\n" if sum(c in t[5:] for t in full) >= 2
+                and len({t.find(c) for t in full}) > 1)
+    stopped = generate_batch(model, tok, "First", 4, dataclasses.replace(cfg, stop=[stop]))
+    assert stopped == [t[:t.index(stop)] if stop in t else t for t in full]
+    # completions come out as they finish: shortest (earliest) first
+    order = [i for i, _ in stream_batch(model, tok, "First", 4, dataclasses.replace(cfg, stop=[stop]))]
+    assert sorted(order) == [0, 1, 2, 3]
+    assert [len(stopped[i]) for i in order] == sorted(len(t) for t in stopped)
+
+    ids = generate_ids_batch(model, [1, 2, 3], 4, cfg)
+    eot = ids[0][12]  # pretend this token is end-of-text
+    sizes = [len(step) for step in stream_ids_batch(model, [1, 2, 3], 4, dataclasses.replace(cfg, stop_at_eot=True),
+                                                    eot_id=eot)]
+    ended = generate_ids_batch(model, [1, 2, 3], 4, dataclasses.replace(cfg, stop_at_eot=True), eot_id=eot)
+    assert ended == [r[:r.index(eot)] if eot in r else r for r in ids]
+    assert sizes[0] == 4 and sizes == sorted(sizes, reverse=True) and sizes[-1] < 4
+
+
+def test_batch_arguments(model, tok):
+    with pytest.raises(ValueError, match="num_samples=0 is invalid; allowed: an integer >= 1"):
+        generate_batch(model, tok, "First", 0, GREEDY)
+    with pytest.raises(ValueError, match="num_samples"):
+        generate_ids_batch(model, [1], 2.5, GREEDY)
+    assert generate_batch(model, tok, "First", 3, dataclasses.replace(GREEDY, max_new_tokens=0)) == ["", "", ""]
+

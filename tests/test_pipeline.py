@@ -235,3 +235,45 @@ def test_queued_experiments_on_two_workers_log_into_the_same_store(project):
     assert len(losses) == 3  # three different runs, not one logged three times
     with sqlite3.connect(root / "mlflow.db") as db:
         assert db.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+
+
+def test_own_corpus_folder_is_a_tracked_dependency(tmp_path, mirror_dir):
+    """data.sources pointing at a local folder: the tokenize stage refuses it until
+    dvc.yaml lists it as a dep; then editing a file in it makes DVC re-run tokenize."""
+    root = copy_project(tmp_path / "gptcore")
+    write_params(root, TINY, {"data": {"sources": [{"path": "data/corpus"}], "split": "documents",
+                                       "val_fraction": 0.25}})
+    text = (mirror_dir / "input.txt").read_text(encoding="utf-8")
+    corpus = root / "data" / "corpus"
+    corpus.mkdir(parents=True)
+    for i in range(4):
+        (corpus / f"part{i}.txt").write_text(text[i * 20_000:(i + 1) * 20_000], encoding="utf-8")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("DVC_", "MLFLOW_TRACKING"))}
+    env.update(PATH=f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}", GPTCORE_MIRROR=str(mirror_dir),
+               DVC_NO_ANALYTICS="1", MLFLOW_DISABLE_TELEMETRY="true")
+    dvc = str(VENV_BIN / "dvc")
+    _run(["git", "init", "-q", "-b", "main"], root, env)
+
+    refused = subprocess.run([dvc, "repro", "tokenize"], cwd=root, env=env, capture_output=True, text=True,
+                             timeout=600)
+    assert refused.returncode != 0
+    assert "error: data.sources path(s) 'data/corpus' are not deps of the tokenize stage" in refused.stdout + \
+        refused.stderr
+    assert "Traceback" not in refused.stdout + refused.stderr
+    assert not (root / "data/processed/train.bin").exists()
+
+    dvc_yaml = root / "dvc.yaml"
+    dvc_yaml.write_text(dvc_yaml.read_text().replace("# - data/corpus", "- data/corpus"))
+    _run([dvc, "repro", "tokenize"], root, env)
+    meta = json.loads((root / "data/processed/meta.json").read_text())
+    assert meta["split"] == "documents" and meta["documents"] == {"train": 3, "val": 1}
+    assert [f["file"] for f in meta["sources"][0]["files"]] == [f"data/corpus/part{i}.txt" for i in range(4)]
+    before = meta["train_tokens"] + meta["val_tokens"]
+    assert "Running stage" not in _run([dvc, "repro", "tokenize"], root, env).stdout
+
+    with open(corpus / "part0.txt", "a", encoding="utf-8") as f:
+        f.write("\nA line the user added to the corpus.\n")
+    assert "data/corpus" in _run([dvc, "status", "tokenize"], root, env).stdout
+    assert "Running stage 'tokenize'" in _run([dvc, "repro", "tokenize"], root, env).stdout
+    meta = json.loads((root / "data/processed/meta.json").read_text())
+    assert meta["train_tokens"] + meta["val_tokens"] > before

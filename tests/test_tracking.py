@@ -52,6 +52,15 @@ def test_run_name_is_the_commit_plus_changed_params(tmp_path):
                            text=True).stdout.strip()
     assert readable_run_name(tmp_path, {"train.seed": 1, "train.learning_rate": 0.001, "sample.stop": ()}) == short
     assert readable_run_name(tmp_path, {"train.seed": 7, "train.learning_rate": 0.001}) == f"{short} train.seed=7"
+    # data.sources: the committed default (parsed, so omitted keys compare equal) is no
+    # change; another corpus shows as its paths.
+    from gptcore.config import Params, flatten
+
+    default = flatten(Params().to_dict())
+    assert readable_run_name(tmp_path, {"data.sources": default["data.sources"]}) == short
+    mine = Params.from_dict({"data": {"sources": [{"path": "data/corpus"}, {"path": "more/*.txt"}]}})
+    assert readable_run_name(tmp_path, {"data.sources": flatten(mine.to_dict())["data.sources"]}) == \
+        f"{short} data.sources=data/corpus,more/*.txt"
 
 
 def test_datasets_and_model_are_logged_and_the_model_loads_back(store, tmp_path, monkeypatch):

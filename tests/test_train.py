@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from gptcore.checkpoint import load_checkpoint, load_trainer_state
-from gptcore.config import DataConfig, Params
+from gptcore.config import CorpusSource, DataConfig, Params
 from gptcore.corpus import tokenize_corpus
 from gptcore.dataset import TokenData
 from gptcore.errors import DataError
@@ -63,7 +63,9 @@ def shakespeare_dir(tmp_path_factory, mirror_dir) -> Path:
     (root / "raw").mkdir()
     text = (mirror_dir / "input.txt").read_text(encoding="utf-8")[:40_000]
     (root / "raw" / "input.txt").write_text(text, encoding="utf-8")
-    tokenize_corpus(DataConfig(raw_dir=str(root / "raw"), processed_dir=str(root / "processed")), "char")
+    # A local source: the training runs below read these token files memory-mapped.
+    tokenize_corpus(DataConfig(raw_dir=str(root / "raw"), processed_dir=str(root / "processed"),
+                               sources=(CorpusSource(path=str(root / "raw" / "input.txt")),)), "char")
     return root / "processed"
 
 
@@ -426,22 +428,31 @@ MUON_PARAMS = make_params(model={"dropout": 0.2},
                           train={**asdict(RESUME_PARAMS.train), "optimizer": "muon"}, vocab_size=66)
 
 
-def test_muon_resume_after_sigint_is_bit_exact(tmp_path, shakespeare_dir):
-    """Muon's momentum buffers travel in the resume checkpoint beside AdamW's moments."""
+def _sigint_at_13_then_resume(tmp_path: Path, data_dir: Path, params: Params) -> dict:
+    """SIGINT a real training process at step 13, check the saved state is taken up by a
+    rerun that ends bit-identical to an uninterrupted reference; returns the state saved
+    at the interrupt."""
     script = tmp_path / "train_script.py"
     script.write_text(SCRIPT)
-    ref = Run(script, shakespeare_dir, tmp_path / "reference", params=MUON_PARAMS)
-    run = Run(script, shakespeare_dir, tmp_path / "sigint", params=MUON_PARAMS, block_at=13)
+    ref = Run(script, data_dir, tmp_path / "reference", params=params)
+    run = Run(script, data_dir, tmp_path / "sigint", params=params, block_at=13)
     run.wait_until("AT 13")
     run.proc.send_signal(signal.SIGINT)
     rc, err = run.finish()
     assert rc == 130, err
-    assert set(load_trainer_state(tmp_path / "sigint/last")["optimizer"]) == {"adamw", "muon"}
-    rerun = Run(script, shakespeare_dir, tmp_path / "sigint", params=MUON_PARAMS)
+    state = load_trainer_state(tmp_path / "sigint/last")
+    rerun = Run(script, data_dir, tmp_path / "sigint", params=params)
     rc, err = rerun.finish()
     assert rc == 0, err
     assert "resuming from step 13" in err
     _assert_same_run(_reference_done(ref), tmp_path / "sigint", resumed_from=13)
+    return state
+
+
+def test_muon_resume_after_sigint_is_bit_exact(tmp_path, shakespeare_dir):
+    """Muon's momentum buffers travel in the resume checkpoint beside AdamW's moments."""
+    state = _sigint_at_13_then_resume(tmp_path, shakespeare_dir, MUON_PARAMS)
+    assert set(state["optimizer"]) == {"adamw", "muon"}
 
 
 def test_val_split_shorter_than_block_size_fails_before_training(tmp_path):
@@ -449,3 +460,178 @@ def test_val_split_shorter_than_block_size_fails_before_training(tmp_path):
     with pytest.raises(DataError, match=r"val split has 8 tokens, fewer than block_size \+ 1 = 17"):
         Trainer(make_params(), data, tmp_path / "best", tmp_path / "last", progress=False)
     assert not (tmp_path / "best").exists()
+
+
+# -- precision, compile, deferred loss reads ---------------------------------------------
+
+REPEATED = "the quick brown fox jumps over the lazy dog. " * 40
+
+
+def _weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def test_float16_trains_with_a_gradient_scaler(tmp_path):
+    data = synthetic(REPEATED, REPEATED[:400])
+    p = make_params(train={"dtype": "float16", "max_steps": 20}, vocab_size=64)
+    trainer = Trainer(p, data, tmp_path / "best", tmp_path / "last", progress=False)
+    assert trainer.dtype == "float16" and trainer.scaler.is_enabled()
+    result = trainer.train()
+    losses = [row[1] for row in result.train_log]
+    assert all(math.isfinite(v) for v in losses) and losses[-1] < 0.8 * losses[0]
+    # The scaler's state travels in the resume checkpoint (saved at step 10).
+    saved = load_trainer_state(tmp_path / "last")["scaler"]
+    assert saved["scale"] == 2.0 ** 16 and saved["_growth_tracker"] == 10  # no overflow in 10 steps
+    # bfloat16 and float32 need no scaler: theirs is disabled and saves nothing.
+    bf16 = Trainer(make_params(train={"dtype": "bfloat16"}, vocab_size=64), data, tmp_path / "b/best",
+                   tmp_path / "b/last", progress=False)
+    assert not bf16.scaler.is_enabled() and bf16.state_dict()["scaler"] == {}
+
+
+def test_float16_overflow_skips_the_update_and_lowers_the_scale(tmp_path):
+    data = synthetic(REPEATED, REPEATED[:400])
+    p = make_params(train={"dtype": "float16", "optimizer": "adamw"}, vocab_size=64)
+    trainer = Trainer(p, data, tmp_path / "best", tmp_path / "last", progress=False)
+    # A loss scale far too large: the float16 backward overflows, as a real run's can.
+    trainer.scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 40)
+    before = _weights(trainer.model)
+    loss = trainer._train_step(1e-3)
+    assert math.isfinite(loss)  # the loss itself is fine; its scaled gradients are not
+    assert all(torch.equal(before[k], v) for k, v in trainer.model.state_dict().items())  # skipped
+    assert trainer.scaler.get_scale() == 2.0 ** 39
+    for _ in range(40):  # halves until the gradients fit, then updates
+        trainer._train_step(1e-3)
+        if not all(torch.equal(before[k], v) for k, v in trainer.model.state_dict().items()):
+            break
+    else:
+        pytest.fail("the scale never came down far enough for an update")
+    assert all(torch.isfinite(v).all() for v in trainer.model.state_dict().values())
+
+
+FP16_PARAMS = make_params(model={"dropout": 0.2},
+                          train={**asdict(RESUME_PARAMS.train), "dtype": "float16", "optimizer": "adamw"},
+                          vocab_size=66)
+
+
+def test_float16_resume_after_sigint_is_bit_exact(tmp_path, shakespeare_dir):
+    """The loss scale and its growth count travel in the resume checkpoint."""
+    scaler = _sigint_at_13_then_resume(tmp_path, shakespeare_dir, FP16_PARAMS)["scaler"]
+    assert scaler["scale"] > 0 and scaler["_growth_tracker"] > 0  # 13 steps since any overflow
+    # Both runs saved step 30 last: the growth count restored at 13 counted on to the same.
+    a, b = (load_trainer_state(tmp_path / d / "last") for d in ("reference", "sigint"))
+    assert a["step"] == b["step"] == 30 and a["scaler"] == b["scaler"]
+
+
+@pytest.fixture
+def fresh_dynamo():
+    """Compiled code is cached per process: each test compiles from scratch."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+def test_compile_trains_saves_plain_weights_and_resumes_bit_exact(tmp_path, capsys, fresh_dynamo):
+    data = synthetic(REPEATED, REPEATED[:400])
+    # dropout: compiled dropout draws its seeds from the global RNG the resume state restores.
+    compiled = make_params(train={"compile": True}, model={"dropout": 0.1}, vocab_size=64)
+    run = Trainer(compiled, data, tmp_path / "c/best", tmp_path / "c/last")
+    assert run.step_module is not run.module
+    result = run.train()
+    err = capsys.readouterr().err
+    assert sum(line.startswith("compiled in ") for line in err.splitlines()) == 1, err
+    assert "train.compile:" not in err  # no fallback
+    losses = [row[1] for row in result.train_log]
+    assert all(math.isfinite(v) for v in losses) and losses[-1] < 0.8 * losses[0]
+
+    eager = Trainer(make_params(train={"compile": False}, model={"dropout": 0.1}, vocab_size=64), data,
+                    tmp_path / "e/best", tmp_path / "e/last", progress=False)
+    assert eager.step_module is eager.module
+    eager_result = eager.train()
+    assert losses[0] == pytest.approx(eager_result.train_log[0][1], rel=0.02)  # same weights, own masks
+    # Checkpoints hold the plain module's weights: the same names as an eager run's, loadable.
+    assert _tensors(tmp_path / "c/best").keys() == _tensors(tmp_path / "e/best").keys()
+    model, _, _ = load_checkpoint(tmp_path / "c/best")
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), run.model.state_dict().values()))
+
+    # Resumed from its step-10 checkpoint, the compiled run repeats steps 11-20 bit for bit...
+    again = Trainer(compiled, data, tmp_path / "r/best", tmp_path / "c/last", progress=False)
+    resumed = again.train()
+    assert resumed.resumed_from_step == 10
+    assert [r[:3] for r in resumed.train_log] == [r[:3] for r in result.train_log]
+    assert resumed.val_log == result.val_log
+    assert all(torch.equal(a, b) for a, b in zip(again.model.state_dict().values(),
+                                                  run.model.state_dict().values()))
+    # ...and compile is not part of the run's identity: an eager trainer picks the state up too.
+    plain = Trainer(make_params(train={"compile": False}, model={"dropout": 0.1}, vocab_size=64), data,
+                    tmp_path / "p/best", tmp_path / "c/last", progress=False)
+    assert plain.try_resume() and plain.step == 10
+
+
+def test_compile_failure_falls_back_to_eager_in_one_line(tmp_path, capsys, monkeypatch, fresh_dynamo):
+    import torch._functorch.config
+    import torch._inductor.config
+
+    # A machine without a working C++ compiler, as inductor's CPU backend sees it; no
+    # cached kernels may hide it.
+    monkeypatch.setattr(torch._inductor.config.cpp, "cxx", (None, "/nonexistent/c++"))
+    monkeypatch.setattr(torch._inductor.config, "fx_graph_cache", False)
+    monkeypatch.setattr(torch._functorch.config, "enable_autograd_cache", False)
+    data = synthetic(REPEATED, REPEATED[:400])
+    common = {"max_steps": 5, "eval_interval": 5}
+    fell_back = Trainer(make_params(train={**common, "compile": True}, model={"dropout": 0.1}, vocab_size=64),
+                        data, tmp_path / "a/best", tmp_path / "a/last").train()
+    notes = [line for line in capsys.readouterr().err.splitlines() if line.startswith("train.compile:")]
+    assert len(notes) == 1 and notes[0].startswith("train.compile: torch.compile failed at the first step (")
+    assert notes[0].endswith("; training eagerly") and "C++ compiler" in notes[0]
+    eager = Trainer(make_params(train={**common, "compile": False}, model={"dropout": 0.1}, vocab_size=64),
+                    data, tmp_path / "b/best", tmp_path / "b/last", progress=False).train()
+    # The failed attempt left no trace: same batches, dropout masks and weights as eager.
+    assert [r[:3] for r in fell_back.train_log] == [r[:3] for r in eager.train_log]
+    assert fell_back.val_log == eager.val_log
+
+
+def test_compile_auto_is_eager_on_cpu(tmp_path):
+    trainer = Trainer(make_params(), synthetic(REPEATED, REPEATED[:400]), tmp_path / "best", tmp_path / "last",
+                      progress=False)
+    assert trainer.cfg.compile == "auto" and trainer.step_module is trainer.module
+
+
+def _deferred_run(tmp_path, name: str, defer: bool) -> Trainer:
+    p = make_params(train={"max_steps": 12, "log_interval": 4, "eval_interval": 6, "checkpoint_interval": 6},
+                    vocab_size=64)
+    trainer = Trainer(p, synthetic(REPEATED, REPEATED[:400]), tmp_path / f"{name}/best",
+                      tmp_path / f"{name}/last", progress=False)
+    trainer.defer_sync = defer  # what CUDA does; the bookkeeping is the same on any device
+    return trainer
+
+
+def test_deferred_loss_reads_log_every_step_as_the_eager_loop_does(tmp_path):
+    got = _deferred_run(tmp_path, "d", True).train()
+    want = _deferred_run(tmp_path, "n", False).train()
+    assert [r[:3] for r in got.train_log] == [r[:3] for r in want.train_log]  # one row per step
+    assert [r[0] for r in got.train_log] == list(range(1, 13))
+    assert got.val_log == want.val_log
+    assert all(row[3] > 0 for row in got.train_log) and got.train_time_s > 0
+    # Steps 5 and 6 are read together before the step-6 evaluation: one window, one rate.
+    assert got.train_log[4][3] == got.train_log[5][3]
+    assert load_trainer_state(tmp_path / "d/last")["train_log"] == got.train_log[:6]  # flushed before saving
+
+
+def test_deferred_loss_reads_still_stop_a_diverging_run_at_its_step(tmp_path, monkeypatch):
+    from gptcore.model.gpt import GPT
+
+    real, calls = GPT.forward, []
+
+    def forward(self, *args, **kwargs):
+        logits, loss = real(self, *args, **kwargs)
+        calls.append(1)
+        return logits, loss * float("inf") if len(calls) == 2 else loss  # step 2 overflows
+
+    monkeypatch.setattr(GPT, "forward", forward)
+    trainer = _deferred_run(tmp_path, "d", True)
+    with pytest.raises(FloatingPointError, match=r"^training loss is inf at step 2: the run diverged; "
+                                                 r"no model was published; lower train.learning_rate"):
+        trainer.train()
+    assert trainer.step == 4 and [r[0] for r in trainer.train_log] == [1]  # read at the step-4 flush

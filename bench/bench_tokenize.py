@@ -1,0 +1,128 @@
+"""Tokenization throughput and memory: gptcore's streamed ``tokenize_corpus`` vs one
+``tiktoken`` ``encode_ordinary`` call on the whole text.
+
+    .venv/bin/python bench/bench_tokenize.py [--sizes 10 100] [--threads 0] [--json]
+
+The corpus is Tiny Shakespeare (from ``GPTCORE_MIRROR``, default ``../shared/mirror``)
+repeated to each size in MB, written to a temporary directory. Each row runs in its own
+process, so its peak RSS (``VmHWM``: Python, numpy and tiktoken included) is its own:
+
+* ``gptcore streamed``: ``tokenize_corpus`` with the GPT-2 tokenizer, end to end: scan
+  (sha256 + UTF-8 check), 90/10 split, chunked batch encoding across threads, uint16
+  token files written.
+* ``tiktoken single call``: read the file, ``encode_ordinary(text)`` once, write the ids
+  as uint16 -- what a one-file ``prepare.py`` does. Same encoding (built from the same
+  verified GPT-2 files), no split.
+
+MB/s = corpus MB (10^6 bytes) / wall seconds of the row's work: building the encoding
+from the two verified GPT-2 files, reading, encoding, writing (imports excluded).
+The token counts must agree (the split may cut one token in two). Compare numbers from
+the same run only: the machine's cores may be shared.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+ROWS = ("gptcore streamed", "tiktoken single call")
+
+
+def _peak_rss_mb() -> float:
+    with open("/proc/self/status") as f:
+        kb = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
+    return kb / 1024
+
+
+def run_row(row: str, corpus: Path, raw: Path, out: Path, threads: int) -> dict:
+    """One row, in this process: returns its timing, token count and peak RSS."""
+    import numpy as np
+
+    from gptcore.config import CorpusSource, DataConfig
+    from gptcore.corpus import tokenize_corpus
+    from gptcore.tokenizer import GPT2Tokenizer
+
+    t0 = time.perf_counter()  # both rows build the encoding from the verified files inside the timing
+    if row == ROWS[0]:
+        meta = tokenize_corpus(DataConfig(raw_dir=str(raw), processed_dir=str(out),
+                                          sources=(CorpusSource(path=str(corpus)),)),
+                               "gpt2", threads=threads or None)
+        tokens = meta["train_tokens"] + meta["val_tokens"]
+    else:
+        tok = GPT2Tokenizer(raw)
+        text = corpus.read_text(encoding="utf-8")
+        ids = tok.encode(text)  # tiktoken's encode_ordinary, one call
+        out.mkdir(parents=True, exist_ok=True)
+        np.asarray(ids, dtype=np.uint16).tofile(out / "all.bin")
+        tokens = len(ids)
+    seconds = time.perf_counter() - t0
+    mb = corpus.stat().st_size / 1e6
+    return {"row": row, "corpus_mb": round(mb, 1), "seconds": round(seconds, 2),
+            "mb_per_s": round(mb / seconds, 2), "tokens": tokens,
+            "tokens_per_s": round(tokens / seconds), "peak_rss_mb": round(_peak_rss_mb(), 1)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[10, 100], help="corpus sizes in MB")
+    parser.add_argument("--threads", type=int, default=0, help="gptcore's encoding threads (0: its default)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    parser.add_argument("--row", help=argparse.SUPPRESS)  # internal: ROW CORPUS RAW OUT
+    args, rest = parser.parse_known_args(argv)
+    if args.row:
+        print(json.dumps(run_row(args.row, *map(Path, rest), threads=args.threads)))
+        return 0
+
+    from machine import describe, headline
+    from gptcore.fetch import fetch_sources
+    from gptcore.sources import SOURCES
+
+    mirror = Path(os.environ.get("GPTCORE_MIRROR") or ROOT.parent / "shared" / "mirror")
+    info = describe()
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        fetch_sources(tmp / "raw", SOURCES, mirror=mirror)  # verified copies of the mirror's files
+        one = (tmp / "raw" / "input.txt").read_bytes()
+        for size in args.sizes:
+            corpus = tmp / f"corpus_{size}mb.txt"
+            with open(corpus, "wb") as f:
+                for _ in range(max(1, round(size * 1e6 / len(one)))):
+                    f.write(one)
+            for i, row in enumerate(ROWS):
+                out = tmp / f"out_{size}_{i}"
+                proc = subprocess.run([sys.executable, __file__, "--row", row, str(corpus), str(tmp / "raw"),
+                                       str(out), "--threads", str(args.threads)],
+                                      capture_output=True, text=True, cwd=ROOT)
+                if proc.returncode:
+                    sys.exit(f"row {row!r} failed:\n{proc.stderr}")
+                rows.append(json.loads(proc.stdout))
+            corpus.unlink()
+        for r in rows:
+            ref = next(x for x in rows if x["corpus_mb"] == r["corpus_mb"] and x["row"] == ROWS[1])
+            r["ratio_vs_tiktoken"] = round(r["mb_per_s"] / ref["mb_per_s"], 2)
+            r["rss_vs_tiktoken"] = round(r["peak_rss_mb"] / ref["peak_rss_mb"], 2)
+            assert abs(r["tokens"] - ref["tokens"]) <= 1, (r, ref)
+    if args.json:
+        print(json.dumps({"machine": info, "rows": rows}, indent=2))
+        return 0
+    print(headline(info))
+    print(f"{'row':<22} {'MB':>6} {'s':>7} {'MB/s':>7} {'tokens/s':>11} {'peak RSS MB':>12} "
+          f"{'speed vs tiktoken':>18} {'RSS vs tiktoken':>16}")
+    for r in rows:
+        print(f"{r['row']:<22} {r['corpus_mb']:>6} {r['seconds']:>7} {r['mb_per_s']:>7} {r['tokens_per_s']:>11,} "
+              f"{r['peak_rss_mb']:>12} {r['ratio_vs_tiktoken']:>17}x {r['rss_vs_tiktoken']:>15}x")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
