@@ -1,7 +1,7 @@
 """Tokenization throughput and memory: gptcore's streamed ``tokenize_corpus`` vs one
 ``tiktoken`` ``encode_ordinary`` call on the whole text.
 
-    .venv/bin/python bench/bench_tokenize.py [--sizes 10 100] [--threads 0] [--json]
+    .venv/bin/python bench/bench_tokenize.py [--sizes 10 100] [--threads 0] [--repeats 3] [--json]
 
 The corpus is Tiny Shakespeare (from ``GPTCORE_MIRROR``, default ``../shared/mirror``)
 repeated to each size in MB, written to a temporary directory. Each row runs in its own
@@ -14,7 +14,9 @@ process, so its peak RSS (``VmHWM``: Python, numpy and tiktoken included) is its
   as uint16 -- what a one-file ``prepare.py`` does. Same encoding (built from the same
   verified GPT-2 files), no split.
 
-MB/s = corpus MB (10^6 bytes) / wall seconds of the row's work: building the encoding
+Each row runs ``--repeats`` times, the rows taking turns; the table shows the run with
+the median time (``all_seconds`` in the JSON lists every run: this VM's throughput
+varies between runs). MB/s = corpus MB (10^6 bytes) / wall seconds of the row's work: building the encoding
 from the two verified GPT-2 files, reading, encoding, writing (imports excluded).
 The token counts must agree (the split may cut one token in two). Compare numbers from
 the same run only: the machine's cores may be shared.
@@ -25,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -75,6 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[10, 100], help="corpus sizes in MB")
     parser.add_argument("--threads", type=int, default=0, help="gptcore's encoding threads (0: its default)")
+    parser.add_argument("--repeats", type=int, default=3, help="runs per row; the median is reported")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     parser.add_argument("--row", help=argparse.SUPPRESS)  # internal: ROW CORPUS RAW OUT
     args, rest = parser.parse_known_args(argv)
@@ -98,14 +102,20 @@ def main(argv: list[str] | None = None) -> int:
             with open(corpus, "wb") as f:
                 for _ in range(max(1, round(size * 1e6 / len(one)))):
                     f.write(one)
-            for i, row in enumerate(ROWS):
-                out = tmp / f"out_{size}_{i}"
-                proc = subprocess.run([sys.executable, __file__, "--row", row, str(corpus), str(tmp / "raw"),
-                                       str(out), "--threads", str(args.threads)],
-                                      capture_output=True, text=True, cwd=ROOT)
-                if proc.returncode:
-                    sys.exit(f"row {row!r} failed:\n{proc.stderr}")
-                rows.append(json.loads(proc.stdout))
+            runs: dict[str, list[dict]] = {row: [] for row in ROWS}
+            for _ in range(args.repeats):  # the rows take turns: a busy moment hits both
+                for i, row in enumerate(ROWS):
+                    out = tmp / f"out_{size}_{i}"
+                    proc = subprocess.run([sys.executable, __file__, "--row", row, str(corpus),
+                                           str(tmp / "raw"), str(out), "--threads", str(args.threads)],
+                                          capture_output=True, text=True, cwd=ROOT)
+                    if proc.returncode:
+                        sys.exit(f"row {row!r} failed:\n{proc.stderr}")
+                    runs[row].append(json.loads(proc.stdout))
+                    shutil.rmtree(out, ignore_errors=True)
+            for row, results in runs.items():  # the run with the median time, and every time
+                results.sort(key=lambda r: r["seconds"])
+                rows.append({**results[len(results) // 2], "all_seconds": [r["seconds"] for r in results]})
             corpus.unlink()
         for r in rows:
             ref = next(x for x in rows if x["corpus_mb"] == r["corpus_mb"] and x["row"] == ROWS[1])
@@ -120,7 +130,8 @@ def main(argv: list[str] | None = None) -> int:
           f"{'speed vs tiktoken':>18} {'RSS vs tiktoken':>16}")
     for r in rows:
         print(f"{r['row']:<22} {r['corpus_mb']:>6} {r['seconds']:>7} {r['mb_per_s']:>7} {r['tokens_per_s']:>11,} "
-              f"{r['peak_rss_mb']:>12} {r['ratio_vs_tiktoken']:>17}x {r['rss_vs_tiktoken']:>15}x")
+              f"{r['peak_rss_mb']:>12} {r['ratio_vs_tiktoken']:>17}x {r['rss_vs_tiktoken']:>15}x  "
+              f"(all runs: {', '.join(f'{t} s' for t in r['all_seconds'])})")
     return 0
 
 

@@ -28,7 +28,6 @@ import codecs
 import glob
 import hashlib
 import os
-import re
 import sys
 import time
 from collections import deque
@@ -51,13 +50,6 @@ CHUNK_CHARS = 1 << 20  # encode size: big enough to amortise a call, small enoug
 MAX_CHUNK_CHARS = 16 * CHUNK_CHARS
 # Listing every file of a huge folder would bloat meta.json: beyond this, a count and digest.
 MAX_LISTED_FILES = 1000
-
-# A single space or newline with a non-space character on both sides: GPT-2's
-# pre-tokenizer always starts a new piece at it (only whitespace pieces contain
-# whitespace after their first character, and they cannot swallow the non-space after).
-# Python's \s is a superset of the Rust regex's, so \S here is the stricter side.
-_SAFE_CUT = re.compile(r"(?<=\S)[ \n](?=\S)")
-
 
 @dataclass
 class Document:
@@ -292,13 +284,16 @@ class _SplitWriter:
         self._buf, self._buf_len = [rest], len(rest)
 
     def _queue(self, chunk: str) -> None:
-        self._inflight.append(self.pool.submit(self.tokenizer.encode, chunk))
+        self._inflight.append(self.pool.submit(self._encode, chunk))
         while len(self._inflight) > 2 * self.threads:
             self._write_one()
 
+    def _encode(self, chunk: str) -> np.ndarray:  # on a pool thread
+        return self.tokenizer.encode_array(chunk).astype(self.dtype, copy=False)
+
     def _write_one(self) -> None:
         item = self._inflight.popleft()
-        ids = np.array([self.tokenizer.eot_id] if item is None else item.result(), dtype=self.dtype)
+        ids = np.array([self.tokenizer.eot_id], dtype=self.dtype) if item is None else item.result()
         ids.tofile(self._file)
         self.tokens += ids.size
 
@@ -310,17 +305,20 @@ class _SplitWriter:
 
 
 def _last_safe_cut(text: str, lo: int, hi: int) -> int | None:
-    """The index of the last safe cut in ``text[lo:hi]`` (cut before that space/newline)."""
-    window = 1 << 16
+    """The index of the last safe cut in ``text[lo:hi]`` (cut before that space/newline):
+    a single ``" "`` or ``"\\n"`` with a non-space character on both sides. GPT-2's
+    pre-tokenizer always starts a new piece there (only whitespace pieces hold whitespace
+    past their first character, and they cannot swallow the non-space that follows), so
+    encoding the two sides apart gives the ids of encoding them together. Python's
+    ``isspace`` is a superset of the tokenizer's ``\\s``, so this errs on the safe side."""
     end = hi
-    while end > lo:
-        begin = max(lo, end - window)
-        last = None
-        for m in _SAFE_CUT.finditer(text, begin, end):
-            last = m.start()
-        if last is not None:
-            return last
-        end = begin
+    for _ in range(10_000):  # scanning back over a pathological run of spaces: give up
+        j = max(text.rfind(" ", lo, end), text.rfind("\n", lo, end))
+        if j <= lo:
+            return None
+        if j + 1 < len(text) and not text[j - 1].isspace() and not text[j + 1].isspace():
+            return j
+        end = j
     return None
 
 

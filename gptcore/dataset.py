@@ -94,9 +94,9 @@ class TokenData:
                 raise DataError(f"{path}: missing; re-run the tokenize stage") from None
             n = size // dtype.itemsize
             if size % dtype.itemsize or n != meta[f"{split}_tokens"]:
-                stray = f" and {size % dtype.itemsize} stray byte(s)" if size % dtype.itemsize else ""
-                raise DataError(f"{path}: {n} tokens{stray}, meta.json says "
-                                f"{meta[f'{split}_tokens']}; re-run the tokenize stage")
+                stray = f" (and {size % dtype.itemsize} stray byte(s))" if size % dtype.itemsize else ""
+                raise DataError(f"{path}: {n} tokens, meta.json says {meta[f'{split}_tokens']}{stray}; "
+                                "re-run the tokenize stage")
             # An id outside the vocabulary would index past the embedding: check once, in
             # slices read from the file (bounded memory; pages of a map would stay resident).
             with open(path, "rb") as f:

@@ -33,6 +33,12 @@ class Tokenizer:
         """``[encode(t) for t in texts]``; subclasses may spread it over threads."""
         return [self.encode(t) for t in texts]
 
+    def encode_array(self, text: str):
+        """``encode(text)`` as a numpy integer array (bulk tokenization: no Python ints)."""
+        import numpy as np
+
+        return np.asarray(self.encode(text), dtype=np.int64)
+
     def decode_bytes(self, ids: list[int]) -> bytes:
         raise NotImplementedError
 
@@ -113,6 +119,12 @@ class GPT2Tokenizer(Tokenizer):
     def encode_batch(self, texts: list[str], num_threads: int = 8) -> list[list[int]]:
         # tiktoken encodes each text in its own thread, outside the GIL.
         return self._enc.encode_ordinary_batch(texts, num_threads=num_threads)
+
+    def encode_array(self, text: str):
+        # Straight into a uint32 buffer, outside the GIL: no 28-byte Python int per token,
+        # and threads encoding chunks side by side don't queue for the GIL to build lists.
+        # No special tokens allowed or disallowed = encode_ordinary (tested).
+        return self._enc.encode_to_numpy(text, disallowed_special=())
 
     def decode_bytes(self, ids: list[int]) -> bytes:
         bad = [i for i in ids if not 0 <= i < self.vocab_size]

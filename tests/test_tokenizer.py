@@ -30,6 +30,10 @@ def test_gpt2_known_ids(gpt2):
     assert gpt2.encode_batch([HAMLET, "", "hello"]) == [HAMLET_IDS, [], gpt2.encode("hello")]
     assert (gpt2.eot_id, gpt2.vocab_size) == (50256, 50257)
     assert gpt2.decode([gpt2.eot_id]) == EOT_TEXT
+    # The bulk path (a uint32 buffer) is encode_ordinary too: the end-of-text string in
+    # user text stays text, never the control id.
+    text = f"{HAMLET} {EOT_TEXT} more"
+    assert gpt2.encode_array(text).tolist() == gpt2.encode(text) and gpt2.eot_id not in gpt2.encode(text)
 
 
 def test_gpt2_encodes_tiny_shakespeare_like_tiktoken(gpt2, shakespeare):
