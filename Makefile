@@ -59,6 +59,7 @@ test: setup
 bench: setup
 	$(BIN)/python bench/bench_generate.py
 	$(BIN)/python bench/bench_train.py
+	$(BIN)/python bench/bench_tokenize.py
 
 clean-venv:
 	rm -rf $(VENV)
