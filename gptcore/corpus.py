@@ -165,7 +165,7 @@ def _decoded_blocks(doc: Document, hasher=None) -> Iterator[tuple[str, int]]:
 def _bar(total: int, desc: str, progress: bool):
     from tqdm import tqdm
 
-    return tqdm(total=total, desc=desc, unit="B", unit_scale=True, unit_divisor=1024,
+    return tqdm(total=total, desc=desc, unit="B", unit_scale=True, unit_divisor=1000,
                 file=sys.stderr, disable=not progress or None, dynamic_ncols=True)
 
 
@@ -357,7 +357,8 @@ def tokenize_corpus(cfg: DataConfig, tokenizer_kind: str, progress: bool = False
                             writers["val"].feed(text[max(0, val_at - at):])
                         at += len(text)
                         bar.update(nbytes)
-                        bar.set_postfix(tokens=f"{writers['train'].tokens + writers['val'].tokens:,}",
+                        done = writers["train"].tokens + writers["val"].tokens
+                        bar.set_postfix(tokens=f"{done:,}", tok_s=f"{done / (time.perf_counter() - t0):,.0f}",
                                         refresh=False)
                     writers["train"].end_document()
                     writers["val"].end_document()
