@@ -194,7 +194,7 @@ class CorpusSource:
                (("url", self.url), ("path", self.path)) if v} or "{}",
                "exactly one of url: (https://...) or path: (a file, a directory of *.txt, or a glob)")
         if self.url:
-            _check(self.url.startswith(("https://", "http://")) and len(self.url.split("/", 3)) == 4,
+            _check(self.url.startswith("https://") and len(self.url.split("/", 3)) == 4,
                    "url", self.url, "an https:// URL of a file")
             name = self.file_name
             _check(bool(name) and all(c.isalnum() or c in "._-" for c in name) and name[0] != ".",
@@ -215,8 +215,26 @@ class CorpusSource:
         return self.url or self.path
 
 
+def is_glob(path: str) -> bool:
+    import glob
+
+    return glob.has_magic(path)
+
+
+def glob_base(path: str) -> Path:
+    """The directory a path source can read from: the path itself, or for a glob the
+    components before the first one with a wildcard (``data/r*/x.txt`` -> ``data``)."""
+    parts = Path(path).expanduser().parts
+    fixed = []
+    for part in parts:
+        if is_glob(part):
+            break
+        fixed.append(part)
+    return Path(*fixed) if fixed else Path(".")
+
+
 def _is_pattern_or_dir(path: str) -> bool:
-    return any(c in path for c in "*?[") or Path(path).expanduser().is_dir()
+    return is_glob(path) or Path(path).expanduser().is_dir()
 
 
 @dataclass(frozen=True)
@@ -238,6 +256,10 @@ class DataConfig:
         _check_choice("require_sha256", self.require_sha256, ("urls", "all", "none"))
         _check_choice("split", self.split, ("chars", "documents"))
         for i, src in enumerate(self.sources):
+            if self.require_sha256 == "all" and src.path and _is_pattern_or_dir(src.path):
+                raise ConfigError(f"sources[{i}]={src.where!r} is invalid: data.require_sha256=all pins every "
+                                  "file, and a directory or glob can't be pinned; allowed: list its files one "
+                                  "by one with their sha256, or require_sha256: urls | none")
             needs = self.require_sha256 == "all" or (self.require_sha256 == "urls" and src.url)
             _check(not needs or bool(src.sha256), f"sources[{i}]", src.where,
                    f"an entry with sha256: (data.require_sha256={self.require_sha256} requires one; "
@@ -375,12 +397,16 @@ def _check_paths(p: "Params") -> None:
     for i, src in enumerate(p.data.sources):
         if not src.path:
             continue
-        root = Path(src.path.split("*")[0].split("?")[0].split("[")[0] or ".").expanduser().resolve()
+        root = glob_base(src.path).resolve()
         for key, d in norm.items():
-            if root == d or d in root.parents:
-                raise ConfigError(f"data.sources[{i}].path={src.path!r} is inside {key}={dirs[key]!r}, a "
-                                  "pipeline output that DVC deletes and rebuilds; allowed: a path outside "
-                                  "data.raw_dir, data.processed_dir and train.out_dir (e.g. data/corpus/)")
+            # Inside an output, or a folder above one (read recursively): either reads pipeline
+            # outputs. A glob's matches are checked file by file when the corpus is read.
+            above = not is_glob(src.path) and Path(src.path).expanduser().is_dir() and root in d.parents
+            if root == d or d in root.parents or above:
+                raise ConfigError(f"data.sources[{i}].path={src.path!r} overlaps {key}={dirs[key]!r}, a "
+                                  "pipeline output that DVC deletes and rebuilds; allowed: a path that neither "
+                                  "lies in nor contains data.raw_dir, data.processed_dir or train.out_dir "
+                                  "(e.g. data/corpus/)")
 
 
 def load_params(path: str | Path = "params.yaml") -> Params:

@@ -28,6 +28,7 @@ import codecs
 import glob
 import hashlib
 import os
+import re
 import sys
 import time
 from collections import deque
@@ -38,7 +39,7 @@ from typing import Iterator
 
 import numpy as np
 
-from .config import DataConfig
+from .config import DataConfig, glob_base, is_glob
 from .errors import DataError
 from .io import atomic_dir, atomic_write_json
 from .tokenizer import CharTokenizer, GPT2Tokenizer, Tokenizer
@@ -91,6 +92,12 @@ def resolve_documents(cfg: DataConfig) -> list[Document]:
             found = [(path, src.file_name)]
         else:
             found = _local_files(src.path, where)
+            outputs = {"data.raw_dir": Path(cfg.raw_dir).resolve(), "data.processed_dir": Path(cfg.processed_dir).resolve()}
+            for path, label in found:
+                inside = [k for k, d in outputs.items() if d in path.resolve().parents]
+                if inside:
+                    raise DataError(f"{where}.path={src.path!r} matches {label}, inside {inside[0]} (a pipeline "
+                                    "output); allowed: sources outside data.raw_dir and data.processed_dir")
         for path, label in found:
             key = path.resolve()
             if key in seen:
@@ -110,8 +117,7 @@ def untracked_sources(cfg: DataConfig, deps: list[str], root: Path) -> list[str]
     for src in cfg.sources:
         if not src.path:
             continue
-        base = src.path.split("*")[0].split("?")[0].split("[")[0]
-        target = (root / Path(base or ".").expanduser()).resolve()
+        target = (root / glob_base(src.path)).resolve()
         if not any(target == d or d in target.parents for d in covered):
             missing.append(src.path)
     return missing
@@ -119,10 +125,13 @@ def untracked_sources(cfg: DataConfig, deps: list[str], root: Path) -> list[str]
 
 def _local_files(spec: str, where: str) -> list[tuple[Path, str]]:
     root = Path(spec).expanduser()
-    if any(c in spec for c in "*?["):
-        files = sorted(p for p in (Path(m) for m in glob.glob(str(root), recursive=True)) if p.is_file())
+    if is_glob(spec):
+        matches = [Path(m) for m in glob.glob(str(root), recursive=True)]
+        files = sorted(p for p in matches if p.is_file())
         if not files:
-            raise DataError(f"{where}.path={spec!r}: the glob matches no file")
+            dirs = f" (only {len(matches)} director{'y' if len(matches) == 1 else 'ies'}: a glob must match " \
+                "files, e.g. dir/*.txt)" if matches else ""
+            raise DataError(f"{where}.path={spec!r}: the glob matches no file{dirs}")
         return [(p, str(p)) for p in files]
     if root.is_dir():
         files = sorted((p for p in root.rglob("*.txt")
@@ -197,9 +206,9 @@ def scan(docs: list[Document], cfg: DataConfig, want_chars: bool, progress: bool
 def plan_split(docs: list[Document], cfg: DataConfig) -> list[tuple[Document, int]]:
     """For each document, the character index where its validation part starts:
     ``chars``: the last ``val_fraction`` of all characters (documents in order);
-    ``documents``: the ``round(n * val_fraction)`` (at least 1) documents with the
-    smallest sha256 are validation documents: deterministic, independent of names and
-    order, and identical files always land in the same split (no train/val leaks)."""
+    ``documents``: documents in order of their sha256 go to validation until it holds
+    ``round(n * val_fraction)`` (at least 1), identical files together: deterministic,
+    independent of names and order, and a duplicate can't straddle the split."""
     total = sum(d.chars for d in docs)
     if cfg.split == "chars":
         n_train = int(total * (1 - cfg.val_fraction))
@@ -212,8 +221,19 @@ def plan_split(docs: list[Document], cfg: DataConfig) -> list[tuple[Document, in
     if len(live) < 2:
         raise DataError(f"data.split=documents needs at least 2 non-empty documents (files), the corpus has "
                         f"{len(live)}; add files or use data.split: chars")
-    n_val = min(len(live) - 1, max(1, round(len(live) * cfg.val_fraction)))
-    val = {id(d) for d in sorted(live, key=lambda d: (d.sha256, d.label))[:n_val]}
+    # Identical files form one group and go to one side together: a copy can't leak.
+    groups: dict[str, list[Document]] = {}
+    for d in live:
+        groups.setdefault(d.sha256, []).append(d)
+    if len(groups) < 2:
+        raise DataError(f"data.split=documents needs at least 2 different documents, the corpus has "
+                        f"{len(live)} identical one(s); add files or use data.split: chars")
+    n_val = max(1, round(len(live) * cfg.val_fraction))
+    val: set[int] = set()
+    for sha in sorted(groups)[:-1]:  # the last group always stays in train
+        if len(val) >= n_val:
+            break
+        val.update(id(d) for d in groups[sha])
     return [(d, 0 if id(d) in val else d.chars) for d in docs]
 
 
@@ -298,28 +318,37 @@ class _SplitWriter:
         self.tokens += ids.size
 
     def close(self) -> None:
-        self.end_document()
-        while self._inflight:
-            self._write_one()
+        """Encode and write what is left, then close the file."""
+        try:
+            self.end_document()
+            while self._inflight:
+                self._write_one()
+        finally:
+            self._file.close()
+
+    def abort(self) -> None:
+        """After an error: drop the queued chunks (no more encoding) and close the file."""
+        for item in self._inflight:
+            if item is not None:
+                item.cancel()
+        self._inflight.clear()
         self._file.close()
 
 
+# The last whitespace character (of those GPT-2's pre-tokenizer treats as whitespace too)
+# that a non-space character follows; the greedy prefix makes one search find the last.
+_LAST_CUT = re.compile("[\\s\\S]*[ \\t\\r\\n\\u3000\\xa0](?=\\S)")
+
+
 def _last_safe_cut(text: str, lo: int, hi: int) -> int | None:
-    """The index of the last safe cut in ``text[lo:hi]`` (cut before that space/newline):
-    a single ``" "`` or ``"\\n"`` with a non-space character on both sides. GPT-2's
-    pre-tokenizer always starts a new piece there (only whitespace pieces hold whitespace
-    past their first character, and they cannot swallow the non-space that follows), so
-    encoding the two sides apart gives the ids of encoding them together. Python's
-    ``isspace`` is a superset of the tokenizer's ``\\s``, so this errs on the safe side."""
-    end = hi
-    for _ in range(10_000):  # scanning back over a pathological run of spaces: give up
-        j = max(text.rfind(" ", lo, end), text.rfind("\n", lo, end))
-        if j <= lo:
-            return None
-        if j + 1 < len(text) and not text[j - 1].isspace() and not text[j + 1].isspace():
-            return j
-        end = j
-    return None
+    """The index of the last safe cut in ``text[lo:hi]``: cut before a whitespace
+    character that a non-space character follows. GPT-2's pre-tokenizer always starts
+    a piece there: a run of whitespace before a non-space gives up its last character
+    to the next piece (``\\s+(?!\\S)`` backtracks; a space joins the word, a newline,
+    tab or ideographic space stands alone), so encoding the two sides apart gives the
+    ids of encoding them together. (Python's ``\\S`` is stricter than the tokenizer's.)"""
+    m = _LAST_CUT.match(text, lo + 1, hi)
+    return None if m is None else m.end() - 1
 
 
 def tokenize_corpus(cfg: DataConfig, tokenizer_kind: str, progress: bool = False,
@@ -329,13 +358,12 @@ def tokenize_corpus(cfg: DataConfig, tokenizer_kind: str, progress: bool = False
     docs = resolve_documents(cfg)
     charset = scan(docs, cfg, want_chars=tokenizer_kind == "char", progress=progress)
     total = sum(d.chars for d in docs)
+    where = docs[0].label if len(docs) == 1 else f"{len(docs)} files"
     if all(d.blank for d in docs):
-        where = docs[0].label if len(docs) == 1 else f"{len(docs)} files"
         raise DataError(f"{where}: the corpus is empty; nothing to train on")
     plan = plan_split(docs, cfg)
     n_train = sum(k for _, k in plan)
     if n_train == 0 or n_train == total:
-        where = docs[0].label if len(docs) == 1 else f"{len(docs)} files"
         raise DataError(f"{where}: {total} characters leave an empty {'train' if n_train == 0 else 'val'} "
                         f"split at data.val_fraction={cfg.val_fraction}; use a longer text")
     tokenizer = build_tokenizer(tokenizer_kind, cfg.raw_dir, charset)
@@ -347,8 +375,8 @@ def tokenize_corpus(cfg: DataConfig, tokenizer_kind: str, progress: bool = False
         try:
             with _bar(sum(d.size for d in docs), "tokenize", progress) as bar:
                 for doc, val_at in plan:
-                    at = 0
-                    for text, nbytes in _decoded_blocks(doc):
+                    at, h = 0, hashlib.sha256()
+                    for text, nbytes in _decoded_blocks(doc, h):
                         if at < val_at:  # the train part of this document
                             writers["train"].feed(text[:val_at - at])
                             if at + len(text) >= val_at:
@@ -360,11 +388,18 @@ def tokenize_corpus(cfg: DataConfig, tokenizer_kind: str, progress: bool = False
                         done = writers["train"].tokens + writers["val"].tokens
                         bar.set_postfix(tokens=f"{done:,}", tok_s=f"{done / (time.perf_counter() - t0):,.0f}",
                                         refresh=False)
+                    if at != doc.chars or h.hexdigest() != doc.sha256:
+                        # The split, the pins and meta.json were computed from the scan.
+                        raise DataError(f"{doc.label}: changed while it was being tokenized; run again "
+                                        "once nothing writes to the corpus")
                     writers["train"].end_document()
                     writers["val"].end_document()
-        finally:
+        except BaseException:
             for w in writers.values():
-                w.close()
+                w.abort()
+            raise
+        for w in writers.values():
+            w.close()
         tokenizer.save(tmp)
         seconds = time.perf_counter() - t0
         train, val = writers["train"], writers["val"]

@@ -443,6 +443,11 @@ def generate(model: GPT, tokenizer, prompt: str | Sequence[int] = "", cfg: Sampl
     return "".join(stream(model, tokenizer, prompt, cfg, **kwargs))
 
 
+# Rows decoded side by side at most: past this, more rows gain little per step on a CPU
+# and each costs a KV cache (~1 MiB for the default model) and several vocab-sized rows.
+MAX_BATCH_ROWS = 32
+
+
 def stream_batch(model: GPT, tokenizer, prompt: str | Sequence[int] = "", num_samples: int = 1,
                  cfg: SamplingConfig | None = None, *, device=None, use_cache: bool = True,
                  crop_to: int | None = None) -> Iterator[tuple[int, str]]:
@@ -455,6 +460,17 @@ def stream_batch(model: GPT, tokenizer, prompt: str | Sequence[int] = "", num_sa
     cfg = cfg or SamplingConfig()
     _check_num_samples(num_samples)
     ids = tokenizer.encode(prompt) if isinstance(prompt, str) else prompt
+    if num_samples > MAX_BATCH_ROWS:
+        # Batches of at most MAX_BATCH_ROWS rows: memory (a KV cache and vocab-sized logits
+        # per row) stays bounded whatever N is; sample i keeps seed + i.
+        import dataclasses
+
+        for first in range(0, num_samples, MAX_BATCH_ROWS):
+            part = cfg if cfg.seed is None else dataclasses.replace(cfg, seed=cfg.seed + first)
+            for i, text in stream_batch(model, tokenizer, ids, min(MAX_BATCH_ROWS, num_samples - first), part,
+                                        device=device, use_cache=use_cache, crop_to=crop_to):
+                yield first + i, text
+        return
     texts = [_TextPieces(tokenizer, cfg.stop) for _ in range(num_samples)]
     parts: list[list[str]] = [[] for _ in range(num_samples)]
     running = set(range(num_samples))

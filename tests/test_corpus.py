@@ -193,8 +193,11 @@ def test_a_changed_pinned_file_is_refused_before_anything_is_written(tmp_path, r
     ({"sources": [{"url": "https://a.org/t.txt", "sha256": "0" * 64},
                   {"url": "https://b.org/t.txt", "sha256": "1" * 64}]}, r"URLs whose file names differ"),
     ({"sources": [{"path": "data/raw/mine.txt"}]},
-     r"data\.sources\[0\]\.path='data/raw/mine\.txt' is inside data\.raw_dir='data/raw', a pipeline output "
+     r"data\.sources\[0\]\.path='data/raw/mine\.txt' overlaps data\.raw_dir='data/raw', a pipeline output "
      r"that DVC deletes"),
+    ({"sources": [{"path": "gptcore"}], "require_sha256": "all"},
+     r"require_sha256=all pins every file, and a directory or glob can't be pinned"),
+    ({"sources": [{"url": "http://e.org/y.txt", "sha256": "0" * 64}]}, r"allowed: an https:// URL"),
     ({"split": "lines"}, r"split='lines' is invalid; allowed: chars \| documents"),
     ({"sources": [{"file": "x.txt"}]}, r"unknown key\(s\) 'file'"),
 ])
@@ -310,3 +313,91 @@ def test_a_100mb_corpus_tokenizes_in_bounded_memory_and_trains_from_the_map(tmp_
     assert result.steps == 3 and np.isfinite(result.best_val_loss)
     x, y = BatchSampler(data.train, 32, 4, seed=0, name="train").next()
     assert x.dtype.is_floating_point is False and int(x.max()) < 50257
+
+
+@pytest.mark.parametrize("text", [
+    "id,value,label\r\n" + "".join(f"{i},{i * 7 % 1000},x{i % 13}\r\n" for i in range(3000)),  # CRLF, no spaces
+    "".join(f"\u3000\u3000第{i}章。天地玄黄，宇宙洪荒。\n" for i in range(2000)),  # ideographic indents
+    "".join(f"\t\tline {i}\n\n\n" for i in range(2000)),  # tabs and blank-line runs
+])
+def test_cuts_are_found_in_text_without_single_spaces(tmp_path, raw, gpt2, monkeypatch, text):
+    """Text whose only breaks are CRLF, ideographic spaces or tab indents still has safe
+    cuts: with the forced-cut limit at 4 chunks, a text 10x longer than that encodes
+    id for id like the whole text, so every cut was a safe one."""
+    monkeypatch.setattr(corpus, "CHUNK_CHARS", 500)
+    monkeypatch.setattr(corpus, "MAX_CHUNK_CHARS", 2000)
+    assert len(text) > 20_000
+    doc = tmp_path / "doc.txt"
+    doc.write_bytes(text.encode("utf-8"))
+    tokenize_corpus(_cfg(tmp_path, CorpusSource(path=str(doc)), val_fraction=0.5), "gpt2", threads=2)
+    n = int(len(text) * 0.5)
+    assert _ids(tmp_path / "processed" / "train.bin") == gpt2.encode(text[:n])
+    assert _ids(tmp_path / "processed" / "val.bin") == gpt2.encode(text[n:])
+
+
+def test_identical_files_never_straddle_the_documents_split(tmp_path, raw):
+    d = tmp_path / "corpus"
+    d.mkdir()
+    texts = {f"{i}.txt": f"document {i} " * 20 for i in range(6)}
+    for name, text in texts.items():
+        (d / name).write_text(text, encoding="utf-8")
+    # Copies of the text that sorts first by sha256: the first validation group.
+    first = min(texts.values(), key=lambda t: hashlib.sha256(t.encode()).hexdigest())
+    for k in range(3):
+        (d / f"copy{k}.txt").write_text(first, encoding="utf-8")
+    tokenize_corpus(_cfg(tmp_path, CorpusSource(path=str(d)), split="documents", val_fraction=0.1), "char")
+    data = TokenData.load(tmp_path / "processed")
+    train, val = (data.tokenizer.decode(x.tolist()).split("<|endoftext|>") for x in (data.train, data.val))
+    assert val == [first] * 4 and first not in train  # all four copies together, nothing leaked
+
+
+def test_a_file_changed_during_tokenization_is_an_error(tmp_path, raw, monkeypatch):
+    doc = tmp_path / "doc.txt"
+    doc.write_text("stable text. " * 500, encoding="utf-8")
+    scan = corpus.scan
+
+    def scan_then_edit(*args, **kwargs):
+        out = scan(*args, **kwargs)
+        doc.write_text("edited while the tokenizer ran. " * 100, encoding="utf-8")
+        return out
+
+    monkeypatch.setattr(corpus, "scan", scan_then_edit)
+    with pytest.raises(DataError, match=r"doc\.txt: changed while it was being tokenized; run again"):
+        tokenize_corpus(_cfg(tmp_path, CorpusSource(path=str(doc))), "char")
+    assert not (tmp_path / "processed").exists()
+
+
+def test_an_encoding_failure_stops_at_once_and_closes_everything(tmp_path, raw, monkeypatch, recwarn):
+    """The first error is the one raised, queued chunks are dropped, files are closed and
+    nothing is published."""
+    import gc
+
+    monkeypatch.setattr(corpus, "CHUNK_CHARS", 200)
+    doc = tmp_path / "doc.txt"
+    doc.write_text("some words to encode " * 2000, encoding="utf-8")
+    calls = []
+    real = CharTokenizer.encode_array
+
+    def failing(self, text):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("encode failed #3")
+        if len(calls) > 3:
+            raise RuntimeError(f"encode failed #{len(calls)}")
+        return real(self, text)
+
+    monkeypatch.setattr(CharTokenizer, "encode_array", failing)
+    with pytest.raises(RuntimeError, match=r"^encode failed #3$"):
+        tokenize_corpus(_cfg(tmp_path, CorpusSource(path=str(doc))), "char", threads=1)
+    gc.collect()
+    assert not [w for w in recwarn if issubclass(w.category, ResourceWarning)]
+    assert len(calls) < 10  # not the ~200 chunks of the whole text
+    assert not (tmp_path / "processed").exists()
+
+
+def test_a_glob_over_pipeline_outputs_is_refused(tmp_path, raw):
+    (raw / "mine.txt").write_text("text in the download stage's output", encoding="utf-8")
+    with pytest.raises(DataError, match=r"matches .*mine\.txt, inside data\.raw_dir \(a pipeline output\)"):
+        tokenize_corpus(_cfg(tmp_path, CorpusSource(path=str(tmp_path / "r*" / "*.txt"))), "char")
+    with pytest.raises(DataError, match=r"the glob matches no file \(only 1 directory: a glob must match files"):
+        tokenize_corpus(_cfg(tmp_path, CorpusSource(path=str(tmp_path / "ra*"))), "char")

@@ -542,3 +542,17 @@ def test_batch_arguments(model, tok):
         generate_ids_batch(model, [1], 2.5, GREEDY)
     assert generate_batch(model, tok, "First", 3, dataclasses.replace(GREEDY, max_new_tokens=0)) == ["", "", ""]
 
+
+
+def test_many_samples_decode_in_bounded_batches_with_seed_plus_i(model, tok, monkeypatch):
+    """Past MAX_BATCH_ROWS the samples decode in consecutive batches (memory bounded
+    whatever N is); sample i is still the one seed + i gives."""
+    import gptcore.generate as generate_module
+    from gptcore.generate import generate_batch
+
+    monkeypatch.setattr(generate_module, "MAX_BATCH_ROWS", 2)
+    cfg = dataclasses.replace(SAMPLED, max_new_tokens=12)
+    texts = generate_batch(model, tok, "First", 5, cfg)
+    reference = [generate_module.generate(model, tok, "First", dataclasses.replace(cfg, seed=cfg.seed + i))
+                 for i in range(5)]
+    assert texts == reference and len(set(texts)) > 1
