@@ -62,10 +62,10 @@ def shakespeare_dir(tmp_path_factory, mirror_dir) -> Path:
     root = tmp_path_factory.mktemp("shakespeare")
     (root / "raw").mkdir()
     text = (mirror_dir / "input.txt").read_text(encoding="utf-8")[:40_000]
-    (root / "raw" / "input.txt").write_text(text, encoding="utf-8")
+    (root / "shakespeare.txt").write_text(text, encoding="utf-8")
     # A local source: the training runs below read these token files memory-mapped.
     tokenize_corpus(DataConfig(raw_dir=str(root / "raw"), processed_dir=str(root / "processed"),
-                               sources=(CorpusSource(path=str(root / "raw" / "input.txt")),)), "char")
+                               sources=(CorpusSource(path=str(root / "shakespeare.txt")),)), "char")
     return root / "processed"
 
 
