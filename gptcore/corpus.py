@@ -368,7 +368,10 @@ def tokenize_corpus(cfg: DataConfig, tokenizer_kind: str, progress: bool = False
                         f"split at data.val_fraction={cfg.val_fraction}; use a longer text")
     tokenizer = build_tokenizer(tokenizer_kind, cfg.raw_dir, charset)
     dtype = token_dtype(tokenizer.vocab_size)
-    threads = threads or max(1, min(8, os.cpu_count() or 1))
+    # One core stays with this thread (reading, decoding, cutting, writing): on the
+    # 2-core machines, 2 encoders beside it ran 12-27 MB/s depending on the run, 1 ran
+    # a steady 20 (100 MB, bench/bench_tokenize.py).
+    threads = threads or max(1, min(8, (os.cpu_count() or 2) - 1))
     t0 = time.perf_counter()
     with atomic_dir(cfg.processed_dir) as tmp, ThreadPoolExecutor(threads) as pool:
         writers = {s: _SplitWriter(tmp / f"{s}.bin", tokenizer, dtype, pool, threads) for s in ("train", "val")}

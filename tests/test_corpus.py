@@ -276,7 +276,7 @@ BIG_SCRIPT = textwrap.dedent("""
 """)
 # Peak RSS of the whole tokenizing process (Python, numpy, tiktoken and its 50k-entry
 # rank tables included) on a ~100 MB corpus. Encoding it in one call would hold the text
-# (~100 MB) and ~30 M Python ints: 1,155 MB measured; streamed: 86 MB (AMD EPYC,
+# (~100 MB) and ~30 M Python ints: 1,155 MB measured; streamed: 76 MB (AMD EPYC,
 # bench/bench_tokenize.py).
 BIG_RSS_BOUND_MB = 250
 
