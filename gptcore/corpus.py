@@ -426,7 +426,8 @@ def tokenize_corpus(cfg: DataConfig, tokenizer_kind: str, progress: bool = False
     if progress:
         mb = sum(d.size for d in docs) / 1e6
         print(f"tokenized {mb:,.1f} MB into {train.tokens + val.tokens:,} tokens in {seconds:.1f} s "
-              f"({mb / max(seconds, 1e-9):,.1f} MB/s, {threads} threads)", file=sys.stderr)
+              f"({mb / max(seconds, 1e-9):,.1f} MB/s, {threads} encoding thread{'s' if threads > 1 else ''})",
+              file=sys.stderr)
     return meta
 
 
