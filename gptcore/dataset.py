@@ -7,8 +7,9 @@ than RAM trains, and torchrun's ranks share one page cache instead of a copy eac
 
 from __future__ import annotations
 
+import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -56,6 +57,9 @@ class TokenData:
     meta: dict
     tokenizer: Tokenizer
     directory: str = ""  # where it was loaded from ("" when built in memory)
+    # sha256 of each split's token file, taken by :meth:`load` in the same read that
+    # checks the ids (so tracking never reads the files, or touches the maps, again).
+    digests: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.train, self.val = _as_array(self.train), _as_array(self.val)
@@ -63,20 +67,18 @@ class TokenData:
     def describe(self) -> list[dict]:
         """Each split as a dataset entry for tracking: name, digest (sha256 of the token
         file's bytes, first 16 hex digits), source, context and token counts."""
-        import hashlib
-
         dtype = np.dtype(self.meta.get("dtype", "int64"))
         tokenizer = self.tokenizer.describe()
         out = []
         for split, context in (("train", "training"), ("val", "validation")):
             tokens = getattr(self, split)
-            h = hashlib.sha256()
-            for i in range(0, tokens.size, _CHECK_TOKENS):  # in slices: never the whole split in RAM
-                h.update(np.ascontiguousarray(tokens[i:i + _CHECK_TOKENS], dtype=dtype).tobytes())
+            digest = self.digests.get(split)
+            if digest is None:  # built in memory: hash the ids as the token file would hold them
+                digest = hashlib.sha256(np.ascontiguousarray(tokens, dtype=dtype).tobytes()).hexdigest()
             source = str(Path(self.directory, f"{split}.bin").resolve()) if self.directory else "memory"
             profile = {"tokens": int(tokens.size), "tokenizer": tokenizer,
                        "corpus_sha256": self.meta.get("source_sha256", "")}
-            out.append({"name": f"{split} split ({tokenizer})", "digest": h.hexdigest()[:16],
+            out.append({"name": f"{split} split ({tokenizer})", "digest": digest[:16],
                         "source": source, "context": context, "profile": profile})
         return out
 
@@ -85,7 +87,7 @@ class TokenData:
         d = Path(processed_dir)
         meta = _read_meta(d / "meta.json")
         dtype = np.dtype(meta["dtype"])
-        splits = {}
+        splits, digests = {}, {}
         for split in ("train", "val"):
             path = d / f"{split}.bin"
             try:
@@ -99,14 +101,17 @@ class TokenData:
                                 "re-run the tokenize stage")
             # An id outside the vocabulary would index past the embedding: check once, in
             # slices read from the file (bounded memory; pages of a map would stay resident).
+            h = hashlib.sha256()
             with open(path, "rb") as f:
                 while (chunk := np.fromfile(f, dtype=dtype, count=_CHECK_TOKENS)).size:
+                    h.update(chunk.tobytes())
                     if int(chunk.max()) >= meta["vocab_size"]:
                         raise DataError(f"{path}: token id {int(chunk.max())} is outside the vocabulary "
                                         f"[0, {meta['vocab_size']}); corrupt file, re-run the tokenize stage")
             # np.memmap cannot map an empty file; an empty split stays an empty array.
             splits[split] = np.memmap(path, dtype=dtype, mode="r") if n else np.zeros(0, dtype)
-        return cls(splits["train"], splits["val"], meta, load_tokenizer(d), str(d))
+            digests[split] = h.hexdigest()
+        return cls(splits["train"], splits["val"], meta, load_tokenizer(d), str(d), digests)
 
 
 def _as_array(tokens) -> np.ndarray:
