@@ -26,7 +26,7 @@ import torch
 
 from .config import GPTConfig
 from .errors import CheckpointError, ConfigError, TokenizerError
-from .io import atomic_dir, current_dir
+from .io import atomic_dir, current_dir, read_json_object
 from .model import GPT
 from .tokenizer import Tokenizer, load_tokenizer
 
@@ -61,14 +61,7 @@ def read_config(directory: str | Path) -> tuple[GPTConfig, dict]:
     path = directory / "config.json"
     if not directory.is_dir():
         raise CheckpointError(f"{directory}: no checkpoint directory here")
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise CheckpointError(f"{path}: missing; not a gptcore checkpoint") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CheckpointError(f"{path}: not valid JSON ({exc})") from None
-    if not isinstance(raw, dict):
-        raise CheckpointError(f"{path}: expected a JSON object, got {type(raw).__name__}")
+    raw = read_json_object(path, CheckpointError, missing="missing; not a gptcore checkpoint")
     if raw.get("format") != FORMAT:
         raise CheckpointError(f"{path}: format {raw.get('format')!r} is not {FORMAT!r} "
                               "(a Hugging Face GPT-2 directory is imported with gptcore.model.hf)")
@@ -125,7 +118,7 @@ def _identity(directory: str | Path):
 
 def _load_checkpoint(directory: Path, device, attn_impl: str | None) -> tuple[GPT, Tokenizer, dict]:
     from safetensors import SafetensorError
-    from safetensors.torch import load_file
+    from safetensors.torch import load
 
     directory = current_dir(directory)
     config, meta = read_config(directory)
@@ -133,12 +126,18 @@ def _load_checkpoint(directory: Path, device, attn_impl: str | None) -> tuple[GP
         config = GPTConfig.from_dict({**config.to_dict(), "attn_impl": attn_impl})
     weights = directory / "model.safetensors"
     try:
-        state = load_file(str(weights), device="cpu")
+        data = weights.read_bytes()  # one read: the header checked below and the tensors are one save's
+        shapes = _header_shapes(data)
     except FileNotFoundError:
         raise CheckpointError(f"{weights}: missing") from None
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:  # safetensors: RuntimeError if unopenable
         if not weights.exists():
             raise CheckpointError(f"{weights}: missing") from None
+        raise CheckpointError(f"{weights}: not a valid safetensors file (truncated or corrupt?): {exc}") from None
+    _check_shapes(config, shapes, directory)  # before config.json's sizes allocate anything
+    try:
+        state = load(data)
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
         raise CheckpointError(f"{weights}: not a valid safetensors file (truncated or corrupt?): {exc}") from None
     model = GPT(config)
     expected = {k: v.shape for k, v in model.state_dict().items() if k != "lm_head.weight"}
@@ -161,6 +160,35 @@ def _load_checkpoint(directory: Path, device, attn_impl: str | None) -> tuple[GP
         raise CheckpointError(f"{directory}: tokenizer has {tokenizer.vocab_size} ids but the model "
                               f"only {config.vocab_size}")
     return model.to(device).eval(), tokenizer, meta
+
+
+def _header_shapes(data: bytes) -> dict[str, tuple]:
+    """Tensor name -> shape from a safetensors file's header (8-byte length, then JSON)."""
+    if len(data) < 8:
+        raise ValueError(f"{len(data)} bytes: shorter than a safetensors header")
+    size = int.from_bytes(data[:8], "little")
+    if size > len(data) - 8:
+        raise ValueError(f"header of {size} bytes in a {len(data)}-byte file")
+    header = json.loads(data[8:8 + size])
+    return {k: tuple(v["shape"]) for k, v in header.items() if k != "__metadata__"}
+
+
+def _check_shapes(config: GPTConfig, shapes: dict[str, tuple], directory: Path) -> None:
+    """config.json's sizes must be the weights' own, checked on the file's header before
+    anything is allocated: a corrupt or hand-edited ``block_size: 10**12`` is one error,
+    not an allocator failure. (Every tensor's name and shape is checked once the model
+    is built.)"""
+    wte, wpe = shapes.get("transformer.wte.weight"), shapes.get("transformer.wpe.weight")
+    if wte is None or wpe is None or len(wte) != 2 or len(wpe) != 2:
+        raise CheckpointError(f"{directory / 'model.safetensors'}: no token/position embedding tensors; "
+                              "not a gptcore checkpoint's weights")
+    layers = len({name.split(".")[2] for name in shapes if name.startswith("transformer.h.")})
+    held = {"vocab_size": wte[0], "n_embd": wte[1], "block_size": wpe[0], "n_layer": layers}
+    wrong = [f"{k}={getattr(config, k)} (the weights hold {v})" for k, v in held.items() if getattr(config, k) != v]
+    if wrong:
+        raise CheckpointError(f"{directory / 'config.json'}: {', '.join(wrong)}; config.json and "
+                              "model.safetensors disagree (a corrupt or hand-edited checkpoint): restore it "
+                              "(dvc checkout, README 'Troubleshooting') or retrain")
 
 
 def load_trainer_state(directory: str | Path) -> dict[str, Any] | None:

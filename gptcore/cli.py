@@ -189,6 +189,7 @@ def _run(args: argparse.Namespace) -> int:
     import torch
 
     from .checkpoint import load_checkpoint
+    from .device import check_device
     from .sampling import SamplingConfig
 
     cfg = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
@@ -196,12 +197,8 @@ def _run(args: argparse.Namespace) -> int:
                          stop=tuple(args.stop), seed=args.seed)
     if args.num_samples < 1:
         raise _UsageError(f"--num-samples={args.num_samples} is invalid; allowed: an integer >= 1")
-    try:
-        device = torch.device(args.device)
-        torch.empty(0, device=device)  # fails now, clearly, if the device is unavailable
-    except (RuntimeError, AssertionError) as exc:
-        raise _UsageError(f"--device {args.device}: {str(exc).splitlines()[0]}") from None
-    if args.run:
+    device = check_device(args.device, "--device")
+    if args.run is not None:
         import tempfile
 
         from .tracking import download_run_model

@@ -12,11 +12,14 @@ validation errors come instantly.
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import yaml
 
 from .errors import ConfigError
 from .sampling import SamplingConfig
@@ -397,7 +400,11 @@ def _check_paths(p: "Params") -> None:
     for i, src in enumerate(p.data.sources):
         if not src.path:
             continue
-        root = glob_base(src.path).resolve()
+        try:
+            root = glob_base(src.path).resolve()
+        except (RuntimeError, OSError) as exc:  # Python < 3.13 raises RuntimeError for a loop
+            raise ConfigError(f"data.sources[{i}].path={src.path!r} is a symlink loop or unreadable ({exc}); "
+                              "allowed: a file, a directory of *.txt files, or a glob") from None
         for key, d in norm.items():
             # Inside an output, or a folder above one (read recursively): either reads pipeline
             # outputs. A glob's matches are checked file by file when the corpus is read.
@@ -409,18 +416,42 @@ def _check_paths(p: "Params") -> None:
                                   "(e.g. data/corpus/)")
 
 
-def load_params(path: str | Path = "params.yaml") -> Params:
-    """Read and validate params.yaml; errors name the file and the field."""
-    import yaml
+class YamlLoader(yaml.SafeLoader):
+    """PyYAML's safe loader reading numbers as YAML 1.2 does, as DVC (ruamel.yaml) does.
 
+    YAML 1.1, PyYAML's dialect, needs a dot for a float, so ``1e-3`` would be the string
+    '1e-3' here while DVC's ``params diff`` and ``exp run --set-param`` see 0.001. With
+    this loader both read the same file the same way: ``1e-3``, ``3E-4`` and ``1e3`` are
+    floats (as in YAML 1.2, ``1e3`` is the float 1000.0, not an integer)."""
+
+
+YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:\.[0-9]+|[0-9][0-9_]*(?:\.[0-9_]*)?)[eE][-+]?[0-9]+$"),
+    list("-+.0123456789"))
+
+
+def read_yaml(path: str | Path) -> Any:
+    """Parse a YAML file with :class:`YamlLoader`; any problem is one ConfigError naming the file."""
     path = Path(path)
     try:
         with open(path, encoding="utf-8") as f:  # a stream, so errors name the file
-            raw = yaml.safe_load(f)
+            return yaml.load(f, Loader=YamlLoader)  # noqa: S506 - a SafeLoader subclass
     except FileNotFoundError:
         raise ConfigError(f"{path}: file not found") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start}: {exc.reason}); "
+                          "save it as UTF-8") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{path}: a directory, not a YAML file") from None
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    """Read and validate params.yaml; errors name the file and the field."""
+    path = Path(path)
+    raw = read_yaml(path)
     try:
         return Params.from_dict(raw or {})
     except ConfigError as exc:

@@ -25,12 +25,15 @@ when complete, so a crash or Ctrl-C never leaves a ``train.bin`` that looks fini
 from __future__ import annotations
 
 import codecs
+import errno
 import glob
 import hashlib
 import os
 import re
+import stat
 import sys
 import time
+import unicodedata
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -46,9 +49,10 @@ from .tokenizer import CharTokenizer, GPT2Tokenizer, Tokenizer
 
 BLOCK_BYTES = 1 << 20  # read size
 CHUNK_CHARS = 1 << 20  # encode size: big enough to amortise a call, small enough for cache and RAM
-# A chunk with no safe cut grows up to this before it is cut anyway (text without spaces
-# or newlines, e.g. CJK): one token boundary there may then differ from whole-text encoding.
-MAX_CHUNK_CHARS = 16 * CHUNK_CHARS
+# A chunk with no safe cut (a run of one character class: a "word" of millions of letters)
+# grows up to this before it is cut where BPE ends a token anyway (_bpe_cut). Encoding
+# costs ~60 bytes of memory per character of a chunk, so this bounds the peak: ~120 MB.
+MAX_CHUNK_CHARS = 2 * CHUNK_CHARS
 # Listing every file of a huge folder would bloat meta.json: beyond this, a count and digest.
 MAX_LISTED_FILES = 1000
 
@@ -127,23 +131,41 @@ def _local_files(spec: str, where: str) -> list[tuple[Path, str]]:
     root = Path(spec).expanduser()
     if is_glob(spec):
         matches = [Path(m) for m in glob.glob(str(root), recursive=True)]
-        files = sorted(p for p in matches if p.is_file())
+        files = sorted(p for p in matches if not p.is_dir())
         if not files:
             dirs = f" (only {len(matches)} director{'y' if len(matches) == 1 else 'ies'}: a glob must match " \
                 "files, e.g. dir/*.txt)" if matches else ""
             raise DataError(f"{where}.path={spec!r}: the glob matches no file{dirs}")
-        return [(p, str(p)) for p in files]
+        return [(p, str(p)) for p in files if _regular(p, str(p), where)]
     if root.is_dir():
         files = sorted((p for p in root.rglob("*.txt")
-                        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts)),
+                        if not p.is_dir() and not any(part.startswith(".") for part in p.relative_to(root).parts)),
                        key=lambda p: p.relative_to(root).as_posix())
         if not files:
             raise DataError(f"{where}.path={spec!r}: the directory holds no *.txt file")
-        return [(p, f"{spec.rstrip('/')}/{p.relative_to(root).as_posix()}") for p in files]
-    if root.is_file():
+        labels = [f"{spec.rstrip('/')}/{p.relative_to(root).as_posix()}" for p in files]
+        return [(p, label) for p, label in zip(files, labels) if _regular(p, label, where)]
+    if os.path.lexists(root) and _regular(root, spec, where):
         return [(root, spec)]
     raise DataError(f"{where}.path={spec!r}: no such file or directory (relative paths start at "
                     f"{Path.cwd()}); allowed: a file, a directory of *.txt files, or a glob")
+
+
+def _regular(path: Path, label: str, where: str) -> bool:
+    """True for a regular file (links followed); anything else is refused up front, by name:
+    silently skipping it would train on less than listed, and opening a FIFO waits for a
+    writer for ever."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as exc:
+        kind = {errno.ELOOP: "a symlink loop", errno.ENOENT: "a broken symlink"}.get(
+            exc.errno, f"unreadable ({exc.strerror})")
+        raise DataError(f"{where}: {label} is {kind}; allowed: regular files (fix or remove it)") from None
+    if stat.S_ISREG(mode):
+        return True
+    kind = ("a FIFO (named pipe)" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode)
+            else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "not a regular file")
+    raise DataError(f"{where}: {label} is {kind}; allowed: regular files (copy the text into a file)")
 
 
 def _decoded_blocks(doc: Document, hasher=None) -> Iterator[tuple[str, int]]:
@@ -292,12 +314,15 @@ class _SplitWriter:
         while len(text) - start >= 2 * CHUNK_CHARS:
             target = start + CHUNK_CHARS
             cut = _last_safe_cut(text, start + CHUNK_CHARS // 2, target)
+            if cut is None:  # text without spaces or newlines: cut where a piece ends anyway
+                cut = _last_class_cut(text, start + CHUNK_CHARS // 2, target)
             if cut is None:
-                cut = _last_safe_cut(text, start + 1, len(text) - 1)
+                cut = _last_safe_cut(text, start + 1, len(text) - 1) or \
+                    _last_class_cut(text, start + 1, len(text) - 1)
                 if cut is None:
                     if len(text) - start < MAX_CHUNK_CHARS:
                         break  # wait for more text: a cut may come
-                    cut = target
+                    cut = _bpe_cut(self.tokenizer, text, target)
             self._queue(text[start:cut])
             start = cut
         rest = text[start:]
@@ -349,6 +374,60 @@ def _last_safe_cut(text: str, lo: int, hi: int) -> int | None:
     ids of encoding them together. (Python's ``\\S`` is stricter than the tokenizer's.)"""
     m = _LAST_CUT.match(text, lo + 1, hi)
     return None if m is None else m.end() - 1
+
+
+def _char_class(c: str) -> int:
+    """GPT-2's pre-tokenizer classes: letters (\\p{L}), numbers (\\p{N}), anything else."""
+    major = unicodedata.category(c)[0]
+    return 0 if major == "L" else 1 if major == "N" else 2
+
+
+def _last_class_cut(text: str, lo: int, hi: int) -> int | None:
+    """The index of the last cut in ``text[lo:hi]`` between two non-space characters of
+    different classes (letter, number, other), not right after an apostrophe. Outside
+    whitespace the pre-tokenizer's pieces are maximal runs of one class (``\\p{L}+``,
+    ``\\p{N}+``, ``[^\\s\\p{L}\\p{N}]+``) or a contraction that starts at an apostrophe
+    (``'s``, ``'ll``, ...), so a piece always ends at such a place and encoding the two sides
+    apart gives the whole text's ids. Used where a long stretch has no whitespace cut
+    (minified code, text with its spaces stripped, CJK with punctuation), so chunks stay
+    ~1 MiB and memory bounded. A run of one class has no such place: it is cut by size."""
+    for i in range(hi - 1, lo, -1):
+        a, b = text[i - 1], text[i]
+        if a == "'" or a.isspace() or b.isspace():
+            continue
+        if _char_class(a) != _char_class(b):
+            return i
+    return None
+
+
+def _bpe_cut(tokenizer: Tokenizer, text: str, target: int) -> int:
+    """A cut near ``target`` inside one long pre-tokenizer piece (a run of one class).
+
+    Byte-pair merges are local: where the whole piece's encoding ends a token, encoding
+    the two sides apart gives the same ids (a merge on one side never changes the other's
+    pairs, and the pair across that place never merged). Two windows around ``target``
+    with different edges are encoded; a place where both end a token is, far from either
+    edge, where the whole piece ends one. Where they agree nowhere (a periodic run such as
+    'aaaa...', whose merges line up from the piece's start), ``target`` itself is used:
+    the one place where chunked ids may differ from whole-text encoding."""
+    w = max(8, min(256, CHUNK_CHARS // 8))
+
+    def token_ends(a: int, b: int) -> set[int]:
+        window = text[a:b]
+        ends, at = set(), 0
+        for i in tokenizer.encode(window):
+            at += len(tokenizer.decode_bytes([i]))
+            ends.add(at)
+        out, nbytes = set(), 0
+        for k, ch in enumerate(window):  # byte offsets -> character offsets
+            nbytes += len(ch.encode("utf-8"))
+            if nbytes in ends:
+                out.add(a + k + 1)
+        return out
+
+    both = token_ends(target - 2 * w, target + 2 * w) & token_ends(target - 2 * w + 7, target + 2 * w - 5)
+    near = [c for c in both if abs(c - target) <= w]
+    return min(near, key=lambda c: abs(c - target)) if near else target
 
 
 def tokenize_corpus(cfg: DataConfig, tokenizer_kind: str, progress: bool = False,

@@ -8,7 +8,6 @@ than RAM trains, and torchrun's ranks share one page cache instead of a copy eac
 from __future__ import annotations
 
 import hashlib
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,6 +15,7 @@ import numpy as np
 import torch
 
 from .errors import DataError
+from .io import read_json_object
 from .tokenizer import Tokenizer, load_tokenizer
 
 # meta.json keys TokenData relies on, and the types they must have.
@@ -25,14 +25,7 @@ _META = {"dtype": str, "vocab_size": int, "train_tokens": int, "val_tokens": int
 
 def _read_meta(path: Path) -> dict:
     fix = "re-run the tokenize stage (dvc repro -f tokenize)"
-    try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise DataError(f"{path}: missing; run the tokenize stage first") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise DataError(f"{path}: not valid JSON ({exc}); {fix}") from None
-    if not isinstance(meta, dict):
-        raise DataError(f"{path}: expected a JSON object; {fix}")
+    meta = read_json_object(path, DataError, fix, missing="missing; run the tokenize stage first")
     for key, tp in _META.items():
         if not isinstance(meta.get(key), tp) or isinstance(meta.get(key), bool):
             raise DataError(f"{path}: {key!r} is missing or not a {tp.__name__}; {fix}")

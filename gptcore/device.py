@@ -40,6 +40,35 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     return torch.device(name)
 
 
+def available_devices() -> list[str]:
+    """The devices this machine has, as ``torch.device`` names (cuda by index)."""
+    found = ["cpu"]
+    if torch.cuda.is_available():
+        n = torch.cuda.device_count()
+        found += ["cuda"] + ([f"cuda:{i}" for i in range(n)] if n <= 4 else [f"cuda:0..cuda:{n - 1}"])
+    if _mps_available():
+        found.append("mps")
+    return found
+
+
+def check_device(name: str, what: str = "device") -> torch.device:
+    """``name`` as a device this machine has, or a ConfigError with the short list of those
+    it has (torch's own error for a bad name lists every backend it knows, over 1 KB)."""
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        device = None
+    index = 0 if device is None or device.index is None else device.index
+    ok = device is not None and (
+        (device.type == "cpu" and index == 0)
+        or (device.type == "cuda" and torch.cuda.is_available() and index < torch.cuda.device_count())
+        or (device.type == "mps" and _mps_available() and index == 0))
+    if not ok:
+        raise ConfigError(f"{what} {name!r}: not a device this machine has; allowed: "
+                          f"{', '.join(available_devices())}")
+    return device
+
+
 def resolve_precision(device: torch.device, dtype: str) -> tuple[str, str | None]:
     """The autocast dtype ``device`` can run for the configured ``dtype``, and, where that
     differs, one line saying why (the caller prints it).

@@ -121,3 +121,16 @@ def fetch_sources(dest: str | Path, sources: Mapping[str, Source] = SOURCES, *,
                                 "nothing was written")
         fetched[name] = actual
     return fetched
+
+
+def prune(dest: str | Path, keep: Mapping[str, Source]) -> list[str]:
+    """Delete the files in ``dest`` that are not ``keep``'s (sources dropped from params):
+    ``dest`` persists between runs (dvc.yaml), so the stage itself removes what DVC used to
+    clear before running it, and only once every source is in place."""
+    removed = []
+    for path in sorted(Path(dest).iterdir()):
+        if path.name not in keep and (path.is_file() or path.is_symlink()):
+            path.unlink()
+            removed.append(path.name)
+    return removed
+

@@ -17,6 +17,8 @@ import tempfile
 from pathlib import Path
 from typing import BinaryIO, Iterator
 
+from .errors import GptcoreError
+
 
 def _fsync_dir(path: Path) -> None:
     try:
@@ -75,11 +77,20 @@ def atomic_write_json(path: str | Path, obj) -> Path:
     return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
 
-def _fsync_tree(root: Path) -> None:
-    for dirpath, _, filenames in os.walk(root):
+def _finish_tree(root: Path) -> None:
+    """fsync every file, and give each the mode a plain open() would: some writers create
+    private files (safetensors writes 0600), which teammates on a shared machine or a
+    server running as another user could not read. Outputs follow the user's umask."""
+    mask = _umask()
+    for dirpath, dirnames, filenames in os.walk(root):
         for name in filenames:
-            with open(os.path.join(dirpath, name), "rb") as f:
+            path = os.path.join(dirpath, name)
+            if not os.path.islink(path):
+                os.chmod(path, 0o666 & ~mask)
+            with open(path, "rb") as f:
                 os.fsync(f.fileno())
+        for name in dirnames:
+            os.chmod(os.path.join(dirpath, name), 0o777 & ~mask)
         _fsync_dir(Path(dirpath))
 
 
@@ -92,7 +103,7 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     try:
         os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp's 0700 would make the output private
         yield tmp
-        _fsync_tree(tmp)
+        _finish_tree(tmp)
         old = path.with_name(path.name + ".old")
         # A crash between the renames of an earlier save leaves only <path>.old: put it
         # back first, or the rmtree below would delete the only complete copy.
@@ -150,3 +161,29 @@ def copy_dir(src: str | Path, dst: str | Path) -> Path:
             else:
                 shutil.copytree(item, tmp / item.name)
     return Path(dst)
+
+
+def read_json_object(path: str | Path, error: type[GptcoreError], fix: str = "",
+                     missing: str = "missing") -> dict:
+    """The JSON object in ``path``; anything else (no file, not UTF-8 — e.g. saved as
+    UTF-16 by an editor —, not JSON, not an object) is one ``error`` line naming the file
+    and ending with ``fix``."""
+    path = Path(path)
+    tail = f"; {fix}" if fix else ""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise error(f"{path}: {missing}") from None
+    except UnicodeDecodeError as exc:
+        raise error(f"{path}: not UTF-8 text (byte {exc.start}: {exc.reason}); save it as UTF-8"
+                    f"{tail}") from None
+    except IsADirectoryError:
+        raise error(f"{path}: a directory, not a JSON file{tail}") from None
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise error(f"{path}: not valid JSON ({exc}){tail}") from None
+    if not isinstance(obj, dict):
+        raise error(f"{path}: expected a JSON object, got {type(obj).__name__}{tail}")
+    return obj
+

@@ -61,15 +61,12 @@ def project_root() -> Path:
 def declared_deps(stage: str, params: dict, root: Path | None = None) -> list[str] | None:
     """The deps ``dvc.yaml`` declares for ``stage``, with ``${a.b}`` templates filled
     from ``params`` (flattened), as absolute paths; None where there is no dvc.yaml."""
-    import yaml
-
-    from .config import flatten
+    from .config import flatten, read_yaml
 
     root = root or project_root()
-    try:
-        spec = yaml.safe_load((root / "dvc.yaml").read_text(encoding="utf-8"))
-    except FileNotFoundError:
+    if not (root / "dvc.yaml").exists():
         return None
+    spec = read_yaml(root / "dvc.yaml")
     values = flatten(params)
     deps = ((spec or {}).get("stages") or {}).get(stage, {}).get("deps") or []
     fill = lambda m: str(values.get(m.group(1).strip(), m.group(0)))  # noqa: E731

@@ -11,7 +11,7 @@ import shutil
 from pathlib import Path
 
 from .errors import TokenizerError
-from .io import atomic_write_json, sha256_bytes
+from .io import atomic_write_json, read_json_object, sha256_bytes
 from .sources import GPT2_BPE
 
 EOT_TEXT = "<|endoftext|>"
@@ -186,13 +186,8 @@ def load_tokenizer(directory: str | Path) -> Tokenizer:
     """Load the tokenizer a checkpoint (or data directory) saved with :meth:`Tokenizer.save`."""
     directory = Path(directory)
     path = directory / TOKENIZER_FILE
-    try:
-        spec = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise TokenizerError(f"{path}: missing") from None
-    except json.JSONDecodeError as exc:
-        raise TokenizerError(f"{path}: not valid JSON ({exc})") from None
-    kind = spec.get("kind") if isinstance(spec, dict) else None
+    spec = read_json_object(path, TokenizerError)
+    kind = spec.get("kind")
     if kind == "gpt2":
         return GPT2Tokenizer(directory)
     if kind == "char":

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -75,10 +76,10 @@ def readable_run_name(root: Path, params: dict[str, Any]) -> str | None:
     if committed is not None:
         import yaml
 
-        from .config import Params, flatten
+        from .config import Params, YamlLoader, flatten
         from .errors import ConfigError
         try:  # parsed, so defaults and omitted keys (a source's empty path:) compare equal
-            before = flatten(Params.from_dict(yaml.safe_load(committed) or {}).to_dict())
+            before = flatten(Params.from_dict(yaml.load(committed, Loader=YamlLoader) or {}).to_dict())
         except (yaml.YAMLError, ConfigError):
             before = {}
         same = lambda a, b: json.dumps(a, default=str) == json.dumps(b, default=str)  # noqa: E731 - (1,) == [1]
@@ -263,9 +264,13 @@ class Tracker:
 
 def download_run_model(run_id: str, dst: str | Path) -> Path:
     """The checkpoint directory logged with ``run_id``, copied into ``dst``, from the
-    store ``MLFLOW_TRACKING_URI`` names (default: ./mlflow.db). Raises CheckpointError."""
+    store ``MLFLOW_TRACKING_URI`` names (default: ./mlflow.db). Raises CheckpointError
+    that tells a run that is not there from a store that can't be reached or read."""
     from .errors import CheckpointError
 
+    if not run_id.strip():
+        raise CheckpointError("--run: empty run id; allowed: a run id as `mlflow ui` or "
+                              "metrics/mlflow_run.json shows it (32 hex digits)")
     _configure_env()
     import mlflow
     from mlflow.tracking import MlflowClient
@@ -274,18 +279,37 @@ def download_run_model(run_id: str, dst: str | Path) -> Path:
     if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).exists():
         raise CheckpointError(f"no MLflow store at {uri.removeprefix('sqlite:///')}; run from the "
                               "project root or set MLFLOW_TRACKING_URI")
-    client = MlflowClient(tracking_uri=uri)
     try:
+        client = MlflowClient(tracking_uri=uri)
         run = client.get_run(run_id)
-    except mlflow.exceptions.MlflowException:
-        raise CheckpointError(f"run {run_id!r}: not found in {uri}") from None
-    model_id = run.data.tags.get(MODEL_ID_TAG)
-    if not model_id:
+        model_id = run.data.tags.get(MODEL_ID_TAG)
+        location = client.get_logged_model(model_id).artifact_location if model_id else None
+    except Exception as exc:  # noqa: BLE001 - MLflow, SQLAlchemy and requests errors alike
+        raise CheckpointError(_store_problem(exc, run_id, uri)) from None
+    if not location:
         raise CheckpointError(f"run {run_id!r} ({run.info.run_name}) has no logged model; "
                               "only runs whose train stage finished carry one")
-    location = client.get_logged_model(model_id).artifact_location
     return Path(mlflow.artifacts.download_artifacts(artifact_uri=location, dst_path=str(dst),
                                                     tracking_uri=uri))
+
+
+def _store_problem(exc: Exception, run_id: str, uri: str) -> str:
+    """One line for why a store could not answer: the run is not there, the store can't
+    be reached, or its database is not one MLflow can read."""
+    code = getattr(exc, "error_code", "")
+    text = " ".join(str(exc).split())
+    if code == "RESOURCE_DOES_NOT_EXIST" or "not found" in text.lower() and "run" in text.lower():
+        return f"run {run_id!r}: not found in {uri}; `mlflow ui` or metrics/mlflow_run.json lists the run ids"
+    if any(k in text for k in ("Connection", "connect", "Max retries", "timed out", "Name or service")):
+        return (f"MLflow store {uri} is unreachable ({type(exc).__name__}); start the tracking server or "
+                "unset MLFLOW_TRACKING_URI to read ./mlflow.db")
+    if any(k in text.lower() for k in ("not a database", "malformed", "database disk image", "no such table",
+                                       "databaseerror", "file is encrypted")):
+        reason = re.search(r"\(sqlite3\.\w+\) ([^\[]+)", text)
+        return (f"MLflow store {uri} is corrupt or not an MLflow database "
+                f"({(reason.group(1) if reason else text[:100]).strip()}); restore mlflow.db from a backup, "
+                "or load the checkpoint with --checkpoint models/best")
+    return f"MLflow store {uri} could not be read ({type(exc).__name__}: {text[:160]})"
 
 
 def write_run_file(run_id: str | None, path: str | Path = RUN_FILE) -> None:

@@ -358,8 +358,12 @@ class Trainer:
         if not math.isfinite(loss):
             kept = (f"the best model so far (step {self.best_step}) is in {self.best_dir}"
                     if self.best_step >= 0 else "no model was published")
+            # Advise only what is not already set: clipping that is on cannot be "enabled".
+            advice = f"lower train.learning_rate (now {self.cfg.learning_rate:g})"
+            if self.cfg.grad_clip <= 0:
+                advice += " or enable train.grad_clip (e.g. 1.0)"
             raise FloatingPointError(f"training loss is {loss} at step {step}: the run diverged; "
-                                     f"{kept}; lower train.learning_rate or enable train.grad_clip")
+                                     f"{kept}; {advice}")
 
     def _flush(self, bar, tokens_per_step: int) -> None:
         """Read the deferred step losses in one transfer, then check and log each step as

@@ -7,7 +7,7 @@ copied: the tokenize stage reads them where they are.
 """
 
 from gptcore.config import load_params
-from gptcore.fetch import fetch_sources
+from gptcore.fetch import fetch_sources, prune
 from gptcore.sources import download_sources
 from gptcore.stage import run_stage
 
@@ -18,6 +18,8 @@ def main() -> None:
     for name, sha in fetch_sources(data.raw_dir, pinned, retries=data.retries,
                                    timeout_s=data.timeout_s).items():
         print(f"{name}: sha256 {sha} {'ok' if pinned[name].sha256 else '(not pinned)'}")
+    for name in prune(data.raw_dir, pinned):
+        print(f"{name}: removed (no longer a source)")
 
 
 if __name__ == "__main__":

@@ -36,6 +36,27 @@ def write_params(root: Path, *overrides: dict) -> None:
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 
 
+def git_project(root: Path, mirror_dir: Path, *overrides: dict) -> dict:
+    """A copy of the project in ``root`` with params overridden, committed to a fresh git
+    repository (what DVC experiments need); returns the environment to run DVC in:
+    offline, the venv's tools first, no DVC/MLflow settings inherited from the caller."""
+    import os
+    import subprocess
+    import sys
+
+    copy_project(root)
+    write_params(root, *overrides)
+    venv_bin = Path(sys.executable).parent
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("DVC_", "MLFLOW_TRACKING", "RANK"))}
+    env.update(PATH=f"{venv_bin}{os.pathsep}{env.get('PATH', '')}", GPTCORE_MIRROR=str(mirror_dir),
+               DVC_NO_ANALYTICS="1", MLFLOW_DISABLE_TELEMETRY="true", HF_HUB_OFFLINE="1",
+               GIT_AUTHOR_NAME="ci", GIT_AUTHOR_EMAIL="ci@localhost",
+               GIT_COMMITTER_NAME="ci", GIT_COMMITTER_EMAIL="ci@localhost")
+    for args in (["git", "init", "-q", "-b", "main"], ["git", "add", "-A"], ["git", "commit", "-qm", "project"]):
+        subprocess.run(args, cwd=root, env=env, check=True, capture_output=True)
+    return env
+
+
 def signal_after_first_checkpoint(args: list[str], root: Path, env: dict, sig: int,
                                   timeout: float = 120) -> tuple[int, str, str]:
     """Start training ``args`` in ``root``, send ``sig`` once its first periodic resume

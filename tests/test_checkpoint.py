@@ -157,17 +157,39 @@ def test_config_that_does_not_match_the_weights_names_tensor_and_shapes(tmp_path
     raw = json.loads(path.read_text())
     raw["model"]["n_embd"] = 32
     path.write_text(json.dumps(raw))
-    with pytest.raises(CheckpointError,
-                       match=r"transformer.wte.weight has shape \(28, 16\), config.json implies \(28, 32\)"):
+    with pytest.raises(CheckpointError, match=r"config.json: n_embd=32 \(the weights hold 16\); config.json "
+                       "and model.safetensors disagree"):
         load_checkpoint(tmp_path / "ckpt")
+    raw["model"]["n_embd"], raw["model"]["bias"] = 16, False  # same sizes, other tensors
+    path.write_text(json.dumps(raw))
+    with pytest.raises(CheckpointError, match=r"tensors do not match config.json: missing \[\], unexpected "
+                       r"\['transformer.h.0.attn.c_attn.bias'"):
+        load_checkpoint(tmp_path / "ckpt")
+    raw["model"]["bias"] = True
     raw["model"]["n_embd"] = 17  # not a multiple of n_head
     path.write_text(json.dumps(raw))
     with pytest.raises(CheckpointError, match="invalid model config: n_embd=17"):
         load_checkpoint(tmp_path / "ckpt")
 
 
+@pytest.mark.parametrize("field, value", [("block_size", 10**12), ("vocab_size", 10**12), ("n_layer", 10**6)])
+def test_huge_sizes_in_config_are_refused_before_anything_is_allocated(tmp_path, field, value):
+    """A corrupt or hand-edited config.json: one error, from the weights file's header,
+    before a 10**12-row embedding is allocated (that was an allocator traceback)."""
+    model, tok = char_setup()
+    save_checkpoint(tmp_path / "ckpt", model, tok)
+    path = tmp_path / "ckpt" / "config.json"
+    raw = json.loads(path.read_text())
+    held = raw["model"][field]
+    raw["model"][field] = value
+    path.write_text(json.dumps(raw))
+    with pytest.raises(CheckpointError, match=rf"config.json: {field}={value} \(the weights hold {held}\)"):
+        load_checkpoint(tmp_path / "ckpt")
+
+
 @pytest.mark.parametrize("content, match", [
     (None, "config.json: missing"),
+    ('{"format": "gptcore"}'.encode("utf-16"), "config.json: not UTF-8 text"),  # an editor's UTF-16
     ("{", "not valid JSON"),
     ("[1, 2]", "expected a JSON object"),
     ('{"format": "hf"}', "format 'hf' is not 'gptcore'"),
@@ -179,8 +201,18 @@ def test_bad_config_json_is_refused(tmp_path, content, match):
     path = tmp_path / "ckpt" / "config.json"
     path.unlink()
     if content is not None:
-        path.write_text(content)
+        path.write_bytes(content if isinstance(content, bytes) else content.encode())
     with pytest.raises(CheckpointError, match=match):
+        load_checkpoint(tmp_path / "ckpt")
+
+
+def test_tokenizer_json_saved_as_utf16_is_one_error(tmp_path):
+    model, tok = char_setup()
+    save_checkpoint(tmp_path / "ckpt", model, tok)
+    path = tmp_path / "ckpt" / "tokenizer.json"
+    path.write_bytes(path.read_text(encoding="utf-8").encode("utf-16"))
+    with pytest.raises(CheckpointError, match=r"tokenizer: .*tokenizer.json: not UTF-8 text \(byte 0: "
+                       r"invalid start byte\); save it as UTF-8"):
         load_checkpoint(tmp_path / "ckpt")
 
 

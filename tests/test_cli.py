@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import select
+import socket
 import string
 import subprocess
 import sys
@@ -186,13 +187,85 @@ def test_invalid_top_p_is_exit_2_naming_top_p(checkpoint):
     (["--repetition-penalty", "0"], "repetition_penalty=0.0"),
     (["--max-new-tokens", "-2"], "max_new_tokens=-2"),
     (["--num-samples", "0"], "--num-samples=0"),
-    (["--device", "nonsense"], "--device nonsense"),
+    (["--device", "nonsense"], "--device 'nonsense': not a device this machine has; allowed: cpu"),
     (["--prompt", "naïve €"], "not in the"),
 ])
 def test_bad_values_are_one_line_exit_2(checkpoint, capsys, args, message):
     assert main(["generate", "--checkpoint", str(checkpoint), *args]) == 2
     out, err = capsys.readouterr()
     assert message in err and len(err.strip().splitlines()) == 1 and out == ""
+
+
+def one_error_line(proc: subprocess.CompletedProcess) -> str:
+    """Exit 2, no traceback, nothing on stdout, exactly one line on stderr: that line."""
+    no_traceback(proc)
+    err = proc.stderr.decode().strip()
+    assert proc.returncode == 2 and proc.stdout == b"" and len(err.splitlines()) == 1, err
+    return err
+
+
+@pytest.mark.parametrize("device", ["meta", "mps", "cuda", "cuda:3", "cpu:1"])
+def test_devices_this_machine_lacks_are_one_short_line(checkpoint, device):
+    """torch's own errors were a traceback (meta) or a 1 KB line listing every backend (mps)."""
+    from gptcore.device import available_devices
+
+    has = available_devices()  # on CI: ["cpu"]
+    if device in has:  # e.g. cuda on a GPU machine: a valid choice there
+        return
+    err = one_error_line(run("generate", "--checkpoint", str(checkpoint), "--device", device))
+    assert err == f"gptcore: error: --device {device!r}: not a device this machine has; allowed: {', '.join(has)}"
+
+
+def _store_error(tmp_path: Path, *args: str, **extra_env: str) -> str:
+    proc = subprocess.run([str(GPTCORE), "generate", *args], cwd=tmp_path, capture_output=True,
+                          env={**env(), **extra_env}, timeout=WAIT_S)
+    return one_error_line(proc)
+
+
+def test_run_id_errors_tell_missing_unreachable_and_corrupt_apart(tmp_path):
+    """--run: an empty id is refused (it silently meant models/best); a store that is not
+    a database (a real corrupt mlflow.db) and a tracking server nobody answers on are
+    each named as such, not as "run not found" (and not a 75-line SQLAlchemy traceback)."""
+    assert _store_error(tmp_path, "--run", "") == (
+        "gptcore: error: --run: empty run id; allowed: a run id as `mlflow ui` or metrics/mlflow_run.json "
+        "shows it (32 hex digits)")
+    (tmp_path / "mlflow.db").write_bytes(os.urandom(4096))
+    err = _store_error(tmp_path, "--run", "0" * 32)
+    assert err == (f"gptcore: error: MLflow store sqlite:///{tmp_path.resolve() / 'mlflow.db'} is corrupt or not "
+                   "an MLflow database (file is not a database); restore mlflow.db from a backup, or load the "
+                   "checkpoint with --checkpoint models/best")
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    err = _store_error(tmp_path, "--run", "0" * 32, MLFLOW_TRACKING_URI=f"http://127.0.0.1:{port}")
+    assert err == (f"gptcore: error: MLflow store http://127.0.0.1:{port} is unreachable (MlflowException); "
+                   "start the tracking server or unset MLFLOW_TRACKING_URI to read ./mlflow.db")
+
+
+def test_tokenizer_json_saved_as_utf16_is_one_line(checkpoint, tmp_path):
+    bad = tmp_path / "utf16"
+    bad.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        (bad / name).write_bytes((checkpoint / name).read_bytes())
+    (bad / "tokenizer.json").write_bytes((checkpoint / "tokenizer.json").read_text().encode("utf-16"))
+    err = one_error_line(run("generate", "--checkpoint", str(bad), "--prompt", "hi"))
+    assert err == (f"gptcore: error: {bad}: tokenizer: {bad / 'tokenizer.json'}: not UTF-8 text (byte 0: "
+                   "invalid start byte); save it as UTF-8")
+
+
+def test_huge_block_size_in_a_checkpoint_config_is_one_line(checkpoint, tmp_path):
+    import json
+
+    bad = tmp_path / "huge"
+    bad.mkdir()
+    for name in ("tokenizer.json", "model.safetensors"):
+        (bad / name).write_bytes((checkpoint / name).read_bytes())
+    config = json.loads((checkpoint / "config.json").read_text())
+    config["model"]["block_size"] = 10**12
+    (bad / "config.json").write_text(json.dumps(config))
+    err = one_error_line(run("generate", "--checkpoint", str(bad)))
+    assert err.startswith(f"gptcore: error: {bad / 'config.json'}: block_size=1000000000000 (the weights hold 32); "
+                          "config.json and model.safetensors disagree")
 
 
 def test_corrupt_checkpoint_is_exit_2(checkpoint, tmp_path, capsys):

@@ -160,6 +160,31 @@ def test_load_params_invalid_yaml(tmp_path):
         load_params(path)
 
 
+@pytest.mark.parametrize("text, value", [("1e-3", 0.001), ("3e-4", 0.0003), ("1E-3", 0.001), ("+2e-3", 0.002),
+                                         ("1.5e-3", 0.0015), (".5e-3", 0.0005), ("0.001", 0.001)])
+def test_exponent_numbers_are_floats_as_dvc_reads_them(tmp_path, text, value):
+    """YAML 1.1 (PyYAML) needs a dot for a float; YAML 1.2 (DVC's ruamel) does not: the
+    same params.yaml must mean the same run to both."""
+    path = tmp_path / "params.yaml"
+    path.write_text(f"train:\n  learning_rate: {text}\n  min_lr: 0\n")
+    assert load_params(path).train.learning_rate == value
+
+
+def test_exponent_integers_are_floats_and_refused_where_an_integer_is_needed(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text("train:\n  max_steps: 1e3\n")  # YAML 1.2 (and DVC): the float 1000.0
+    with pytest.raises(ConfigError, match=r"train\.max_steps must be an integer, got 1000\.0"):
+        load_params(path)
+
+
+def test_params_yaml_that_is_not_utf8_is_one_error(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_bytes("train:\n  max_steps: 10\n".encode("utf-16"))  # an editor's "Unicode"
+    with pytest.raises(ConfigError, match=r"params.yaml: not UTF-8 text \(byte 0: invalid start byte\); "
+                       "save it as UTF-8"):
+        load_params(path)
+
+
 def test_load_params_names_file_and_field(tmp_path):
     path = tmp_path / "params.yaml"
     path.write_text("model:\n  n_embd: 130\n")

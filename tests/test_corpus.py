@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import subprocess
 import sys
 import textwrap
@@ -37,6 +38,17 @@ def _cfg(tmp_path: Path, *sources: CorpusSource, **kw) -> DataConfig:
 
 def _ids(path: Path) -> list[int]:
     return np.fromfile(path, dtype=np.uint16).tolist()
+
+
+def _assert_chunked_ids_equal_whole_text(tmp_path: Path, text: str, gpt2) -> None:
+    """Tokenize ``text`` as a one-file corpus split in halves: each split's ids must be
+    the whole half's, so every cut between chunks was a safe one."""
+    doc = tmp_path / "doc.txt"
+    doc.write_bytes(text.encode("utf-8"))
+    tokenize_corpus(_cfg(tmp_path, CorpusSource(path=str(doc)), val_fraction=0.5), "gpt2", threads=2)
+    n = int(len(text) * 0.5)
+    assert _ids(tmp_path / "processed" / "train.bin") == gpt2.encode(text[:n])
+    assert _ids(tmp_path / "processed" / "val.bin") == gpt2.encode(text[n:])
 
 
 @pytest.fixture(scope="module")
@@ -327,12 +339,7 @@ def test_cuts_are_found_in_text_without_single_spaces(tmp_path, raw, gpt2, monke
     monkeypatch.setattr(corpus, "CHUNK_CHARS", 500)
     monkeypatch.setattr(corpus, "MAX_CHUNK_CHARS", 2000)
     assert len(text) > 20_000
-    doc = tmp_path / "doc.txt"
-    doc.write_bytes(text.encode("utf-8"))
-    tokenize_corpus(_cfg(tmp_path, CorpusSource(path=str(doc)), val_fraction=0.5), "gpt2", threads=2)
-    n = int(len(text) * 0.5)
-    assert _ids(tmp_path / "processed" / "train.bin") == gpt2.encode(text[:n])
-    assert _ids(tmp_path / "processed" / "val.bin") == gpt2.encode(text[n:])
+    _assert_chunked_ids_equal_whole_text(tmp_path, text, gpt2)
 
 
 def test_identical_files_never_straddle_the_documents_split(tmp_path, raw):
@@ -401,3 +408,96 @@ def test_a_glob_over_pipeline_outputs_is_refused(tmp_path, raw):
         tokenize_corpus(_cfg(tmp_path, CorpusSource(path=str(tmp_path / "r*" / "*.txt"))), "char")
     with pytest.raises(DataError, match=r"the glob matches no file \(only 1 directory: a glob must match files"):
         tokenize_corpus(_cfg(tmp_path, CorpusSource(path=str(tmp_path / "ra*"))), "char")
+
+
+LINE_RSS_BOUND_MB = 300
+
+
+@pytest.mark.parametrize("letters_only", [False, True], ids=["punctuated", "letters-only"])
+def test_a_30mb_line_without_whitespace_tokenizes_in_bounded_memory(tmp_path, raw, mirror_dir, gpt2,
+                                                                     letters_only):
+    """Text with no whitespace at all (Tiny Shakespeare with every space and newline
+    removed, repeated to one 30 MB line; or its letters alone: one 8 MB pre-tokenizer piece)
+    is cut where letters meet punctuation, or where BPE ends a token, so memory stays bounded
+    (898 MB peak when a chunk could grow to 16 MiB) and the ids equal tiktoken's."""
+    one = "".join((mirror_dir / "input.txt").read_text(encoding="utf-8").split())
+    if letters_only:  # one pre-tokenizer piece of 30 MB: only forced (BPE) cuts
+        one = "".join(c for c in one if c.isalpha())
+    line = tmp_path / "line.txt"
+    # 30 MB; the letters-only piece 8 MB (4x the largest chunk: BPE on one long piece
+    # runs at ~1 MB/s, so a bigger one only costs CI time).
+    copies = (8_000_000 if letters_only else 30_000_000) // len(one) + 1
+    with open(line, "w", encoding="utf-8") as f:
+        for _ in range(copies):
+            f.write(one)
+    assert line.stat().st_size >= (8_000_000 if letters_only else 30_000_000)
+    out = tmp_path / "processed"
+    proc = subprocess.run([sys.executable, "-c", BIG_SCRIPT, str(raw), str(line), str(out)], cwd=REPO,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    assert report["peak_rss_mb"] < LINE_RSS_BOUND_MB, report["peak_rss_mb"]
+    prefix = one * 3  # > 2 chunks of 1 MiB: spans the first cuts
+    expected = gpt2.encode(prefix)[:-5]  # the last few ids may merge with what follows
+    ids = TokenData.load(out).train[:len(expected)].tolist()
+    assert ids == expected
+
+
+@pytest.mark.parametrize("text", [
+    "".join(f"x{i}='it''s{i}',y:=f(a,b)*{i % 7};//ok\u00e9\u0301{i}" for i in range(3000)),  # minified code
+    "".join(f"第{i}章天地玄黄,宇宙洪荒.日月盈昃!辰宿列张:{i}" for i in range(2000)),  # CJK, no spaces
+    "".join(f"word's{i}don't'll{i}'ve" for i in range(3000)),  # apostrophes at cut candidates
+])
+def test_text_without_whitespace_is_cut_between_classes_id_for_id(tmp_path, raw, gpt2, monkeypatch, text):
+    """No whitespace at all: chunks are cut between letters, numbers and other characters
+    (never after an apostrophe), well before the forced-cut limit, and the ids equal the
+    whole text's."""
+    monkeypatch.setattr(corpus, "CHUNK_CHARS", 500)
+    monkeypatch.setattr(corpus, "MAX_CHUNK_CHARS", 2000)
+    cuts = []
+    real_queue = corpus._SplitWriter._queue
+    monkeypatch.setattr(corpus._SplitWriter, "_queue", lambda self, c: (cuts.append(len(c)), real_queue(self, c)))
+    assert len(text) > 20_000 and not any(c.isspace() for c in text)
+    doc = tmp_path / "doc.txt"
+    doc.write_bytes(text.encode("utf-8"))
+    tokenize_corpus(_cfg(tmp_path, CorpusSource(path=str(doc)), val_fraction=0.5), "gpt2", threads=2)
+    # Cut at the chunk size, not forced at 2,000; only each split's final remainder is longer.
+    assert len(cuts) > 10 and sum(c > 500 for c in cuts) <= 2 and max(cuts) < 1000
+    n = int(len(text) * 0.5)
+    assert _ids(tmp_path / "processed" / "train.bin") == gpt2.encode(text[:n])
+    assert _ids(tmp_path / "processed" / "val.bin") == gpt2.encode(text[n:])
+
+
+def test_a_run_of_one_class_is_cut_where_bpe_ends_a_token(tmp_path, raw, gpt2, monkeypatch):
+    """Letters only, no whitespace, no punctuation: one pre-tokenizer piece. Forced cuts
+    land where byte-pair encoding ends a token anyway, so the ids still equal the whole
+    text's (here with ~40 forced cuts)."""
+    import random
+
+    monkeypatch.setattr(corpus, "CHUNK_CHARS", 500)
+    monkeypatch.setattr(corpus, "MAX_CHUNK_CHARS", 1000)
+    rng = random.Random(0)
+    text = "".join(rng.choice("etaoinshrdlucmfwyp") for _ in range(40_000))
+    _assert_chunked_ids_equal_whole_text(tmp_path, text, gpt2)
+
+
+@pytest.mark.parametrize("kind", ["fifo", "symlink loop", "broken link"])
+def test_special_files_as_sources_are_refused_by_name(tmp_path, kind):
+    """A FIFO given as a source was "no such file or directory" (and made `dvc repro` hang
+    hashing it as a dep); a symlink loop was a RuntimeError traceback. A glob's matches
+    are checked the same way."""
+    import os
+
+    odd = tmp_path / "odd.txt"
+    if kind == "fifo":
+        os.mkfifo(odd)
+    else:
+        odd.symlink_to(odd.name if kind == "symlink loop" else "missing.txt")
+    expected = {"fifo": "a FIFO (named pipe)", "symlink loop": "a symlink loop", "broken link": "a broken symlink"}
+    if kind == "symlink loop":  # every stage validates params first: it fails there
+        with pytest.raises(ConfigError, match=r"data.sources\[0\].path='.*odd.txt' is a symlink loop"):
+            Params.from_dict({"data": {"sources": [{"path": str(odd)}], "require_sha256": "none"}})
+    for spec in (str(odd), str(tmp_path / "*.txt")):
+        with pytest.raises(DataError, match=rf"^data.sources\[0\]: .*odd.txt is {re.escape(expected[kind])}; "
+                           "allowed: regular"):
+            corpus.resolve_documents(_cfg(tmp_path, CorpusSource(path=spec)))

@@ -235,7 +235,8 @@ def test_diverging_run_stops_naming_the_step_and_publishes_nothing(project):
     line = proc.stderr.strip().splitlines()[-1]
     assert line.startswith("error: training loss is inf at step 5: the run diverged; the best model "
                            "so far (step 3) is in "), line
-    assert "lower train.learning_rate" in line
+    # grad_clip is on (1.0) in this project: only the learning rate is advised, with its value.
+    assert line.endswith("; lower train.learning_rate (now 0.0015)"), line
     assert snapshot(root) == before  # nothing published: models/ and metrics/ are the last good run's
     (best,) = root.glob(".gptcore/runs/*/best")
     assert json.loads((best / "config.json").read_text())["meta"]["step"] == 3
@@ -285,6 +286,54 @@ def test_evaluate_with_a_truncated_model_is_a_clear_error(project):
     finally:
         weights.write_bytes(good)
     assert "model.safetensors" in line and "truncated or corrupt" in line, line
+
+
+def test_evaluate_with_a_utf16_tokenizer_json_is_a_clear_error(project):
+    """An editor that saves tokenizer.json as UTF-16 ("Unicode"): one line, not a
+    UnicodeDecodeError traceback."""
+    root, env = project
+    path = root / "models/best/tokenizer.json"
+    good = path.read_bytes()
+    path.write_bytes(good.decode("utf-8").encode("utf-16"))
+    try:
+        line = error_line(stage("evaluate", root, env))
+    finally:
+        path.write_bytes(good)
+    assert line == (f"error: models/best: tokenizer: models/best/tokenizer.json: not UTF-8 text (byte 0: "
+                    "invalid start byte); save it as UTF-8"), line
+
+
+@pytest.mark.parametrize("kind", ["fifo", "socket", "broken link", "symlink loop"])
+def test_special_files_in_a_folder_source_are_refused_up_front(project, params_restored, kind):
+    """A folder source's *.txt entries that are not regular files were skipped silently
+    (broken links, FIFOs) or hung the reader; each is now one line naming it, and the
+    processed data of the last good run stays."""
+    root, env = project
+    corpus = root / "corpus"
+    corpus.mkdir()
+    dvc_yaml = (root / "dvc.yaml").read_text()
+    try:
+        (corpus / "a.txt").write_text("Some text to train on. " * 500)
+        odd = corpus / "b.txt"
+        if kind == "fifo":
+            os.mkfifo(odd)
+        elif kind == "socket":
+            sock = socket.socket(socket.AF_UNIX)
+            sock.bind(str(odd))
+            sock.close()
+        else:
+            odd.symlink_to("nowhere.txt" if kind == "broken link" else "b.txt")
+        (root / "dvc.yaml").write_text(dvc_yaml.replace("# - data/corpus", "- corpus"))
+        write_params(root, {"data": {"sources": [{"path": "corpus"}]}})
+        before = snapshot(root)
+        line = error_line(stage("tokenize", root, env, timeout=60))
+        expected = {"fifo": "a FIFO (named pipe)", "socket": "a socket", "broken link": "a broken symlink",
+                    "symlink loop": "a symlink loop"}[kind]
+        assert line.startswith(f"error: data.sources[0]: corpus/b.txt is {expected}; allowed: regular files"), line
+        assert snapshot(root) == before
+    finally:
+        (root / "dvc.yaml").write_text(dvc_yaml)
+        shutil.rmtree(corpus)
 
 
 def test_truncated_train_bin_is_a_clear_error(project):

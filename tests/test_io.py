@@ -55,6 +55,33 @@ def test_atomic_outputs_get_ordinary_permissions(tmp_path):
     assert mode(tmp_path / "d") == 0o777 & ~umask()
 
 
+@pytest.mark.parametrize("mask", [0o022, 0o002, 0o077])
+def test_checkpoint_files_follow_the_umask(tmp_path, mask):
+    """safetensors writes its file 0600: a checkpoint's weights must be as readable as its
+    config.json (teammates, a server running as another user), under any umask."""
+    import torch
+
+    from gptcore.checkpoint import save_checkpoint
+    from gptcore.config import GPTConfig
+    from gptcore.io import copy_dir
+    from gptcore.model import GPT
+    from gptcore.tokenizer import CharTokenizer
+
+    old = os.umask(mask)
+    try:
+        torch.manual_seed(0)
+        model = GPT(GPTConfig(vocab_size=8, block_size=4, n_layer=1, n_head=1, n_embd=4))
+        save_checkpoint(tmp_path / "ckpt", model, CharTokenizer(list("abc")), trainer_state={"step": 1})
+        copy_dir(tmp_path / "ckpt", tmp_path / "published")
+    finally:
+        os.umask(old)
+    for d in ("ckpt", "published"):
+        files = {p.name: mode(p) for p in (tmp_path / d).iterdir()}
+        assert "model.safetensors" in files and "trainer_state.pt" in files
+        assert files == dict.fromkeys(files, 0o666 & ~mask), files
+        assert mode(tmp_path / d) == 0o777 & ~mask
+
+
 def test_atomic_dir_replaces_the_old_directory(tmp_path):
     target = tmp_path / "out"
     with atomic_dir(target) as tmp:

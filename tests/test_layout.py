@@ -86,9 +86,21 @@ def test_stage_commands_and_paths_follow_params():
     stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
     for name, stage in stages.items():
         assert stage["cmd"] == f"python -m stages.{name}"
-    assert stages["download"]["outs"] == ["${data.raw_dir}"]
-    assert stages["tokenize"]["outs"] == ["${data.processed_dir}"]
-    assert "${train.out_dir}" in stages["train"]["outs"]
+    assert stages["download"]["outs"] == [{"${data.raw_dir}": {"persist": True}}]
+    assert stages["tokenize"]["outs"] == [{"${data.processed_dir}": {"persist": True}}]
+    assert {"${train.out_dir}": {"persist": True}} in stages["train"]["outs"]
+
+
+def test_every_output_persists_until_its_stage_replaces_it():
+    """DVC deletes a stage's outputs before running it unless they persist; each stage
+    replaces its outputs atomically itself, so a failing stage must find them kept."""
+    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    for name, stage in stages.items():
+        for kind in ("outs", "metrics", "plots"):
+            for out in stage.get(kind, []):
+                assert isinstance(out, dict), f"{name}: {kind} entry {out!r} does not persist"
+                (path, spec), = out.items()
+                assert spec.get("persist") is True, f"{name}: {kind} {path} does not persist"
     for name in ("evaluate", "sample"):
         assert "train.device" in stages[name]["params"] and "train.out_dir" in stages[name]["params"]
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from project_copy import copy_project, write_params
+from project_copy import copy_project, git_project, write_params
 
 VENV_BIN = Path(sys.executable).parent
 TINY = {
@@ -32,17 +32,7 @@ def _run(args, cwd, env, timeout=600):
 @pytest.fixture(scope="module")
 def project(tmp_path_factory, mirror_dir):
     root = tmp_path_factory.mktemp("pipeline") / "gptcore"
-    copy_project(root)
-    write_params(root, TINY)
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("DVC_", "MLFLOW_TRACKING"))}
-    env.update(PATH=f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}", GPTCORE_MIRROR=str(mirror_dir),
-               DVC_NO_ANALYTICS="1", MLFLOW_DISABLE_TELEMETRY="true", HF_HUB_OFFLINE="1",
-               GIT_AUTHOR_NAME="ci", GIT_AUTHOR_EMAIL="ci@localhost",
-               GIT_COMMITTER_NAME="ci", GIT_COMMITTER_EMAIL="ci@localhost")
-    _run(["git", "init", "-q", "-b", "main"], root, env)
-    _run(["git", "add", "-A"], root, env)
-    _run(["git", "commit", "-qm", "tiny pipeline"], root, env)
-    return root, env
+    return root, git_project(root, mirror_dir, TINY)
 
 
 def _mlflow_client(root: Path):

@@ -139,12 +139,13 @@ def test_save_and_load_both_kinds(gpt2, mirror_dir, tmp_path):
     (None, "tokenizer.json: missing"),
     ("{not json", "not valid JSON"),
     ('{"kind": "wordpiece"}', "unknown tokenizer kind 'wordpiece'; allowed: gpt2 | char"),
-    ('["gpt2"]', "unknown tokenizer kind"),
+    ('["gpt2"]', "tokenizer.json: expected a JSON object, got list"),
+    ('{"kind": "gpt2"}'.encode("utf-16"), r"tokenizer.json: not UTF-8 text \(byte 0: invalid start byte\)"),
     ('{"kind": "char"}', "'chars' must be a non-empty list"),
 ])
 def test_load_tokenizer_errors_are_clear(tmp_path, content, match):
     if content is not None:
-        (tmp_path / TOKENIZER_FILE).write_text(content)
+        (tmp_path / TOKENIZER_FILE).write_bytes(content if isinstance(content, bytes) else content.encode())
     with pytest.raises(TokenizerError, match=match):
         load_tokenizer(tmp_path)
 
