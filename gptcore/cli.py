@@ -34,6 +34,8 @@ import dataclasses
 import os
 import sys
 
+from .errors import EXIT_ERROR, EXIT_INTERRUPTED, GptcoreError, failure
+
 PROG = "gptcore"
 HELP = """commands:
   /set NAME VALUE   change a setting, e.g. /set temperature 0.5, /set seed none,
@@ -75,8 +77,8 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-class _UsageError(Exception):
-    """A problem the user can fix; printed as one line, exit code 2."""
+class _UsageError(GptcoreError):
+    """A problem with the command line; printed as one line, exit code 2."""
 
 
 def _out(text: str) -> None:
@@ -239,26 +241,22 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help(sys.stderr)
-        return 2
-
-    from .errors import GptcoreError
+        return EXIT_ERROR
 
     try:
         return _run(args)
-    except (GptcoreError, _UsageError) as exc:
-        _err(f"error: {exc}")
-        return 2
     except BrokenPipeError:
         # The reader went away (e.g. `| head`): stop quietly, and keep Python's own
         # final flush of stdout from failing again at exit.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
-    except OSError as exc:  # e.g. an unreadable checkpoint file
-        _err(f"error: {exc}")
-        return 2
     except KeyboardInterrupt:
         _out("\n")
-        return 130
+        return EXIT_INTERRUPTED
+    except (GptcoreError, OSError) as exc:  # OSError: e.g. an unreadable checkpoint file
+        code, line = failure(exc)
+        _err(line)
+        return code
 
 
 if __name__ == "__main__":

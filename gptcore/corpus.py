@@ -25,15 +25,10 @@ when complete, so a crash or Ctrl-C never leaves a ``train.bin`` that looks fini
 from __future__ import annotations
 
 import codecs
-import errno
-import glob
 import hashlib
 import os
-import re
-import stat
 import sys
 import time
-import unicodedata
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -42,7 +37,9 @@ from typing import Iterator
 
 import numpy as np
 
-from .config import DataConfig, glob_base, is_glob
+from .config import DataConfig
+from .cuts import bpe_cut, last_class_cut, last_safe_cut
+from .documents import Document, resolve_documents
 from .errors import DataError
 from .io import atomic_dir, atomic_write_json
 from .tokenizer import CharTokenizer, GPT2Tokenizer, Tokenizer
@@ -50,24 +47,11 @@ from .tokenizer import CharTokenizer, GPT2Tokenizer, Tokenizer
 BLOCK_BYTES = 1 << 20  # read size
 CHUNK_CHARS = 1 << 20  # encode size: big enough to amortise a call, small enough for cache and RAM
 # A chunk with no safe cut (a run of one character class: a "word" of millions of letters)
-# grows up to this before it is cut where BPE ends a token anyway (_bpe_cut). Encoding
+# grows up to this before it is cut where BPE ends a token anyway (cuts.bpe_cut). Encoding
 # costs ~60 bytes of memory per character of a chunk, so this bounds the peak: ~120 MB.
 MAX_CHUNK_CHARS = 2 * CHUNK_CHARS
 # Listing every file of a huge folder would bloat meta.json: beyond this, a count and digest.
 MAX_LISTED_FILES = 1000
-
-@dataclass
-class Document:
-    """One file of the corpus."""
-
-    path: Path
-    label: str  # how meta.json and errors name it
-    source: int  # its index in data.sources
-    size: int = 0  # bytes
-    chars: int = 0
-    sha256: str = ""
-    blank: bool = True  # only whitespace (or nothing)
-
 
 def build_tokenizer(kind: str, raw_dir: str | Path, chars: set[str] | None = None) -> Tokenizer:
     if kind == "gpt2":
@@ -77,95 +61,6 @@ def build_tokenizer(kind: str, raw_dir: str | Path, chars: set[str] | None = Non
 
 def token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16) if vocab_size <= 1 << 16 else np.dtype(np.uint32)
-
-
-# -- sources -> documents -------------------------------------------------------------
-
-def resolve_documents(cfg: DataConfig) -> list[Document]:
-    """Every file of every source, in a deterministic order: sources as listed; a
-    directory's ``*.txt`` files (recursively, hidden ones skipped) and a glob's matches
-    sorted by path."""
-    docs: list[Document] = []
-    seen: dict[Path, str] = {}
-    for i, src in enumerate(cfg.sources):
-        where = f"data.sources[{i}]"
-        if src.url:
-            path = Path(cfg.raw_dir) / src.file_name
-            if not path.is_file():
-                raise DataError(f"{path}: missing; run the download stage first ({where}: {src.url})")
-            found = [(path, src.file_name)]
-        else:
-            found = _local_files(src.path, where)
-            outputs = {"data.raw_dir": Path(cfg.raw_dir).resolve(), "data.processed_dir": Path(cfg.processed_dir).resolve()}
-            for path, label in found:
-                inside = [k for k, d in outputs.items() if d in path.resolve().parents]
-                if inside:
-                    raise DataError(f"{where}.path={src.path!r} matches {label}, inside {inside[0]} (a pipeline "
-                                    "output); allowed: sources outside data.raw_dir and data.processed_dir")
-        for path, label in found:
-            key = path.resolve()
-            if key in seen:
-                raise DataError(f"{label}: listed twice ({seen[key]} and {where}); "
-                                "allowed: each file in one source")
-            seen[key] = where
-            docs.append(Document(path, label, i))
-    return docs
-
-
-def untracked_sources(cfg: DataConfig, deps: list[str], root: Path) -> list[str]:
-    """The local ``path:`` sources no declared dependency covers (a dep equal to the path
-    or a directory above it). DVC re-runs the tokenize stage only when a dep changes, so
-    an undeclared corpus would be edited without effect."""
-    covered = [Path(d) for d in deps]
-    missing = []
-    for src in cfg.sources:
-        if not src.path:
-            continue
-        target = (root / glob_base(src.path)).resolve()
-        if not any(target == d or d in target.parents for d in covered):
-            missing.append(src.path)
-    return missing
-
-
-def _local_files(spec: str, where: str) -> list[tuple[Path, str]]:
-    root = Path(spec).expanduser()
-    if is_glob(spec):
-        matches = [Path(m) for m in glob.glob(str(root), recursive=True)]
-        files = sorted(p for p in matches if not p.is_dir())
-        if not files:
-            dirs = f" (only {len(matches)} director{'y' if len(matches) == 1 else 'ies'}: a glob must match " \
-                "files, e.g. dir/*.txt)" if matches else ""
-            raise DataError(f"{where}.path={spec!r}: the glob matches no file{dirs}")
-        return [(p, str(p)) for p in files if _regular(p, str(p), where)]
-    if root.is_dir():
-        files = sorted((p for p in root.rglob("*.txt")
-                        if not p.is_dir() and not any(part.startswith(".") for part in p.relative_to(root).parts)),
-                       key=lambda p: p.relative_to(root).as_posix())
-        if not files:
-            raise DataError(f"{where}.path={spec!r}: the directory holds no *.txt file")
-        labels = [f"{spec.rstrip('/')}/{p.relative_to(root).as_posix()}" for p in files]
-        return [(p, label) for p, label in zip(files, labels) if _regular(p, label, where)]
-    if os.path.lexists(root) and _regular(root, spec, where):
-        return [(root, spec)]
-    raise DataError(f"{where}.path={spec!r}: no such file or directory (relative paths start at "
-                    f"{Path.cwd()}); allowed: a file, a directory of *.txt files, or a glob")
-
-
-def _regular(path: Path, label: str, where: str) -> bool:
-    """True for a regular file (links followed); anything else is refused up front, by name:
-    silently skipping it would train on less than listed, and opening a FIFO waits for a
-    writer for ever."""
-    try:
-        mode = os.stat(path).st_mode
-    except OSError as exc:
-        kind = {errno.ELOOP: "a symlink loop", errno.ENOENT: "a broken symlink"}.get(
-            exc.errno, f"unreadable ({exc.strerror})")
-        raise DataError(f"{where}: {label} is {kind}; allowed: regular files (fix or remove it)") from None
-    if stat.S_ISREG(mode):
-        return True
-    kind = ("a FIFO (named pipe)" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode)
-            else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "not a regular file")
-    raise DataError(f"{where}: {label} is {kind}; allowed: regular files (copy the text into a file)")
 
 
 def _decoded_blocks(doc: Document, hasher=None) -> Iterator[tuple[str, int]]:
@@ -313,16 +208,16 @@ class _SplitWriter:
         start = 0
         while len(text) - start >= 2 * CHUNK_CHARS:
             target = start + CHUNK_CHARS
-            cut = _last_safe_cut(text, start + CHUNK_CHARS // 2, target)
+            cut = last_safe_cut(text, start + CHUNK_CHARS // 2, target)
             if cut is None:  # text without spaces or newlines: cut where a piece ends anyway
-                cut = _last_class_cut(text, start + CHUNK_CHARS // 2, target)
+                cut = last_class_cut(text, start + CHUNK_CHARS // 2, target)
             if cut is None:
-                cut = _last_safe_cut(text, start + 1, len(text) - 1) or \
-                    _last_class_cut(text, start + 1, len(text) - 1)
+                cut = last_safe_cut(text, start + 1, len(text) - 1) or \
+                    last_class_cut(text, start + 1, len(text) - 1)
                 if cut is None:
                     if len(text) - start < MAX_CHUNK_CHARS:
                         break  # wait for more text: a cut may come
-                    cut = _bpe_cut(self.tokenizer, text, target)
+                    cut = bpe_cut(self.tokenizer, text, target, CHUNK_CHARS)
             self._queue(text[start:cut])
             start = cut
         rest = text[start:]
@@ -360,91 +255,13 @@ class _SplitWriter:
         self._file.close()
 
 
-# The last whitespace character (of those GPT-2's pre-tokenizer treats as whitespace too)
-# that a non-space character follows; the greedy prefix makes one search find the last.
-_LAST_CUT = re.compile("[\\s\\S]*[ \\t\\r\\n\\u3000\\xa0](?=\\S)")
-
-
-def _last_safe_cut(text: str, lo: int, hi: int) -> int | None:
-    """The index of the last safe cut in ``text[lo:hi]``: cut before a whitespace
-    character that a non-space character follows. GPT-2's pre-tokenizer always starts
-    a piece there: a run of whitespace before a non-space gives up its last character
-    to the next piece (``\\s+(?!\\S)`` backtracks; a space joins the word, a newline,
-    tab or ideographic space stands alone), so encoding the two sides apart gives the
-    ids of encoding them together. (Python's ``\\S`` is stricter than the tokenizer's.)"""
-    m = _LAST_CUT.match(text, lo + 1, hi)
-    return None if m is None else m.end() - 1
-
-
-def _char_class(c: str) -> int:
-    """GPT-2's pre-tokenizer classes: letters (\\p{L}), numbers (\\p{N}), anything else."""
-    major = unicodedata.category(c)[0]
-    return 0 if major == "L" else 1 if major == "N" else 2
-
-
-def _last_class_cut(text: str, lo: int, hi: int) -> int | None:
-    """The index of the last cut in ``text[lo:hi]`` between two non-space characters of
-    different classes (letter, number, other), not right after an apostrophe. Outside
-    whitespace the pre-tokenizer's pieces are maximal runs of one class (``\\p{L}+``,
-    ``\\p{N}+``, ``[^\\s\\p{L}\\p{N}]+``) or a contraction that starts at an apostrophe
-    (``'s``, ``'ll``, ...), so a piece always ends at such a place and encoding the two sides
-    apart gives the whole text's ids. Used where a long stretch has no whitespace cut
-    (minified code, text with its spaces stripped, CJK with punctuation), so chunks stay
-    ~1 MiB and memory bounded. A run of one class has no such place: it is cut by size."""
-    for i in range(hi - 1, lo, -1):
-        a, b = text[i - 1], text[i]
-        if a == "'" or a.isspace() or b.isspace():
-            continue
-        if _char_class(a) != _char_class(b):
-            return i
-    return None
-
-
-def _bpe_cut(tokenizer: Tokenizer, text: str, target: int) -> int:
-    """A cut near ``target`` inside one long pre-tokenizer piece (a run of one class).
-
-    Byte-pair merges are local: where the whole piece's encoding ends a token, encoding
-    the two sides apart gives the same ids (a merge on one side never changes the other's
-    pairs, and the pair across that place never merged). Two windows around ``target``
-    with different edges are encoded; a place where both end a token is, far from either
-    edge, where the whole piece ends one. Where they agree nowhere (a periodic run such as
-    'aaaa...', whose merges line up from the piece's start), ``target`` itself is used:
-    the one place where chunked ids may differ from whole-text encoding."""
-    w = max(8, min(256, CHUNK_CHARS // 8))
-
-    def token_ends(a: int, b: int) -> set[int]:
-        window = text[a:b]
-        ends, at = set(), 0
-        for i in tokenizer.encode(window):
-            at += len(tokenizer.decode_bytes([i]))
-            ends.add(at)
-        out, nbytes = set(), 0
-        for k, ch in enumerate(window):  # byte offsets -> character offsets
-            nbytes += len(ch.encode("utf-8"))
-            if nbytes in ends:
-                out.add(a + k + 1)
-        return out
-
-    both = token_ends(target - 2 * w, target + 2 * w) & token_ends(target - 2 * w + 7, target + 2 * w - 5)
-    near = [c for c in both if abs(c - target) <= w]
-    return min(near, key=lambda c: abs(c - target)) if near else target
-
-
 def tokenize_corpus(cfg: DataConfig, tokenizer_kind: str, progress: bool = False,
                     threads: int | None = None) -> dict:
     """``data.sources`` -> ``train.bin``/``val.bin``, ``meta.json`` and the tokenizer,
     streamed (peak memory independent of the corpus size). Returns the meta dict."""
     docs = resolve_documents(cfg)
     charset = scan(docs, cfg, want_chars=tokenizer_kind == "char", progress=progress)
-    total = sum(d.chars for d in docs)
-    where = docs[0].label if len(docs) == 1 else f"{len(docs)} files"
-    if all(d.blank for d in docs):
-        raise DataError(f"{where}: the corpus is empty; nothing to train on")
-    plan = plan_split(docs, cfg)
-    n_train = sum(k for _, k in plan)
-    if n_train == 0 or n_train == total:
-        raise DataError(f"{where}: {total} characters leave an empty {'train' if n_train == 0 else 'val'} "
-                        f"split at data.val_fraction={cfg.val_fraction}; use a longer text")
+    plan = _checked_plan(docs, cfg)
     tokenizer = build_tokenizer(tokenizer_kind, cfg.raw_dir, charset)
     dtype = token_dtype(tokenizer.vocab_size)
     # One core stays with this thread (reading, decoding, cutting, writing): on the
@@ -454,60 +271,86 @@ def tokenize_corpus(cfg: DataConfig, tokenizer_kind: str, progress: bool = False
     t0 = time.perf_counter()
     with atomic_dir(cfg.processed_dir) as tmp, ThreadPoolExecutor(threads) as pool:
         writers = {s: _SplitWriter(tmp / f"{s}.bin", tokenizer, dtype, pool, threads) for s in ("train", "val")}
-        try:
-            with _bar(sum(d.size for d in docs), "tokenize", progress) as bar:
-                for doc, val_at in plan:
-                    at, h = 0, hashlib.sha256()
-                    for text, nbytes in _decoded_blocks(doc, h):
-                        if at < val_at:  # the train part of this document
-                            writers["train"].feed(text[:val_at - at])
-                            if at + len(text) >= val_at:
-                                writers["train"].end_document()
-                        if at + len(text) > val_at:
-                            writers["val"].feed(text[max(0, val_at - at):])
-                        at += len(text)
-                        bar.update(nbytes)
-                        done = writers["train"].tokens + writers["val"].tokens
-                        bar.set_postfix(tokens=f"{done:,}", tok_s=f"{done / (time.perf_counter() - t0):,.0f}",
-                                        refresh=False)
-                    if at != doc.chars or h.hexdigest() != doc.sha256:
-                        # The split, the pins and meta.json were computed from the scan.
-                        raise DataError(f"{doc.label}: changed while it was being tokenized; run again "
-                                        "once nothing writes to the corpus")
-                    writers["train"].end_document()
-                    writers["val"].end_document()
-        except BaseException:
-            for w in writers.values():
-                w.abort()
-            raise
-        for w in writers.values():
-            w.close()
+        _encode_documents(plan, writers, progress)
         tokenizer.save(tmp)
-        seconds = time.perf_counter() - t0
-        train, val = writers["train"], writers["val"]
-        meta = {
-            "tokenizer": tokenizer.kind,
-            "vocab_size": tokenizer.vocab_size,
-            "eot_id": tokenizer.eot_id,
-            "dtype": dtype.name,
-            "train_tokens": train.tokens,
-            "val_tokens": val.tokens,
-            "train_chars": train.chars,
-            "val_chars": val.chars,
-            "val_bytes": val.nbytes,
-            "source_sha256": _corpus_digest(docs),
-            "split": cfg.split,
-            "val_fraction": cfg.val_fraction,
-            "documents": {"train": train.documents, "val": val.documents},
-            "sources": _describe_sources(cfg, docs),
-        }
+        meta = _meta(cfg, docs, tokenizer, dtype, writers["train"], writers["val"])
         atomic_write_json(tmp / "meta.json", meta)
     if progress:
-        mb = sum(d.size for d in docs) / 1e6
-        print(f"tokenized {mb:,.1f} MB into {train.tokens + val.tokens:,} tokens in {seconds:.1f} s "
-              f"({mb / max(seconds, 1e-9):,.1f} MB/s, {threads} encoding thread{'s' if threads > 1 else ''})",
-              file=sys.stderr)
+        seconds, mb = time.perf_counter() - t0, sum(d.size for d in docs) / 1e6
+        print(f"tokenized {mb:,.1f} MB into {meta['train_tokens'] + meta['val_tokens']:,} tokens in "
+              f"{seconds:.1f} s ({mb / max(seconds, 1e-9):,.1f} MB/s, {threads} encoding "
+              f"thread{'s' if threads > 1 else ''})", file=sys.stderr)
     return meta
+
+
+def _checked_plan(docs: list[Document], cfg: DataConfig) -> list[tuple[Document, int]]:
+    """The split plan, refusing a corpus with nothing in it or with an empty split."""
+    total = sum(d.chars for d in docs)
+    where = docs[0].label if len(docs) == 1 else f"{len(docs)} files"
+    if all(d.blank for d in docs):
+        raise DataError(f"{where}: the corpus is empty; nothing to train on")
+    plan = plan_split(docs, cfg)
+    n_train = sum(k for _, k in plan)
+    if n_train == 0 or n_train == total:
+        raise DataError(f"{where}: {total} characters leave an empty {'train' if n_train == 0 else 'val'} "
+                        f"split at data.val_fraction={cfg.val_fraction}; use a longer text")
+    return plan
+
+
+def _encode_documents(plan: list[tuple[Document, int]], writers: dict[str, "_SplitWriter"],
+                      progress: bool) -> None:
+    """Pass 2: feed each document's text to its split's writer (a document may straddle
+    the split), then finish the writers; on any error drop the queued work first."""
+    t0 = time.perf_counter()
+    try:
+        with _bar(sum(doc.size for doc, _ in plan), "tokenize", progress) as bar:
+            for doc, val_at in plan:
+                at, h = 0, hashlib.sha256()
+                for text, nbytes in _decoded_blocks(doc, h):
+                    if at < val_at:  # the train part of this document
+                        writers["train"].feed(text[:val_at - at])
+                        if at + len(text) >= val_at:
+                            writers["train"].end_document()
+                    if at + len(text) > val_at:
+                        writers["val"].feed(text[max(0, val_at - at):])
+                    at += len(text)
+                    bar.update(nbytes)
+                    done = writers["train"].tokens + writers["val"].tokens
+                    bar.set_postfix(tokens=f"{done:,}", tok_s=f"{done / (time.perf_counter() - t0):,.0f}",
+                                    refresh=False)
+                if at != doc.chars or h.hexdigest() != doc.sha256:
+                    # The split, the pins and meta.json were computed from the scan.
+                    raise DataError(f"{doc.label}: changed while it was being tokenized; run again "
+                                    "once nothing writes to the corpus")
+                writers["train"].end_document()
+                writers["val"].end_document()
+    except BaseException:
+        for w in writers.values():
+            w.abort()
+        raise
+    for w in writers.values():
+        w.close()
+
+
+def _meta(cfg: DataConfig, docs: list[Document], tokenizer: Tokenizer, dtype: np.dtype,
+          train: "_SplitWriter", val: "_SplitWriter") -> dict:
+    """meta.json: what the token files hold and where it came from."""
+    return {
+        "tokenizer": tokenizer.kind,
+        "vocab_size": tokenizer.vocab_size,
+        "eot_id": tokenizer.eot_id,
+        "dtype": dtype.name,
+        "train_tokens": train.tokens,
+        "val_tokens": val.tokens,
+        "train_chars": train.chars,
+        "val_chars": val.chars,
+        "val_bytes": val.nbytes,
+        "source_sha256": _corpus_digest(docs),
+        "split": cfg.split,
+        "val_fraction": cfg.val_fraction,
+        "documents": {"train": train.documents, "val": val.documents},
+        "sources": _describe_sources(cfg, docs),
+    }
 
 
 def _corpus_digest(docs: list[Document]) -> str:

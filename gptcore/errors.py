@@ -30,3 +30,31 @@ class CheckpointError(GptcoreError, RuntimeError):
 
 class TrainingInterrupted(GptcoreError):
     """SIGINT/SIGTERM arrived; the state was saved and the run can be resumed."""
+
+
+EXIT_ERROR = 2  # a problem the user can fix (one line on stderr)
+EXIT_INTERRUPTED = 130  # Ctrl-C or SIGTERM, as a shell reports SIGINT
+
+
+def first_line(exc: BaseException, limit: int = 200) -> str:
+    """An exception's message as one short line (compile and database errors span pages)."""
+    lines = str(exc).strip().splitlines()
+    line = lines[0] if lines else type(exc).__name__
+    return line if len(line) <= limit else line[:limit - 1] + "…"
+
+
+def failure(exc: BaseException) -> tuple[int, str] | None:
+    """The exit code and one line for an exception a stage or the CLI ends with, or None
+    for one that is a bug (a traceback is then the useful report)."""
+    if isinstance(exc, TrainingInterrupted):
+        return EXIT_INTERRUPTED, f"interrupted: {exc}"
+    if isinstance(exc, KeyboardInterrupt):
+        return EXIT_INTERRUPTED, "interrupted" + (f": {exc}" if str(exc) else "")
+    if isinstance(exc, (GptcoreError, FloatingPointError)):
+        # One line: some messages (a YAML parser's) span several with a caret diagram.
+        return EXIT_ERROR, "error: " + " ".join(str(exc).split())
+    if isinstance(exc, OSError):  # a full disk, a read-only or vanished directory, ...
+        where = f" ({exc.filename})" if exc.filename else ""
+        return EXIT_ERROR, f"error: {exc.strerror or exc}{where}"
+    return None
+

@@ -51,102 +51,22 @@ only at a near-tie); ``num_samples=1`` runs the single-sequence arithmetic exact
 
 from __future__ import annotations
 
-import codecs
 from typing import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
 
+from .logits import apply_repetition_penalty, apply_top_k, apply_top_p, process_logits, sample_token
 from .model.decode import CachedDecoder, UncachedDecoder
 from .model.gpt import GPT
 from .sampling import SamplingConfig
+from .text import TextPieces, decode_stream
 
 __all__ = [
     "SamplingConfig", "process_logits", "sample_token", "apply_repetition_penalty",
     "apply_top_k", "apply_top_p", "stream_ids", "generate_ids", "decode_stream", "stream", "generate",
     "stream_ids_batch", "generate_ids_batch", "stream_batch", "generate_batch",
 ]
-
-
-# --------------------------------------------------------------------------- logits
-
-
-def apply_repetition_penalty(logits: torch.Tensor, seen_ids, penalty: float) -> torch.Tensor:
-    """CTRL's penalty: for every id in ``seen_ids``, divide a positive logit by
-    ``penalty`` and multiply a negative one by it (both lower it when penalty > 1).
-
-    ``logits`` is (..., vocab); ``seen_ids`` (..., n) or a list of ids shared by all
-    rows. Repeated ids count once. Returns a new tensor.
-    """
-    if penalty == 1.0 or seen_ids is None or len(seen_ids) == 0:
-        return logits
-    seen = torch.as_tensor(seen_ids, dtype=torch.long, device=logits.device)
-    if seen.dim() < logits.dim():
-        seen = seen.expand(*logits.shape[:-1], seen.size(-1))
-    score = logits.gather(-1, seen)
-    score = torch.where(score > 0, score / penalty, score * penalty)
-    return logits.scatter(-1, seen, score)  # duplicates write the same value
-
-
-def apply_top_k(logits: torch.Tensor, k: int) -> torch.Tensor:
-    """Keep exactly ``k`` logits per row (the rest become -inf); 0 = keep all.
-
-    Ties at the boundary are broken deterministically: among tokens whose logit equals
-    the k-th largest, the lowest token ids are kept, so exactly ``k`` survive.
-    """
-    if k <= 0 or k >= logits.size(-1):
-        return logits
-    kth = torch.topk(logits, k, dim=-1).values[..., -1:]
-    above = logits > kth
-    tied = logits == kth
-    room = k - above.sum(-1, keepdim=True)  # how many of the tied ones still fit
-    keep = above | (tied & (tied.cumsum(-1) <= room))
-    return logits.masked_fill(~keep, float("-inf"))
-
-
-def apply_top_p(logits: torch.Tensor, p: float) -> torch.Tensor:
-    """Nucleus filter: keep the smallest set of tokens, most probable first, whose total
-    probability reaches ``p`` (the rest become -inf); 1 = keep all.
-
-    Equal probabilities are ordered by token id (stable sort), lowest first. The most
-    probable token is always kept.
-    """
-    if p >= 1.0:
-        return logits
-    probs = F.softmax(logits.float(), dim=-1)
-    sorted_probs, order = torch.sort(probs, dim=-1, descending=True, stable=True)
-    mass_before = sorted_probs.cumsum(-1) - sorted_probs
-    # A token is needed while the tokens before it have not reached p yet.
-    drop_sorted = mass_before >= p
-    drop_sorted[..., 0] = False
-    drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
-    return logits.masked_fill(drop, float("-inf"))
-
-
-def process_logits(logits: torch.Tensor, cfg: SamplingConfig, seen_ids=None) -> torch.Tensor:
-    """Repetition penalty, temperature, top-k, top-p -- in that order -- as float32.
-
-    With temperature 0 only the penalty is applied (greedy takes the argmax, which
-    every filter would keep anyway).
-    """
-    logits = apply_repetition_penalty(logits.float(), seen_ids, cfg.repetition_penalty)
-    if cfg.greedy:
-        return logits
-    if cfg.temperature != 1.0:
-        logits = logits / cfg.temperature
-    logits = apply_top_k(logits, cfg.top_k)
-    return apply_top_p(logits, cfg.top_p)
-
-
-def sample_token(logits: torch.Tensor, cfg: SamplingConfig,
-                 generator: torch.Generator | None = None, seen_ids=None) -> torch.Tensor:
-    """Next token id(s) (..., ) from raw logits (..., vocab)."""
-    logits = process_logits(logits, cfg, seen_ids)
-    if cfg.greedy:
-        return logits.max(-1).indices  # first maximum: lowest id on ties
-    probs = F.softmax(logits, dim=-1)
-    flat = probs.reshape(-1, probs.size(-1))
-    return torch.multinomial(flat, 1, generator=generator).view(probs.shape[:-1])
 
 
 # --------------------------------------------------------------------------- decoding loop
@@ -340,88 +260,6 @@ def generate_ids_batch(model: GPT, prompt_ids: Sequence[int], num_samples: int,
 # --------------------------------------------------------------------------- text
 
 
-def _stop_index(text: str, stops: tuple[str, ...]) -> int | None:
-    hits = [i for i in (text.find(s) for s in stops) if i >= 0]
-    return min(hits) if hits else None
-
-
-def _partial_stop(text: str, stops: tuple[str, ...]) -> int:
-    """Length of the longest end of ``text`` that could begin a stop string."""
-    best = 0
-    for s in stops:
-        for n in range(min(len(s) - 1, len(text)), best, -1):
-            if text.endswith(s[:n]):
-                best = n
-                break
-    return best
-
-
-class _TextPieces:
-    """Token ids pushed in one at a time -> text ready to show, honouring stop strings.
-
-    One per sequence: :func:`decode_stream` pulls ids through it, a batch pushes each
-    row's ids into its own. ``stopped`` turns True once a stop string has appeared.
-    """
-
-    def __init__(self, tokenizer, stop: Sequence[str] = ()) -> None:
-        self.tokenizer = tokenizer
-        self.stops = tuple(stop)
-        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        self.pending = ""
-        self.stopped = False
-
-    def push(self, token: int) -> str:
-        """The text that ``token`` makes final ("" while it could still be held back)."""
-        self.pending += self.decoder.decode(self.tokenizer.decode_bytes([token]))
-        hold = 0
-        if self.stops:
-            cut = _stop_index(self.pending, self.stops)
-            if cut is not None:
-                self.stopped = True
-                out, self.pending = self.pending[:cut], ""
-                return out
-            hold = _partial_stop(self.pending, self.stops)
-        out = self.pending[:len(self.pending) - hold]
-        self.pending = self.pending[len(out):]
-        return out
-
-    def finish(self) -> str:
-        """What is left once no token follows (a dangling partial character -> U+FFFD)."""
-        if self.stopped:
-            return ""
-        pending, self.pending = self.pending + self.decoder.decode(b"", final=True), ""
-        if self.stops:
-            cut = _stop_index(pending, self.stops)
-            pending = pending if cut is None else pending[:cut]
-        return pending
-
-
-def decode_stream(tokenizer, token_ids: Iterator[int], stop: Sequence[str] = ()) -> Iterator[str]:
-    """Turn a stream of token ids into text pieces, honouring stop strings.
-
-    Bytes go through an incremental UTF-8 decoder, so a character split across BPE
-    tokens comes out whole once its last byte arrives (invalid bytes become U+FFFD).
-    Text that could be the start of a stop string is held back until it is not; when a
-    stop string appears, the text before it is yielded and the stream ends (and
-    ``token_ids`` is closed, if it is a generator).
-    """
-    text = _TextPieces(tokenizer, stop)
-    try:
-        for token in token_ids:
-            piece = text.push(token)
-            if piece:
-                yield piece
-            if text.stopped:
-                return
-    finally:
-        close = getattr(token_ids, "close", None)
-        if close is not None:
-            close()
-    tail = text.finish()
-    if tail:
-        yield tail
-
-
 def stream(model: GPT, tokenizer, prompt: str | Sequence[int] = "", cfg: SamplingConfig | None = None,
            *, device=None, use_cache: bool = True, crop_to: int | None = None) -> Iterator[str]:
     """Yield the completion of ``prompt`` (text, or token ids) as text pieces.
@@ -471,7 +309,7 @@ def stream_batch(model: GPT, tokenizer, prompt: str | Sequence[int] = "", num_sa
                                         device=device, use_cache=use_cache, crop_to=crop_to):
                 yield first + i, text
         return
-    texts = [_TextPieces(tokenizer, cfg.stop) for _ in range(num_samples)]
+    texts = [TextPieces(tokenizer, cfg.stop) for _ in range(num_samples)]
     parts: list[list[str]] = [[] for _ in range(num_samples)]
     running = set(range(num_samples))
     stopped: set[int] = set()

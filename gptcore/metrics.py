@@ -1,4 +1,5 @@
-"""The metric files the train stage publishes (DVC metrics and plots).
+"""What a training run reports (:class:`TrainResult`) and the metric files the train stage
+publishes from it (DVC metrics and plots).
 
 ``train.json`` is the run's summary; ``train_log.csv`` and ``val_log.csv`` are the
 per-step curves that ``dvc plots`` draws.
@@ -6,12 +7,36 @@ per-step curves that ``dvc plots`` draws.
 
 from __future__ import annotations
 
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .io import atomic_write_json, atomic_write_text
 
 
-def write_train_outputs(result, metrics_dir: str | Path) -> None:
+@dataclass
+class TrainResult:
+    best_val_loss: float
+    final_val_loss: float
+    best_step: int
+    steps: int
+    tokens_seen: int
+    tokens_per_s: float
+    train_time_s: float  # time inside training steps (what tokens_per_s is measured over)
+    wall_time_s: float  # the whole run on the clock, evaluations and checkpoints included
+    stopped_early: bool
+    resumed_from_step: int
+    num_parameters: int
+    train_log: list = field(default_factory=list)  # [step, train_loss, lr, tokens_per_s]
+    val_log: list = field(default_factory=list)  # [step, val_loss]
+
+    def metrics(self) -> dict:
+        d = asdict(self)
+        d.pop("train_log")
+        d.pop("val_log")
+        return d
+
+
+def write_train_outputs(result: TrainResult, metrics_dir: str | Path) -> None:
     """``train.json`` from ``result.metrics()``, the CSV logs from its train/val logs."""
     metrics_dir = Path(metrics_dir)
     atomic_write_json(metrics_dir / "train.json", result.metrics())

@@ -4,14 +4,18 @@ resumed run continue bit for bit.
 A resume checkpoint is an ordinary checkpoint directory (:mod:`gptcore.checkpoint`) with
 ``trainer_state.pt``: the trainer's counters and logs, the optimizer, and under
 ``"ranks"`` each process's data position (its batch sampler's generator) and RNG
-(dropout). It is only ever reused by the run with the same :func:`fingerprint`.
+(dropout). It is only ever reused by the run with the same :func:`fingerprint`. SIGINT/SIGTERM
+become a request (:func:`stop_requests`) that the trainer answers by saving this state.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import shutil
+import signal
+import threading
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -71,3 +75,23 @@ def load(directory: str | Path, fingerprint: str, device: torch.device,
 
 def clear(directory: str | Path) -> None:
     shutil.rmtree(directory, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def stop_requests():
+    """Turn SIGINT/SIGTERM into a flag checked between steps, so state is saved cleanly.
+    A second signal gives up at once."""
+    flag: dict = {}
+
+    def handler(signum, _frame):
+        if flag.get("stop"):
+            raise KeyboardInterrupt
+        flag["stop"] = signal.Signals(signum).name
+
+    main_thread = threading.current_thread() is threading.main_thread()
+    old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)} if main_thread else {}
+    try:
+        yield flag
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)

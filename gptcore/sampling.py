@@ -1,17 +1,21 @@
-"""Sampling settings: how generation picks each next token.
+"""Sampling settings: how generation picks each next token, and the sample stage's
+``sample:`` section of params.yaml (:class:`SampleConfig`, validated by
+:func:`sample_settings`).
 
-Kept free of torch so params.yaml validation (:mod:`gptcore.config`) and ``gptcore
---help`` use the same definitions without loading the model stack.
+Generation's own module, imported by nothing that trains: editing it re-runs only the
+sample stage. Kept free of torch so ``gptcore --help`` and validation are instant.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 
+from .config import Params
+from .schema import from_dict
 from .errors import ConfigError
 
-__all__ = ["SamplingConfig"]
+__all__ = ["SampleConfig", "SamplingConfig", "sample_settings"]
 
 
 def _fail(name: str, value, allowed: str) -> None:
@@ -75,3 +79,28 @@ class SamplingConfig:
 
     def describe(self) -> str:
         return " ".join(f"{f.name}={getattr(self, f.name)!r}" for f in fields(self))
+
+
+@dataclass(frozen=True)
+class SampleConfig(SamplingConfig):
+    """The sample stage: every :class:`SamplingConfig` setting, the prompts, and a fixed
+    seed so the committed samples are reproducible."""
+
+    top_k: int = 200
+    top_p: float = 0.95
+    seed: int | None = 1337
+    prompts: list[str] = field(default_factory=lambda: ["HAMLET:", "First Citizen:", "ROMEO:"])
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not self.prompts:
+            _fail("prompts", self.prompts, "a non-empty list of strings")
+
+
+def sample_settings(params: Params, source: str = "params.yaml") -> SampleConfig:
+    """params.yaml's ``sample:`` section, validated; errors name the file and the field."""
+    try:
+        return from_dict(SampleConfig, params.sample, "sample")
+    except ConfigError as exc:
+        raise ConfigError(f"{source}: {exc}") from None
+

@@ -42,7 +42,7 @@ GPT2_BPE = {
 SOURCES: dict[str, Source] = {CORPUS_FILE: TINY_SHAKESPEARE, **GPT2_BPE}
 
 
-def download_sources(data) -> dict[str, Source]:
+def files_to_fetch(data) -> dict[str, Source]:
     """Everything the download stage fetches for a :class:`~gptcore.config.DataConfig`:
     the GPT-2 BPE files and each ``url:`` entry of ``data.sources`` (local ``path:``
     entries are read in place by the tokenize stage)."""

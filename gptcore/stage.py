@@ -9,14 +9,12 @@ import sys
 from pathlib import Path
 from typing import Callable
 
-from .errors import GptcoreError, TrainingInterrupted
-
-EXIT_ERROR = 2
-EXIT_INTERRUPTED = 130
+from .errors import GptcoreError, failure
 
 
 def offline_env() -> None:
-    """Telemetry, analytics and update checks off unless the user decided otherwise."""
+    """Telemetry, analytics and update checks off unless the user decided otherwise. The one
+    place Python sets them (the Makefile exports the same for the tools it runs)."""
     for key, value in (("MLFLOW_DISABLE_TELEMETRY", "true"), ("DO_NOT_TRACK", "1"),
                        ("DVC_NO_ANALYTICS", "1"), ("HF_HUB_OFFLINE", "1")):
         os.environ.setdefault(key, value)
@@ -35,22 +33,14 @@ def run_stage(main: Callable[[], None]) -> None:
     signal.signal(signal.SIGTERM, _interrupt)
     try:
         main()
-    except TrainingInterrupted as exc:
-        print(f"interrupted: {exc}", file=sys.stderr)
-        sys.exit(EXIT_INTERRUPTED)
-    except KeyboardInterrupt as exc:
-        print(f"interrupted{': ' + str(exc) if str(exc) else ''}; outputs already written are intact",
-              file=sys.stderr)
-        sys.exit(EXIT_INTERRUPTED)
-    except (GptcoreError, FloatingPointError) as exc:
-        # One line: some messages (a YAML parser's) span several with a caret diagram.
-        print("error: " + " ".join(str(exc).split()), file=sys.stderr)
-        sys.exit(EXIT_ERROR)
-    except OSError as exc:  # a full disk, a read-only or vanished directory, ...
-        where = f" ({exc.filename})" if exc.filename else ""
-        print(f"error: {exc.strerror or exc}{where}; outputs already written are intact "
-              "(every write is atomic); fix the cause and run again", file=sys.stderr)
-        sys.exit(EXIT_ERROR)
+    except (KeyboardInterrupt, GptcoreError, FloatingPointError, OSError) as exc:
+        code, line = failure(exc)
+        if isinstance(exc, KeyboardInterrupt):
+            line += "; outputs already written are intact"
+        elif isinstance(exc, OSError):
+            line += "; outputs already written are intact (every write is atomic); fix the cause and run again"
+        print(line, file=sys.stderr)
+        sys.exit(code)
 
 
 def project_root() -> Path:
@@ -61,7 +51,7 @@ def project_root() -> Path:
 def declared_deps(stage: str, params: dict, root: Path | None = None) -> list[str] | None:
     """The deps ``dvc.yaml`` declares for ``stage``, with ``${a.b}`` templates filled
     from ``params`` (flattened), as absolute paths; None where there is no dvc.yaml."""
-    from .config import flatten, read_yaml
+    from .schema import flatten, read_yaml
 
     root = root or project_root()
     if not (root / "dvc.yaml").exists():

@@ -29,10 +29,6 @@ class Tokenizer:
     def encode(self, text: str) -> list[int]:
         raise NotImplementedError
 
-    def encode_batch(self, texts: list[str], num_threads: int = 1) -> list[list[int]]:
-        """``[encode(t) for t in texts]``; subclasses may spread it over threads."""
-        return [self.encode(t) for t in texts]
-
     def encode_array(self, text: str):
         """``encode(text)`` as a numpy integer array (bulk tokenization: no Python ints)."""
         import numpy as np
@@ -116,10 +112,6 @@ class GPT2Tokenizer(Tokenizer):
         # "<|endoftext|>" inside user text is ordinary text, never a control token.
         return self._enc.encode_ordinary(text)
 
-    def encode_batch(self, texts: list[str], num_threads: int = 8) -> list[list[int]]:
-        # tiktoken encodes each text in its own thread, outside the GIL.
-        return self._enc.encode_ordinary_batch(texts, num_threads=num_threads)
-
     def encode_array(self, text: str):
         # Straight into a uint32 buffer, outside the GIL: no 28-byte Python int per token,
         # and threads encoding chunks side by side don't queue for the GIL to build lists.
@@ -151,10 +143,6 @@ class CharTokenizer(Tokenizer):
         self.stoi = {c: i for i, c in enumerate(self.chars)}
         self.eot_id = len(self.chars)
         self.vocab_size = len(self.chars) + 1
-
-    @classmethod
-    def from_text(cls, text: str) -> "CharTokenizer":
-        return cls(sorted(set(text)))
 
     def encode(self, text: str) -> list[int]:
         try:

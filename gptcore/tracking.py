@@ -26,7 +26,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .stage import project_root  # noqa: F401 - also stages/train.py's
+from .errors import first_line
+from .stage import offline_env, project_root  # noqa: F401 - project_root: also stages/train.py's
 
 EXPERIMENT = "gptcore"
 RUN_FILE = "metrics/mlflow_run.json"
@@ -39,7 +40,7 @@ MODEL_ID_TAG = "gptcore.model_id"
 def _configure_env() -> None:
     # Offline-friendly defaults a user can still override: no telemetry, and fail fast
     # instead of retrying for minutes when a tracking server is down.
-    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    offline_env()
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
     # MLflow logs each database error with the SQL and a traceback before raising it; the
@@ -76,7 +77,8 @@ def readable_run_name(root: Path, params: dict[str, Any]) -> str | None:
     if committed is not None:
         import yaml
 
-        from .config import Params, YamlLoader, flatten
+        from .config import Params
+        from .schema import YamlLoader, flatten
         from .errors import ConfigError
         try:  # parsed, so defaults and omitted keys (a source's empty path:) compare equal
             before = flatten(Params.from_dict(yaml.load(committed, Loader=YamlLoader) or {}).to_dict())
@@ -109,9 +111,7 @@ class Tracker:
     def _warn(self, what: str, exc: BaseException) -> None:
         if self._disabled_reason is None:
             # One line: database errors carry the SQL statement and a URL on later lines.
-            lines = str(exc).strip().splitlines() or [""]
-            first = lines[0] if len(lines[0]) <= 200 else lines[0][:199] + "…"
-            self._disabled_reason = f"{what}: {type(exc).__name__}: {first}"
+            self._disabled_reason = f"{what}: {type(exc).__name__}: {first_line(exc)}"
             msg = (f"MLflow unavailable ({self._disabled_reason}); continuing without tracking. "
                    "Outputs in metrics/ and models/ are unaffected.")
             print(f"warning: {msg}", file=sys.stderr)

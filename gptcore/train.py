@@ -1,4 +1,4 @@
-"""Training: the loop. AdamW with warmup + cosine LR, gradient accumulation and clipping,
+"""Training: the loop. Muon + AdamW (or AdamW alone) with warmup + cosine LR, gradient accumulation and clipping,
 periodic validation, early stopping, keeping the best checkpoint, and bit-exact resume.
 
 The pieces it composes live beside it: the optimizer and schedule in
@@ -19,72 +19,43 @@ from __future__ import annotations
 
 import contextlib
 import math
-import signal
 import sys
-import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 from . import distributed, resume
 from .checkpoint import save_checkpoint
 from .config import Params
 from .dataset import BatchSampler, TokenData
 from .device import autocast, keep_freed_memory, resolve_precision
-from .errors import ConfigError, TrainingInterrupted
+from .errors import CheckpointError, ConfigError, TrainingInterrupted, first_line
+from .io import current_dir
+from .metrics import TrainResult
 from .model import GPT
 from .optim import lr_at, make_optimizer, set_lr
 
 __all__ = ["Trainer", "TrainResult", "TrainingInterrupted"]
 
-# The counters and logs that, with the optimizer and per-rank state, make up a resumable run.
-_PROGRESS = ("step", "best_val", "best_step", "last_val", "bad_evals", "tokens_seen",
-             "train_time", "wall_time", "train_log", "val_log", "run_id")
-
-
 @dataclass
-class TrainResult:
-    best_val_loss: float
-    final_val_loss: float
-    best_step: int
-    steps: int
-    tokens_seen: int
-    tokens_per_s: float
-    train_time_s: float  # time inside training steps (what tokens_per_s is measured over)
-    wall_time_s: float  # the whole run on the clock, evaluations and checkpoints included
-    stopped_early: bool
-    resumed_from_step: int
-    num_parameters: int
+class RunState:
+    """The counters and logs that, with the optimizer and per-rank state, make up a
+    resumable run: saved and restored as one (their names are the resume file's keys)."""
+
+    step: int = 0
+    best_val: float = math.inf
+    best_step: int = -1
+    last_val: float = math.nan
+    bad_evals: int = 0
+    tokens_seen: int = 0
+    train_time: float = 0.0  # inside training steps: what tokens/s is measured over
+    wall_time: float = 0.0  # accumulated across resumed segments
     train_log: list = field(default_factory=list)  # [step, train_loss, lr, tokens_per_s]
     val_log: list = field(default_factory=list)  # [step, val_loss]
-
-    def metrics(self) -> dict:
-        d = asdict(self)
-        d.pop("train_log")
-        d.pop("val_log")
-        return d
-
-
-@contextlib.contextmanager
-def _stop_requests():
-    """Turn SIGINT/SIGTERM into a flag checked between steps, so state is saved cleanly.
-    A second signal gives up at once."""
-    flag: dict = {}
-
-    def handler(signum, _frame):
-        if flag.get("stop"):
-            raise KeyboardInterrupt
-        flag["stop"] = signal.Signals(signum).name
-
-    main_thread = threading.current_thread() is threading.main_thread()
-    old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)} if main_thread else {}
-    try:
-        yield flag
-    finally:
-        for s, h in old.items():
-            signal.signal(s, h)
+    run_id: str | None = None
 
 
 class Trainer:
@@ -107,23 +78,7 @@ class Trainer:
             keep_freed_memory()
         self.fingerprint = resume.fingerprint(params, data.meta, self.dist.world_size)
 
-        torch.manual_seed(self.cfg.seed)  # the same initial weights on every rank...
-        self.model = GPT(params.model).to(self.device)
-        if self.dist.enabled:  # ...but each rank its own dropout masks
-            torch.manual_seed(self.cfg.seed + self.dist.rank)
-        self.module = distributed.wrap(self.model, self.device) if self.dist.enabled else self.model
-        self.optimizer = make_optimizer(self.model, self.cfg)
-        self.dtype, note = resolve_precision(self.device, self.cfg.dtype)
-        if note:
-            self._say(note)
-        # float16's narrow range underflows small gradients unless the loss is scaled up;
-        # bfloat16 and float32 have float32's range and need no scaler (disabled = no-op).
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == "float16")
-        # What the training step calls: the module, or its compiled twin. Both share the
-        # weights; checkpoints and evaluation use the uncompiled ``self.model``.
-        self.step_module, self._compile_pending = self.module, self._wants_compile()
-        if self._compile_pending:
-            self.step_module = torch.compile(self.module)
+        self._build_model()
         # On CUDA a .item() per step makes the host wait for the GPU every step: step losses
         # stay on the device and are read every log_interval steps (and before evaluating,
         # checkpointing or stopping). On CPU there is nothing to overlap: read at once.
@@ -133,32 +88,50 @@ class Trainer:
         self.sampler = BatchSampler(data.train, params.model.block_size, self.cfg.batch_size,
                                     seed=self.cfg.seed + 1 + self.dist.rank, name="train split")
         self._val_sampler()  # a val split too short for block_size fails now, not at the first evaluation
-        self.step, self.best_step, self.bad_evals, self.tokens_seen = 0, -1, 0, 0
-        self.best_val, self.last_val = math.inf, math.nan
-        self.train_time = 0.0
-        self.wall_time = 0.0  # accumulated across resumed segments
+        self.state = RunState()
         self._segment_start = time.monotonic()
-        self.train_log: list[list[float]] = []
-        self.val_log: list[list[float]] = []
-        self.run_id: str | None = None
         self.resumed_from = 0
+
+    def _build_model(self) -> None:
+        """The model, its optimizer, precision and what the training step calls."""
+        torch.manual_seed(self.cfg.seed)  # the same initial weights on every rank...
+        self.model = GPT(self.params.model).to(self.device)
+        if self.dist.enabled:  # ...but each rank its own dropout masks
+            torch.manual_seed(self.cfg.seed + self.dist.rank)
+        self.optimizer = make_optimizer(self.model, self.cfg)
+        self.dtype, note = resolve_precision(self.device, self.cfg.dtype)
+        if note:
+            self._say(note)
+        # float16's narrow range underflows small gradients unless the loss is scaled up;
+        # bfloat16 and float32 have float32's range and need no scaler (disabled = no-op).
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == "float16")
+        # What the training step calls (see _forward): the model, wrapped for DDP under
+        # torchrun, compiled where compile is on. All share the weights of ``self.model``,
+        # which checkpoints and evaluation use.
+        self._ddp = distributed.wrap(self.model, self.device) if self.dist.enabled else None
+        self._compile_pending = self._wants_compile()
+        self._compiled = torch.compile(self._plain_step_module()) if self._compile_pending else None
 
     # -- resume state -----------------------------------------------------------------
     def state_dict(self) -> dict:
         """Everything rank 0 knows; per-rank state (data position, RNG) is added under "ranks"."""
-        progress = {k: getattr(self, k) for k in _PROGRESS}
-        progress["wall_time"] = self._wall_now()
+        progress = {**asdict(self.state), "wall_time": self._wall_now()}
         return {"fingerprint": self.fingerprint, "world_size": self.dist.world_size,
                 "optimizer": self.optimizer.state_dict(),
                 "scaler": self.scaler.state_dict(),  # {} unless float16: the loss scale and its growth count
                 **progress}
 
     def _wall_now(self) -> float:
-        return self.wall_time + time.monotonic() - self._segment_start
+        return self.state.wall_time + time.monotonic() - self._segment_start
 
     def try_resume(self) -> bool:
         """Restore from the resume checkpoint if it belongs to this exact run."""
-        found = resume.load(self.resume_dir, self.fingerprint, self.device, self.params.model.attn_impl)
+        # current_dir: a rank killed between the two renames of a resume save (torchrun
+        # restarts the group after a SIGKILL) leaves only <resume_dir>.old, the last complete
+        # state; without this the restarted group would silently start over from step 0.
+        # Reading it in place (rank 0's next save moves it back) keeps every rank's view the same.
+        found = resume.load(current_dir(self.resume_dir), self.fingerprint, self.device,
+                            self.params.model.attn_impl)
         if found is None:
             return False
         weights, state = found
@@ -168,9 +141,8 @@ class Trainer:
             self.scaler.load_state_dict(state["scaler"])
         # The fingerprint fixes the world size, so there is one entry per rank.
         resume.load_rank_state(state["ranks"][self.dist.rank], self.sampler, self.device)
-        for key in _PROGRESS:
-            setattr(self, key, state[key])
-        self.resumed_from = self.step
+        self.state = RunState(**{f.name: state[f.name] for f in fields(RunState)})
+        self.resumed_from = self.state.step
         return True
 
     def save_resume(self) -> None:
@@ -203,19 +175,19 @@ class Trainer:
     def _evaluate(self) -> bool:
         """Validate, keep the best model, update patience. Returns True to stop early."""
         val = self.estimate_val_loss()
-        self.last_val = val
-        self.val_log.append([self.step, val])
-        improved = val < self.best_val
+        self.state.last_val = val
+        self.state.val_log.append([self.state.step, val])
+        improved = val < self.state.best_val
         if improved:
-            self.best_val, self.best_step, self.bad_evals = val, self.step, 0
+            self.state.best_val, self.state.best_step, self.state.bad_evals = val, self.state.step, 0
             save_checkpoint(self.best_dir, self.model, self.data.tokenizer,
-                            meta={"step": self.step, "val_loss": val, "fingerprint": self.fingerprint})
+                            meta={"step": self.state.step, "val_loss": val, "fingerprint": self.fingerprint})
         else:
-            self.bad_evals += 1
+            self.state.bad_evals += 1
         if self.tracker is not None:
-            self.tracker.log_metrics({"val_loss": val, "best_val_loss": self.best_val}, step=self.step)
-        self._say(f"step {self.step}: val_loss {val:.4f}{' (best)' if improved else ''}")
-        return self.cfg.patience > 0 and self.bad_evals >= self.cfg.patience
+            self.tracker.log_metrics({"val_loss": val, "best_val_loss": self.state.best_val}, step=self.state.step)
+        self._say(f"step {self.state.step}: val_loss {val:.4f}{' (best)' if improved else ''}")
+        return self.cfg.patience > 0 and self.state.bad_evals >= self.cfg.patience
 
     # -- the loop ---------------------------------------------------------------------
     def _wants_compile(self) -> bool:
@@ -231,7 +203,7 @@ class Trainer:
 
             torch._dynamo.eval_frame.check_if_dynamo_supported()  # e.g. a Python newer than this torch
         except Exception as exc:  # noqa: BLE001 - any reason means: train eagerly, say why
-            self._say(f"train.compile: torch.compile is unavailable ({_first_line(exc)}); training eagerly")
+            self._say(f"train.compile: torch.compile is unavailable ({first_line(exc)}); training eagerly")
             return False
         return True
 
@@ -243,6 +215,16 @@ class Trainer:
                     y.pin_memory().to(self.device, non_blocking=True))
         return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
 
+    def _forward(self, x: torch.Tensor, y: torch.Tensor):
+        """The training forward pass: compiled where compile is on (and did not fail),
+        through DDP under torchrun (it averages the gradients), else the model itself."""
+        # `is not None`, not `or`: a module's truth value would ask it for its len().
+        module = self._compiled if self._compiled is not None else self._plain_step_module()
+        return module(x, y, return_logits=False)
+
+    def _plain_step_module(self) -> torch.nn.Module:
+        return self._ddp if self._ddp is not None else self.model
+
     def _train_step(self, lr: float) -> float | torch.Tensor:
         """One optimizer step over ``grad_accum_steps`` micro-batches; returns the mean loss
         (a float, or with ``defer_sync`` a device tensor that :meth:`_flush` reads later)."""
@@ -253,10 +235,10 @@ class Trainer:
             x, y = self._to_device(*self.sampler.next())
             # Under DDP, average gradients across ranks only on the last micro-batch.
             last = micro == accum - 1
-            sync = contextlib.nullcontext() if last or not self.dist.enabled else self.module.no_sync()
+            sync = contextlib.nullcontext() if last or self._ddp is None else self._ddp.no_sync()
             with sync:
                 with autocast(self.device, self.dtype):
-                    _, loss = self.step_module(x, y, return_logits=False)
+                    _, loss = self._forward(x, y)
                 self.scaler.scale(loss / accum).backward()
             total += loss.detach() if self.defer_sync else loss.item()
         if self.cfg.grad_clip > 0:
@@ -280,9 +262,9 @@ class Trainer:
         except Exception as exc:  # noqa: BLE001 - a real error recurs in the eager retry below
             self.optimizer.zero_grad(set_to_none=True)
             resume.load_rank_state(before, self.sampler, self.device)
-            self.step_module = self.module
+            self._compiled = None
             self._say(f"train.compile: torch.compile failed at the first step ({type(exc).__name__}: "
-                      f"{_first_line(exc)}); training eagerly")
+                      f"{first_line(exc)}); training eagerly")
             return self._train_step(lr)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)  # once: the warm-up is host and GPU time
@@ -290,74 +272,96 @@ class Trainer:
         return loss
 
     def train(self) -> TrainResult:
-        from tqdm import tqdm
-
-        cfg = self.cfg
-        self._segment_start = time.monotonic()
-        if self.try_resume():
-            self._say(f"resuming from step {self.step} ({self.resume_dir})")
-        if self.tracker is not None:
-            fresh = self.run_id is None
-            self.tracker.start(self.run_params, tags={"stage": "train", "gptcore.fingerprint": self.fingerprint},
-                               run_id=self.run_id)
-            self.run_id = self.tracker.run_id
-            if fresh:  # a resumed run already has its inputs
-                self.tracker.log_datasets(self.data.describe())
+        """Train to ``max_steps`` (or an early stop) from where the resume state left off."""
+        self._begin()  # may replace self.state with the resumed one
+        cfg, st = self.cfg, self.state
         tokens_per_step = (cfg.batch_size * cfg.grad_accum_steps * self.params.model.block_size
                            * self.dist.world_size)
         stopped_early = False
-        bar = tqdm(total=cfg.max_steps, initial=self.step, desc="train", unit="step", file=sys.stderr,
+        bar = tqdm(total=cfg.max_steps, initial=st.step, desc="train", unit="step", file=sys.stderr,
                    disable=not (self.is_main and self.progress) or None, dynamic_ncols=True)
         self.model.train()
-        with _stop_requests() as stop, bar:
-            while self.step < cfg.max_steps:
-                lr = lr_at(self.step, cfg)
+        with resume.stop_requests() as stop, bar:
+            while st.step < cfg.max_steps:
+                lr = lr_at(st.step, cfg)
                 t0 = time.perf_counter()
                 if not self._pending:  # deferred: a window of steps is timed, from its first step
                     self._window_start = t0
                 loss = self._compiling_step(lr) if self._compile_pending else self._train_step(lr)
                 dt = time.perf_counter() - t0
-                self.step += 1
-                self.tokens_seen += tokens_per_step
-                at_end = self.step == cfg.max_steps
-                evaluating = self.step % cfg.eval_interval == 0 or at_end
-                checkpointing = self.step % cfg.checkpoint_interval == 0 and not at_end
+                st.step += 1
+                st.tokens_seen += tokens_per_step
+                at_end = st.step == cfg.max_steps
+                evaluating = st.step % cfg.eval_interval == 0 or at_end
+                checkpointing = st.step % cfg.checkpoint_interval == 0 and not at_end
                 if self.defer_sync:
-                    self._pending.append((self.step, loss, lr))
-                    if self.step % cfg.log_interval == 0 or evaluating or checkpointing:
+                    self._pending.append((st.step, loss, lr))
+                    if st.step % cfg.log_interval == 0 or evaluating or checkpointing:
                         self._flush(bar, tokens_per_step)
                 else:
-                    self.train_time += dt
-                    self._check_finite(self.step, loss)
+                    st.train_time += dt
+                    self._check_finite(st.step, loss)
                     self._log_step(bar, loss, lr, tokens_per_step / dt)
-                if evaluating:
-                    if distributed.any_rank(self.is_main and self._evaluate(), self.dist, self.device):
-                        stopped_early = True
-                        self._say(f"early stop: no improvement in {cfg.patience} evaluations")
-                        break
+                if evaluating and distributed.any_rank(self.is_main and self._evaluate(), self.dist, self.device):
+                    stopped_early = True
+                    self._say(f"early stop: no improvement in {cfg.patience} evaluations")
+                    break
                 if checkpointing:
                     self.save_resume()
-                # Under DDP, asking the other ranks is a collective the host waits for: with
-                # deferred losses, ask only when a flush has just synchronised anyway.
-                may_ask = not (self.dist.enabled and self._pending)
-                if may_ask and distributed.any_rank(bool(stop), self.dist, self.device) and not at_end:
-                    self._flush(bar, tokens_per_step)  # the state saved holds every step's row
-                    self.save_resume()
-                    raise TrainingInterrupted(
-                        f"{stop.get('stop', 'signal on another rank')} at step {self.step}: state saved "
-                        f"to {self.resume_dir}; run again to resume")
+                if not at_end:
+                    self._stop_if_asked(stop, bar, tokens_per_step)
+        return self._result(stopped_early)
+
+    def _begin(self) -> None:
+        """Resume if this run's state exists (every rank from the same step), then start or
+        re-attach its MLflow run."""
+        self._segment_start = time.monotonic()
+        if self.try_resume():
+            self._say(f"resuming from step {self.state.step} ({self.resume_dir})")
+        # Under torchrun on several machines each rank reads the resume checkpoint from its own
+        # disk; one that finds none (or an older one) would train another run than rank 0's,
+        # into mixed-up collectives or a hang. Every rank must start from the same step.
+        steps = distributed.gather(self.state.step, self.dist)
+        if len(set(steps)) > 1:
+            found = ", ".join(f"rank {r}: {f'step {s}' if s else 'none'}" for r, s in enumerate(steps))
+            raise CheckpointError(f"{self.resume_dir}: the ranks found different resume checkpoints ({found}); "
+                                  "under torchrun on several machines keep the project directory (at least "
+                                  ".gptcore/) on a filesystem every node shares, or delete .gptcore/runs "
+                                  "on every node to start over")
+        if self.tracker is not None:
+            fresh = self.state.run_id is None
+            self.tracker.start(self.run_params, tags={"stage": "train", "gptcore.fingerprint": self.fingerprint},
+                               run_id=self.state.run_id)
+            self.state.run_id = self.tracker.run_id
+            if fresh:  # a resumed run already has its inputs
+                self.tracker.log_datasets(self.data.describe())
+
+    def _stop_if_asked(self, stop: dict, bar, tokens_per_step: int) -> None:
+        """After a SIGINT/SIGTERM (on any rank): save the state and end the run, resumable."""
+        # Under DDP, asking the other ranks is a collective the host waits for: with
+        # deferred losses, ask only when a flush has just synchronised anyway.
+        if self.dist.enabled and self._pending:
+            return
+        if distributed.any_rank(bool(stop), self.dist, self.device):
+            self._flush(bar, tokens_per_step)  # the state saved holds every step's row
+            self.save_resume()
+            raise TrainingInterrupted(
+                f"{stop.get('stop', 'signal on another rank')} at step {self.state.step}: state saved "
+                f"to {self.resume_dir}; run again to resume")
+
+    def _result(self, stopped_early: bool) -> TrainResult:
+        st = self.state
         return TrainResult(
-            best_val_loss=self.best_val, final_val_loss=self.last_val, best_step=self.best_step,
-            steps=self.step, tokens_seen=self.tokens_seen,
-            tokens_per_s=self.tokens_seen / max(self.train_time, 1e-9),
-            train_time_s=self.train_time, wall_time_s=self._wall_now(), stopped_early=stopped_early,
+            best_val_loss=st.best_val, final_val_loss=st.last_val, best_step=st.best_step,
+            steps=st.step, tokens_seen=st.tokens_seen, tokens_per_s=st.tokens_seen / max(st.train_time, 1e-9),
+            train_time_s=st.train_time, wall_time_s=self._wall_now(), stopped_early=stopped_early,
             resumed_from_step=self.resumed_from, num_parameters=self.model.num_parameters(),
-            train_log=self.train_log, val_log=self.val_log)
+            train_log=st.train_log, val_log=st.val_log)
 
     def _check_finite(self, step: int, loss: float) -> None:
         if not math.isfinite(loss):
-            kept = (f"the best model so far (step {self.best_step}) is in {self.best_dir}"
-                    if self.best_step >= 0 else "no model was published")
+            kept = (f"the best model so far (step {self.state.best_step}) is in {self.best_dir}"
+                    if self.state.best_step >= 0 else "no model was published")
             # Advise only what is not already set: clipping that is on cannot be "enabled".
             advice = f"lower train.learning_rate (now {self.cfg.learning_rate:g})"
             if self.cfg.grad_clip <= 0:
@@ -372,7 +376,7 @@ class Trainer:
             return
         losses = torch.stack([loss for _, loss, _ in self._pending]).tolist()  # the one host sync
         dt = time.perf_counter() - self._window_start
-        self.train_time += dt
+        self.state.train_time += dt
         rate = tokens_per_step * len(losses) / dt
         pending, self._pending = self._pending, []
         for (step, _, lr), loss in zip(pending, losses):
@@ -380,8 +384,8 @@ class Trainer:
             self._log_step(bar, loss, lr, rate, step)
 
     def _log_step(self, bar, loss: float, lr: float, tokens_per_s: float, step: int | None = None) -> None:
-        step = self.step if step is None else step
-        self.train_log.append([step, loss, lr, tokens_per_s])
+        step = self.state.step if step is None else step
+        self.state.train_log.append([step, loss, lr, tokens_per_s])
         bar.update(1)
         bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:,.0f}")
         if self.tracker is not None and (step % self.cfg.log_interval == 0 or step == 1):
@@ -390,11 +394,4 @@ class Trainer:
 
     def _say(self, msg: str) -> None:
         if self.is_main and self.progress:
-            from tqdm import tqdm
             tqdm.write(msg, file=sys.stderr)
-
-
-def _first_line(exc: BaseException) -> str:
-    """An exception's message as one short line (compile errors span pages)."""
-    lines = str(exc).strip().splitlines()
-    return lines[0][:200] if lines else type(exc).__name__

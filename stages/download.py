@@ -8,13 +8,13 @@ copied: the tokenize stage reads them where they are.
 
 from gptcore.config import load_params
 from gptcore.fetch import fetch_sources, prune
-from gptcore.sources import download_sources
+from gptcore.sources import files_to_fetch
 from gptcore.stage import run_stage
 
 
 def main() -> None:
     data = load_params().data
-    pinned = download_sources(data)
+    pinned = files_to_fetch(data)
     for name, sha in fetch_sources(data.raw_dir, pinned, retries=data.retries,
                                    timeout_s=data.timeout_s).items():
         print(f"{name}: sha256 {sha} {'ok' if pinned[name].sha256 else '(not pinned)'}")

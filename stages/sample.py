@@ -7,13 +7,14 @@ from gptcore.config import load_params
 from gptcore.device import resolve_device
 from gptcore.generate import generate
 from gptcore.io import atomic_write_text
+from gptcore.sampling import sample_settings
 from gptcore.stage import run_stage
 from gptcore.tracking import Tracker, read_run_file
 
 
 def main() -> None:
     params = load_params()
-    s = params.sample  # a SamplingConfig with the prompts added
+    s = sample_settings(params)  # a SamplingConfig with the prompts added
     device = resolve_device(params.train.device)
     model, tokenizer, meta = load_checkpoint(Path(params.train.out_dir) / "best", device=device)
     completions = [generate(model, tokenizer, prompt, s, device=device) for prompt in s.prompts]

@@ -26,3 +26,10 @@ def mirror_dir() -> Path:
     if missing:
         pytest.fail(f"mirror directory {path} lacks {', '.join(missing)}; set GPTCORE_MIRROR")
     return path
+
+
+def char_tokenizer(text: str):
+    """The char-level tokenizer of ``text``'s characters (what tokenizing it would build)."""
+    from gptcore.tokenizer import CharTokenizer
+
+    return CharTokenizer(sorted(set(text)))

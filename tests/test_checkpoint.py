@@ -20,6 +20,7 @@ from gptcore.checkpoint import (CheckpointError, load_checkpoint, load_trainer_s
 from gptcore.config import GPTConfig
 from gptcore.io import sha256_file
 from gptcore.model import GPT
+from conftest import char_tokenizer
 from gptcore.tokenizer import CharTokenizer, GPT2Tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -27,7 +28,7 @@ TEXT = "First Citizen:\nBefore we proceed any further, hear me speak.\n"
 
 
 def char_setup(seed: int = 0) -> tuple[GPT, CharTokenizer]:
-    tok = CharTokenizer.from_text(TEXT)
+    tok = char_tokenizer(TEXT)
     torch.manual_seed(seed)
     config = GPTConfig(vocab_size=tok.vocab_size, block_size=32, n_layer=2, n_head=2, n_embd=16)
     return GPT(config).eval(), tok
@@ -231,7 +232,7 @@ def test_missing_directory_and_missing_files(tmp_path):
 
 def test_tokenizer_larger_than_the_model_vocabulary_is_refused(tmp_path):
     model, _ = char_setup()
-    big = CharTokenizer.from_text(TEXT + "XYZ")
+    big = char_tokenizer(TEXT + "XYZ")
     save_checkpoint(tmp_path / "ckpt", model, big)
     with pytest.raises(CheckpointError, match="tokenizer has 31 ids but the model only 28"):
         load_checkpoint(tmp_path / "ckpt")

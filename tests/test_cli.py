@@ -22,6 +22,7 @@ from gptcore.cli import main
 from gptcore.config import GPTConfig
 from gptcore.generate import SamplingConfig, generate
 from gptcore.model import GPT
+from conftest import char_tokenizer
 from gptcore.tokenizer import CharTokenizer
 
 GPTCORE = Path(sys.executable).with_name("gptcore")  # the console script next to this Python
@@ -33,7 +34,7 @@ WAIT_S = 180  # upper bound for a step of a subprocess, only to fail instead of 
 def checkpoint(tmp_path_factory) -> Path:
     """A random tiny char-level model that never picks end-of-text greedily (its
     embedding is zero, so its logit is 0 while the largest logit is positive)."""
-    tok = CharTokenizer.from_text(string.ascii_letters + " \n.,:;!?'-")
+    tok = char_tokenizer(string.ascii_letters + " \n.,:;!?'-")
     torch.manual_seed(0)
     model = GPT(GPTConfig(vocab_size=tok.vocab_size, block_size=32, n_layer=2, n_head=2, n_embd=32))
     with torch.no_grad():

@@ -102,16 +102,22 @@ def test_params_errors_name_the_section_path(data, match):
 
 
 def test_sample_section_is_a_sampling_config_with_prompts():
-    """One definition of the sampling settings: the sample stage's section extends it."""
-    from gptcore.sampling import SamplingConfig
+    """One definition of the sampling settings: the sample stage's section extends it, and
+    is validated by generation's module (which the training stages never import)."""
+    from gptcore.sampling import SamplingConfig, sample_settings
 
     p = Params.from_dict({"sample": {"stop": ["\n\n", "END"], "top_k": 0}})
-    assert isinstance(p.sample, SamplingConfig)
-    assert p.sample.stop == ("\n\n", "END") and p.sample.top_k == 0 and p.sample.prompts
-    with pytest.raises(ConfigError, match=r"^sample\.stop must be a list, got 'x'"):
-        Params.from_dict({"sample": {"stop": "x"}})
-    with pytest.raises(ConfigError, match=r"^sample\.temperature=-1\.0 is invalid"):
-        Params.from_dict({"sample": {"temperature": -1}})
+    s = sample_settings(p)
+    assert isinstance(s, SamplingConfig)
+    assert s.stop == ("\n\n", "END") and s.top_k == 0 and s.prompts
+    with pytest.raises(ConfigError, match=r"^params.yaml: sample\.stop must be a list, got 'x'"):
+        sample_settings(Params.from_dict({"sample": {"stop": "x"}}))
+    with pytest.raises(ConfigError, match=r"^params.yaml: sample\.temperature=-1\.0 is invalid"):
+        sample_settings(Params.from_dict({"sample": {"temperature": -1}}))
+    with pytest.raises(ConfigError, match=r"^params.yaml: sample: unknown key\(s\) 'topk'"):
+        sample_settings(Params.from_dict({"sample": {"topk": 1}}))
+    with pytest.raises(ConfigError, match=r"^sample must be a mapping, got 3"):
+        Params.from_dict({"sample": 3})
 
 
 def test_unknown_key_suggests_the_closest_name():

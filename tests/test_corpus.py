@@ -17,7 +17,8 @@ import pytest
 
 import gptcore.corpus as corpus
 from gptcore.config import CorpusSource, DataConfig, Params
-from gptcore.corpus import tokenize_corpus, untracked_sources
+from gptcore.corpus import tokenize_corpus
+from gptcore.documents import resolve_documents, untracked_sources
 from gptcore.dataset import BatchSampler, TokenData
 from gptcore.errors import ConfigError, DataError
 from gptcore.tokenizer import CharTokenizer, GPT2Tokenizer
@@ -500,4 +501,4 @@ def test_special_files_as_sources_are_refused_by_name(tmp_path, kind):
     for spec in (str(odd), str(tmp_path / "*.txt")):
         with pytest.raises(DataError, match=rf"^data.sources\[0\]: .*odd.txt is {re.escape(expected[kind])}; "
                            "allowed: regular"):
-            corpus.resolve_documents(_cfg(tmp_path, CorpusSource(path=spec)))
+            resolve_documents(_cfg(tmp_path, CorpusSource(path=spec)))

@@ -9,7 +9,8 @@ import dataclasses
 import pytest
 import torch
 
-from gptcore.config import ConfigError, GPTConfig, SampleConfig
+from gptcore.config import ConfigError, GPTConfig
+from gptcore.sampling import SampleConfig
 from gptcore.generate import (
     SamplingConfig, apply_repetition_penalty, apply_top_k, apply_top_p,
     decode_stream, generate, generate_batch, generate_ids, generate_ids_batch, process_logits, sample_token,
@@ -17,6 +18,7 @@ from gptcore.generate import (
 )
 from gptcore.model import GPT, KVCache
 from gptcore.model.decode import CachedDecoder
+from conftest import char_tokenizer
 from gptcore.tokenizer import CharTokenizer, GPT2Tokenizer
 
 TEXT = "First Citizen:\nBefore we proceed any further, hear me speak.\nAll: Speak, speak!\n"
@@ -38,7 +40,7 @@ def tiny_model(vocab_size: int, block_size: int = BLOCK, seed: int = 0, **kw) ->
 
 @pytest.fixture(scope="module")
 def tok() -> CharTokenizer:
-    return CharTokenizer.from_text(TEXT)
+    return char_tokenizer(TEXT)
 
 
 @pytest.fixture(scope="module")

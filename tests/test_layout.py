@@ -152,9 +152,14 @@ def test_no_import_cycles():
 
 
 def test_params_yaml_equals_the_dataclass_defaults():
-    from gptcore.config import Params, load_params
+    import dataclasses
 
-    assert load_params(REPO / "params.yaml") == Params()
+    from gptcore.config import Params, load_params
+    from gptcore.sampling import SampleConfig, sample_settings
+
+    loaded = load_params(REPO / "params.yaml")
+    assert dataclasses.replace(loaded, sample={}) == Params()
+    assert sample_settings(loaded) == SampleConfig()
 
 
 @pytest.mark.parametrize("code", [

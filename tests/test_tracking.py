@@ -72,10 +72,10 @@ def test_datasets_and_model_are_logged_and_the_model_loads_back(store, tmp_path,
     from gptcore.dataset import TokenData
     from gptcore.errors import CheckpointError
     from gptcore.model import GPT
-    from gptcore.tokenizer import CharTokenizer
+    from conftest import char_tokenizer
     from gptcore.tracking import MODEL_ID_TAG, download_run_model
 
-    tok = CharTokenizer.from_text("abcdefgh")
+    tok = char_tokenizer("abcdefgh")
     data = TokenData(torch.tensor(tok.encode("abcabcabc")), torch.tensor(tok.encode("cab")), {"dtype": "uint16"}, tok)
     t = Tracker(store).start({"a": 1})
     t.log_datasets(data.describe())

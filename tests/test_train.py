@@ -25,6 +25,7 @@ from gptcore.errors import DataError
 from gptcore.metrics import write_train_outputs
 from gptcore.optim import lr_at, make_optimizer
 from gptcore.resume import fingerprint
+from conftest import char_tokenizer
 from gptcore.tokenizer import CharTokenizer
 from gptcore.train import Trainer
 
@@ -44,7 +45,7 @@ def make_params(model=None, train=None, vocab_size=128) -> Params:
 
 
 def synthetic(train_text: str, val_text: str) -> TokenData:
-    tok = CharTokenizer.from_text(train_text + val_text)
+    tok = char_tokenizer(train_text + val_text)
     return TokenData(torch.tensor(tok.encode(train_text)), torch.tensor(tok.encode(val_text)),
                      {"synthetic": [train_text[:16], len(train_text), val_text[:16], len(val_text)]}, tok)
 
@@ -283,7 +284,7 @@ SCRIPT = textwrap.dedent("""
             # After step `block_at`'s update, announce it and wait for the test to
             # signal (SIGINT) or kill (SIGKILL) this process, then continue.
             loss = step(lr)
-            if trainer.step + 1 == block_at:
+            if trainer.state.step + 1 == block_at:
                 print(f"AT {block_at}", flush=True)
                 deadline = time.monotonic() + 60
                 while not (work / "release").exists() and time.monotonic() < deadline:
@@ -394,9 +395,9 @@ def test_resume_after_sigint_is_bit_exact(reference, shakespeare_dir):
     changed = make_params(model={"dropout": 0.2},
                           train={**asdict(RESUME_PARAMS.train), "learning_rate": 1e-3}, vocab_size=66)
     other = Trainer(changed, data, root / "x/best", work / "last", progress=False)
-    assert not other.try_resume() and other.step == 0
+    assert not other.try_resume() and other.state.step == 0
     same = Trainer(RESUME_PARAMS, data, root / "y/best", work / "last", progress=False)
-    assert same.try_resume() and same.step == 17
+    assert same.try_resume() and same.state.step == 17
     assert (work / "last").exists()  # only read, never consumed
 
     rerun = Run(script, shakespeare_dir, work)
@@ -537,7 +538,7 @@ def test_compile_trains_saves_plain_weights_and_resumes_bit_exact(tmp_path, caps
     # dropout: compiled dropout draws its seeds from the global RNG the resume state restores.
     compiled = make_params(train={"compile": True}, model={"dropout": 0.1}, vocab_size=64)
     run = Trainer(compiled, data, tmp_path / "c/best", tmp_path / "c/last")
-    assert run.step_module is not run.module
+    assert run._compiled is not None
     result = run.train()
     err = capsys.readouterr().err
     assert sum(line.startswith("compiled in ") for line in err.splitlines()) == 1, err
@@ -547,7 +548,7 @@ def test_compile_trains_saves_plain_weights_and_resumes_bit_exact(tmp_path, caps
 
     eager = Trainer(make_params(train={"compile": False}, model={"dropout": 0.1}, vocab_size=64), data,
                     tmp_path / "e/best", tmp_path / "e/last", progress=False)
-    assert eager.step_module is eager.module
+    assert eager._compiled is None
     eager_result = eager.train()
     assert losses[0] == pytest.approx(eager_result.train_log[0][1], rel=0.02)  # same weights, own masks
     # Checkpoints hold the plain module's weights: the same names as an eager run's, loadable.
@@ -566,7 +567,7 @@ def test_compile_trains_saves_plain_weights_and_resumes_bit_exact(tmp_path, caps
     # ...and compile is not part of the run's identity: an eager trainer picks the state up too.
     plain = Trainer(make_params(train={"compile": False}, model={"dropout": 0.1}, vocab_size=64), data,
                     tmp_path / "p/best", tmp_path / "c/last", progress=False)
-    assert plain.try_resume() and plain.step == 10
+    assert plain.try_resume() and plain.state.step == 10
 
 
 def test_compile_failure_falls_back_to_eager_in_one_line(tmp_path, capsys, monkeypatch, fresh_dynamo):
@@ -595,7 +596,7 @@ def test_compile_failure_falls_back_to_eager_in_one_line(tmp_path, capsys, monke
 def test_compile_auto_is_eager_on_cpu(tmp_path):
     trainer = Trainer(make_params(), synthetic(REPEATED, REPEATED[:400]), tmp_path / "best", tmp_path / "last",
                       progress=False)
-    assert trainer.cfg.compile == "auto" and trainer.step_module is trainer.module
+    assert trainer.cfg.compile == "auto" and trainer._compiled is None
 
 
 def _deferred_run(tmp_path, name: str, defer: bool) -> Trainer:
@@ -634,4 +635,4 @@ def test_deferred_loss_reads_still_stop_a_diverging_run_at_its_step(tmp_path, mo
     with pytest.raises(FloatingPointError, match=r"^training loss is inf at step 2: the run diverged; "
                                                  r"no model was published; lower train.learning_rate"):
         trainer.train()
-    assert trainer.step == 4 and [r[0] for r in trainer.train_log] == [1]  # read at the step-4 flush
+    assert trainer.state.step == 4 and [r[0] for r in trainer.state.train_log] == [1]  # read at the step-4 flush

@@ -104,24 +104,6 @@ def hf_config_dict(config: GPTConfig, eot_id: int | None = None) -> dict:
     }
 
 
-def config_from_hf(hf: dict) -> GPTConfig:
-    """GPTConfig from a GPT2Config dict (its ``to_dict()`` or config.json)."""
-    if hf.get("n_inner") not in (None, 4 * hf["n_embd"]):
-        raise ValueError(f"n_inner={hf['n_inner']} unsupported; gptcore's MLP is 4 * n_embd")
-    if hf.get("activation_function", "gelu_new") != "gelu_new":
-        raise ValueError(f"activation_function={hf['activation_function']!r} unsupported; "
-                         "gptcore uses gelu_new (tanh GELU)")
-    # GPT-2 options that change the equations gptcore implements: refuse, don't diverge.
-    for key, supported in (("scale_attn_weights", True), ("scale_attn_by_inverse_layer_idx", False),
-                           ("tie_word_embeddings", True), ("add_cross_attention", False)):
-        if hf.get(key, supported) != supported:
-            raise ValueError(f"{key}={hf[key]!r} unsupported; gptcore needs {key}={supported}")
-    return GPTConfig(vocab_size=hf["vocab_size"], block_size=hf["n_positions"],
-                     n_layer=hf["n_layer"], n_head=hf["n_head"], n_embd=hf["n_embd"],
-                     dropout=float(hf.get("resid_pdrop", 0.0)),
-                     layer_norm_eps=float(hf.get("layer_norm_epsilon", 1e-5)))
-
-
 def export_hf(model: GPT, directory: str | Path, eot_id: int | None = None) -> Path:
     """Write ``config.json`` + ``model.safetensors`` that ``GPT2LMHeadModel.from_pretrained`` loads.
 
