@@ -54,7 +54,7 @@ import torch  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from gptcore.config import GPTConfig  # noqa: E402
-from gptcore.generate import SamplingConfig, generate_ids, generate_ids_batch, stream_ids  # noqa: E402
+from gptcore.generation.generate import SamplingConfig, generate_ids, generate_ids_batch, stream_ids  # noqa: E402
 from gptcore.model.hf import from_hf_state_dict, hf_config_dict  # noqa: E402
 
 NEW_TOKENS = 256

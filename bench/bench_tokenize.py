@@ -51,8 +51,8 @@ def run_row(row: str, corpus: Path, raw: Path, out: Path, threads: int) -> dict:
     import numpy as np
 
     from gptcore.config import CorpusSource, DataConfig
-    from gptcore.corpus import tokenize_corpus
-    from gptcore.tokenizer import GPT2Tokenizer
+    from gptcore.data.corpus import tokenize_corpus
+    from gptcore.data.tokenizer import GPT2Tokenizer
 
     t0 = time.perf_counter()  # both rows build the encoding from the verified files inside the timing
     if row == ROWS[0]:
@@ -87,8 +87,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     from machine import describe, headline
-    from gptcore.fetch import fetch_sources
-    from gptcore.sources import SOURCES
+    from gptcore.data.fetch import fetch_sources
+    from gptcore.data.sources import SOURCES
 
     mirror = Path(os.environ.get("GPTCORE_MIRROR") or ROOT.parent / "shared" / "mirror")
     info = describe()

@@ -8,7 +8,7 @@ batches; tokens/s is the median over timed steps after warm-up. Rows:
   hf compiled        the same, torch.compile'd (GPU only: on CPU compile does not pay)
   gptcore fp32       our model, logits + F.cross_entropy
   gptcore default    our training path: bf16 autocast + fused LM-head/cross-entropy and,
-                     on CPU, the glibc allocator tuning (gptcore.device), as `dvc repro` runs it
+                     on CPU, the glibc allocator tuning (gptcore.training.device), as `dvc repro` runs it
 
     python bench/bench_train.py [--device cpu|cuda] [--batch-size 8] [--steps 6] [--json]
 
@@ -75,7 +75,7 @@ def measure(row: str, device: str, batch_size: int, warmup: int, steps: int) -> 
         def loss_fn():
             return forward(input_ids=x, labels=x).loss  # HF shifts labels itself
     else:
-        from gptcore.device import keep_freed_memory
+        from gptcore.training.device import keep_freed_memory
         from gptcore.model import GPT
 
         model = GPT(cfg).to(dev).train()

@@ -23,8 +23,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from gptcore.config import load_params  # noqa: E402
-from gptcore.dataset import TokenData  # noqa: E402
-from gptcore.train import Trainer  # noqa: E402
+from gptcore.data.dataset import TokenData  # noqa: E402
+from gptcore.training.loop import Trainer  # noqa: E402
 
 
 def run(steps: int, seed: int, dtype: str, data: TokenData) -> dict:

@@ -51,10 +51,10 @@ def with_overrides(overrides: dict, seed: int, device: str):
 def run_one(name: str, overrides: dict, seed: int, device: str) -> dict:
     """Train, then evaluate the best checkpoint on the whole val split (like the stages)."""
     from gptcore.checkpoint import load_checkpoint
-    from gptcore.dataset import TokenData
-    from gptcore.device import resolve_device
+    from gptcore.data.dataset import TokenData
+    from gptcore.training.device import resolve_device
     from gptcore.evaluate import evaluate_tokens
-    from gptcore.train import Trainer
+    from gptcore.training.loop import Trainer
 
     params = with_overrides(overrides, seed, device)
     data = TokenData.load(ROOT / params.data.processed_dir)
@@ -121,7 +121,7 @@ def main() -> None:
         params = with_overrides(recipes[name] or {}, args.seeds[0], args.device)
         processed = ROOT / params.data.processed_dir
         if not (processed / "meta.json").exists():  # ...and tokenize a variant's data once
-            from gptcore.corpus import tokenize_corpus
+            from gptcore.data.corpus import tokenize_corpus
             print(f"{name}: tokenizing {params.data.raw_dir} -> {processed} ({params.tokenizer.kind})",
                   file=sys.stderr)
             tokenize_corpus(dataclasses.replace(params.data, processed_dir=str(processed),

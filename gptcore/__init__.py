@@ -14,8 +14,8 @@ _EXPORTS = {
     "GPT": "model", "KVCache": "model", "export_hf": "model.hf", "from_hf_state_dict": "model.hf",
     "GPTConfig": "config", "Params": "config", "load_params": "config",
     "save_checkpoint": "checkpoint", "load_checkpoint": "checkpoint",
-    "Tokenizer": "tokenizer", "GPT2Tokenizer": "tokenizer", "CharTokenizer": "tokenizer",
-    "load_tokenizer": "tokenizer",
+    "Tokenizer": "data.tokenizer", "GPT2Tokenizer": "data.tokenizer", "CharTokenizer": "data.tokenizer",
+    "load_tokenizer": "data.tokenizer",
     "GptcoreError": "errors", "ConfigError": "errors", "CheckpointError": "errors",
     "TokenizerError": "errors", "DataError": "errors",
 }

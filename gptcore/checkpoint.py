@@ -25,10 +25,10 @@ from typing import Any
 import torch
 
 from .config import GPTConfig
+from .data.tokenizer import Tokenizer, load_tokenizer
 from .errors import CheckpointError, ConfigError, TokenizerError
 from .io import atomic_dir, current_dir, read_json_object
 from .model import GPT
-from .tokenizer import Tokenizer, load_tokenizer
 
 FORMAT = "gptcore"
 FORMAT_VERSION = 1

@@ -47,7 +47,7 @@ Ctrl-C stops a completion, or clears the line at the prompt."""
 
 
 def _parser() -> argparse.ArgumentParser:
-    from .sampling import SamplingConfig
+    from .generation.sampling import SamplingConfig
 
     d = SamplingConfig()
     parser = argparse.ArgumentParser(prog=PROG, description="A from-scratch GPT: generate text from a checkpoint.")
@@ -101,7 +101,7 @@ def _encode(model, tokenizer, prompt: str) -> list[int]:
 
 def _complete(model, tokenizer, ids: list[int], cfg) -> None:
     """Stream one completion to stdout."""
-    from .generate import stream
+    from .generation.generate import stream
 
     for piece in stream(model, tokenizer, ids, cfg):
         _out(piece)
@@ -191,8 +191,8 @@ def _run(args: argparse.Namespace) -> int:
     import torch
 
     from .checkpoint import load_checkpoint
-    from .device import check_device
-    from .sampling import SamplingConfig
+    from .training.device import check_device
+    from .generation.sampling import SamplingConfig
 
     cfg = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                          top_k=args.top_k, top_p=args.top_p, repetition_penalty=args.repetition_penalty,
@@ -217,7 +217,7 @@ def _run(args: argparse.Namespace) -> int:
         _complete(model, tokenizer, ids, cfg)
         _out("\n")
         return 0
-    from .generate import stream_batch
+    from .generation.generate import stream_batch
 
     done: dict[int, str] = {}
     shown = 0

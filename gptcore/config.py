@@ -16,9 +16,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .data.sources import TINY_SHAKESPEARE
 from .errors import ConfigError
 from .schema import flatten, from_dict, read_yaml  # noqa: F401 - flatten: part of the config API
-from .sources import TINY_SHAKESPEARE
 
 
 def _check(ok: bool, name: str, value: Any, allowed: str) -> None:
@@ -246,7 +246,7 @@ class Params:
     train: TrainConfig = field(default_factory=TrainConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     # The sample stage's settings stay a mapping here: they are generation's, validated by
-    # gptcore.sampling.sample_settings() in the sample stage. Validating them here would make
+    # gptcore.generation.sampling.sample_settings() in the sample stage. Validating them here would make
     # the sampling module a dependency of every stage, and editing it would retrain.
     sample: dict = field(default_factory=dict)
 

@@ -16,8 +16,8 @@ import sys
 import numpy as np
 import torch
 
-from .device import autocast
 from .model import GPT
+from .training.device import autocast
 
 
 @torch.no_grad()

@@ -1,14 +1,14 @@
 """Stage: fetch GPT-2's BPE files and every url: entry of data.sources (Tiny Shakespeare
 by default), sha256-verified, into data.raw_dir.
 
-The fixed files, URLs and checksums are gptcore/sources.py. Offline: set GPTCORE_MIRROR
+The fixed files, URLs and checksums are gptcore/data/sources.py. Offline: set GPTCORE_MIRROR
 to a directory of byte-exact copies (CI: ../shared/mirror). Local path: sources are not
 copied: the tokenize stage reads them where they are.
 """
 
 from gptcore.config import load_params
-from gptcore.fetch import fetch_sources, prune
-from gptcore.sources import files_to_fetch
+from gptcore.data.fetch import fetch_sources, prune
+from gptcore.data.sources import files_to_fetch
 from gptcore.stage import run_stage
 
 

@@ -5,9 +5,9 @@ from pathlib import Path
 
 from gptcore.checkpoint import load_checkpoint
 from gptcore.config import load_params
-from gptcore.dataset import TokenData
+from gptcore.data.dataset import TokenData
 from gptcore.errors import CheckpointError
-from gptcore.device import resolve_device
+from gptcore.training.device import resolve_device
 from gptcore.evaluate import evaluate_tokens
 from gptcore.io import atomic_write_json
 from gptcore.stage import run_stage

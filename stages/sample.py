@@ -4,10 +4,10 @@ from pathlib import Path
 
 from gptcore.checkpoint import load_checkpoint
 from gptcore.config import load_params
-from gptcore.device import resolve_device
-from gptcore.generate import generate
+from gptcore.training.device import resolve_device
+from gptcore.generation.generate import generate
 from gptcore.io import atomic_write_text
-from gptcore.sampling import sample_settings
+from gptcore.generation.sampling import sample_settings
 from gptcore.stage import run_stage
 from gptcore.tracking import Tracker, read_run_file
 

@@ -4,8 +4,8 @@ into data.processed_dir, streamed (memory bounded whatever the corpus size)."""
 import json
 
 from gptcore.config import load_params
-from gptcore.corpus import tokenize_corpus
-from gptcore.documents import untracked_sources
+from gptcore.data.corpus import tokenize_corpus
+from gptcore.data.documents import untracked_sources
 from gptcore.errors import ConfigError
 from gptcore.stage import declared_deps, project_root, run_stage
 

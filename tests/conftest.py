@@ -30,6 +30,6 @@ def mirror_dir() -> Path:
 
 def char_tokenizer(text: str):
     """The char-level tokenizer of ``text``'s characters (what tokenizing it would build)."""
-    from gptcore.tokenizer import CharTokenizer
+    from gptcore.data.tokenizer import CharTokenizer
 
     return CharTokenizer(sorted(set(text)))

@@ -12,6 +12,7 @@ REPO = Path(__file__).resolve().parents[1]
 # Outputs, environments and caches never travel with the copy.
 SKIP = {".git", ".venv", "data", "models", "metrics", "mlflow.db", "mlartifacts", ".gptcore",
         ".pytest_cache", "__pycache__", "tmp", "cache", "build", "bench", "dvc_plots"}
+NEVER = {".git", ".venv", ".pytest_cache", "__pycache__"}  # skipped at any depth
 
 
 def merge(base: dict, over: dict) -> dict:
@@ -23,8 +24,12 @@ def merge(base: dict, over: dict) -> dict:
 
 
 def copy_project(root: Path) -> Path:
-    shutil.copytree(REPO, root, ignore=lambda d, names: [n for n in names if n in SKIP
-                                                          or n.endswith((".egg-info", ".old"))])
+    def ignore(d: str, names: list[str]) -> list[str]:
+        # Outputs are skipped at the top level only: gptcore/data/ is code, data/ is not.
+        top = Path(d).resolve() == REPO
+        return [n for n in names if (n in SKIP and (top or n in NEVER)) or n.endswith((".egg-info", ".old"))]
+
+    shutil.copytree(REPO, root, ignore=ignore)
     return root
 
 

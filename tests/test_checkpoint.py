@@ -21,7 +21,7 @@ from gptcore.config import GPTConfig
 from gptcore.io import sha256_file
 from gptcore.model import GPT
 from conftest import char_tokenizer
-from gptcore.tokenizer import CharTokenizer, GPT2Tokenizer
+from gptcore.data.tokenizer import CharTokenizer, GPT2Tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 TEXT = "First Citizen:\nBefore we proceed any further, hear me speak.\n"

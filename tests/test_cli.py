@@ -20,10 +20,10 @@ import torch
 from gptcore.checkpoint import load_checkpoint, save_checkpoint
 from gptcore.cli import main
 from gptcore.config import GPTConfig
-from gptcore.generate import SamplingConfig, generate
+from gptcore.generation.generate import SamplingConfig, generate
 from gptcore.model import GPT
 from conftest import char_tokenizer
-from gptcore.tokenizer import CharTokenizer
+from gptcore.data.tokenizer import CharTokenizer
 
 GPTCORE = Path(sys.executable).with_name("gptcore")  # the console script next to this Python
 LONG = "1000000"  # max-new-tokens for a completion that is still running when interrupted
@@ -106,7 +106,7 @@ def test_num_samples_decode_as_one_batch(checkpoint, loaded, capsys, monkeypatch
     """N > 1 goes through the batch (the one-sample streaming path is never used), prints
     every sample in order under its header, rows stop independently at --stop, and a
     batch longer than block_size (32) crops and goes on."""
-    import gptcore.generate
+    import gptcore.generation.generate
 
     model, tok = loaded
     greedy = generate(model, tok, "To be", SamplingConfig(max_new_tokens=80, temperature=0))
@@ -119,7 +119,7 @@ def test_num_samples_decode_as_one_batch(checkpoint, loaded, capsys, monkeypatch
     def no_single_decodes(*args, **kwargs):
         raise AssertionError("--num-samples > 1 decoded a sample on its own")
 
-    monkeypatch.setattr(gptcore.generate, "stream", no_single_decodes)
+    monkeypatch.setattr(gptcore.generation.generate, "stream", no_single_decodes)
     base = ["generate", "--checkpoint", str(checkpoint), "--prompt", "To be", "--max-new-tokens", "80"]
 
     def expected(samples):
@@ -208,7 +208,7 @@ def one_error_line(proc: subprocess.CompletedProcess) -> str:
 @pytest.mark.parametrize("device", ["meta", "mps", "cuda", "cuda:3", "cpu:1"])
 def test_devices_this_machine_lacks_are_one_short_line(checkpoint, device):
     """torch's own errors were a traceback (meta) or a 1 KB line listing every backend (mps)."""
-    from gptcore.device import available_devices
+    from gptcore.training.device import available_devices
 
     has = available_devices()  # on CI: ["cpu"]
     if device in has:  # e.g. cuda on a GPU machine: a valid choice there

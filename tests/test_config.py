@@ -104,7 +104,7 @@ def test_params_errors_name_the_section_path(data, match):
 def test_sample_section_is_a_sampling_config_with_prompts():
     """One definition of the sampling settings: the sample stage's section extends it, and
     is validated by generation's module (which the training stages never import)."""
-    from gptcore.sampling import SamplingConfig, sample_settings
+    from gptcore.generation.sampling import SamplingConfig, sample_settings
 
     p = Params.from_dict({"sample": {"stop": ["\n\n", "END"], "top_k": 0}})
     s = sample_settings(p)

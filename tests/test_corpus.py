@@ -15,13 +15,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import gptcore.corpus as corpus
+import gptcore.data.corpus as corpus
 from gptcore.config import CorpusSource, DataConfig, Params
-from gptcore.corpus import tokenize_corpus
-from gptcore.documents import resolve_documents, untracked_sources
-from gptcore.dataset import BatchSampler, TokenData
+from gptcore.data.corpus import tokenize_corpus
+from gptcore.data.documents import resolve_documents, untracked_sources
+from gptcore.data.dataset import BatchSampler, TokenData
 from gptcore.errors import ConfigError, DataError
-from gptcore.tokenizer import CharTokenizer, GPT2Tokenizer
+from gptcore.data.tokenizer import CharTokenizer, GPT2Tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -279,7 +279,7 @@ def test_local_sources_must_be_dvc_deps(tmp_path):
 BIG_SCRIPT = textwrap.dedent("""
     import json, sys
     from gptcore.config import CorpusSource, DataConfig
-    from gptcore.corpus import tokenize_corpus
+    from gptcore.data.corpus import tokenize_corpus
     raw, src, out = sys.argv[1:4]
     meta = tokenize_corpus(DataConfig(raw_dir=raw, processed_dir=out,
                                       sources=(CorpusSource(path=src),)), "gpt2", threads=2)
@@ -295,7 +295,7 @@ BIG_RSS_BOUND_MB = 250
 
 
 def test_a_100mb_corpus_tokenizes_in_bounded_memory_and_trains_from_the_map(tmp_path, raw, mirror_dir, gpt2):
-    from gptcore.train import Trainer
+    from gptcore.training.loop import Trainer
 
     one = (mirror_dir / "input.txt").read_bytes()
     copies = 90  # 100.4 MB

@@ -15,12 +15,12 @@ import pytest
 import torch
 
 from gptcore.config import CorpusSource, DataConfig
-from gptcore.corpus import tokenize_corpus
-from gptcore.dataset import BatchSampler, TokenData
+from gptcore.data.corpus import tokenize_corpus
+from gptcore.data.dataset import BatchSampler, TokenData
 from gptcore.errors import DataError
-from gptcore.fetch import MIRROR_ENV, fetch_sources
-from gptcore.sources import SOURCES, Source
-from gptcore.tokenizer import GPT2_FILES
+from gptcore.data.fetch import MIRROR_ENV, fetch_sources
+from gptcore.data.sources import SOURCES, Source
+from gptcore.data.tokenizer import GPT2_FILES
 
 NAMES = ("input.txt", "vocab.bpe", "encoder.json")
 INPUT_SHA = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"

@@ -1,4 +1,4 @@
-"""Device choice (gptcore/device.py). This machine has no GPU, so which accelerators
+"""Device choice (gptcore/training/device.py). This machine has no GPU, so which accelerators
 exist is simulated: what is tested is the selection logic, not the hardware."""
 
 from __future__ import annotations
@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from gptcore.device import resolve_device, resolve_precision
+from gptcore.training.device import resolve_device, resolve_precision
 from gptcore.errors import ConfigError
 
 

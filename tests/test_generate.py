@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from gptcore.config import ConfigError, GPTConfig
-from gptcore.sampling import SampleConfig
-from gptcore.generate import (
+from gptcore.generation.sampling import SampleConfig
+from gptcore.generation.generate import (
     SamplingConfig, apply_repetition_penalty, apply_top_k, apply_top_p,
     decode_stream, generate, generate_batch, generate_ids, generate_ids_batch, process_logits, sample_token,
     stream, stream_batch, stream_ids_batch,
@@ -19,7 +19,7 @@ from gptcore.generate import (
 from gptcore.model import GPT, KVCache
 from gptcore.model.decode import CachedDecoder
 from conftest import char_tokenizer
-from gptcore.tokenizer import CharTokenizer, GPT2Tokenizer
+from gptcore.data.tokenizer import CharTokenizer, GPT2Tokenizer
 
 TEXT = "First Citizen:\nBefore we proceed any further, hear me speak.\nAll: Speak, speak!\n"
 BLOCK = 16
@@ -549,8 +549,8 @@ def test_batch_arguments(model, tok):
 def test_many_samples_decode_in_bounded_batches_with_seed_plus_i(model, tok, monkeypatch):
     """Past MAX_BATCH_ROWS the samples decode in consecutive batches (memory bounded
     whatever N is); sample i is still the one seed + i gives."""
-    import gptcore.generate as generate_module
-    from gptcore.generate import generate_batch
+    import gptcore.generation.generate as generate_module
+    from gptcore.generation.generate import generate_batch
 
     monkeypatch.setattr(generate_module, "MAX_BATCH_ROWS", 2)
     cfg = dataclasses.replace(SAMPLED, max_new_tokens=12)

@@ -65,7 +65,7 @@ def test_checkpoint_files_follow_the_umask(tmp_path, mask):
     from gptcore.config import GPTConfig
     from gptcore.io import copy_dir
     from gptcore.model import GPT
-    from gptcore.tokenizer import CharTokenizer
+    from gptcore.data.tokenizer import CharTokenizer
 
     old = os.umask(mask)
     try:

@@ -132,7 +132,7 @@ def _import_graph() -> dict[str, set[str]]:
 def test_no_import_cycles():
     graph = _import_graph()
     # The parser sees relative, package and lazy (in-function) imports.
-    assert {"gptcore.optim", "gptcore.model", "gptcore.resume"} <= graph["gptcore.train"]
+    assert {"gptcore.training.optim", "gptcore.model", "gptcore.training.resume"} <= graph["gptcore.training.loop"]
     assert "gptcore.checkpoint" in graph["gptcore.cli"]
     state: dict[str, int] = {}  # 1 = on the current path, 2 = done
 
@@ -155,7 +155,7 @@ def test_params_yaml_equals_the_dataclass_defaults():
     import dataclasses
 
     from gptcore.config import Params, load_params
-    from gptcore.sampling import SampleConfig, sample_settings
+    from gptcore.generation.sampling import SampleConfig, sample_settings
 
     loaded = load_params(REPO / "params.yaml")
     assert dataclasses.replace(loaded, sample={}) == Params()

@@ -129,12 +129,12 @@ def test_dvc_status_follows_the_code_each_stage_runs(project):
         finally:
             (root / path).write_text(original)
 
-    assert stale_after_editing("gptcore/dataset.py") == {"train", "evaluate"}
+    assert stale_after_editing("gptcore/data/dataset.py") == {"train", "evaluate"}
     assert stale_after_editing("gptcore/model/decode.py") == {"sample"}
     # Generation settings are generation's: editing them never retrains (issue #18).
-    assert stale_after_editing("gptcore/sampling.py") == {"sample"}
+    assert stale_after_editing("gptcore/generation/sampling.py") == {"sample"}
     assert stale_after_editing("gptcore/model/hf.py") == set()  # export only: no stage runs it
-    assert stale_after_editing("gptcore/fetch.py") == {"download"}
+    assert stale_after_editing("gptcore/data/fetch.py") == {"download"}
     assert json.loads(_run([dvc, "status", "--json"], root, env).stdout or "{}") == {}
 
 

@@ -8,7 +8,7 @@ import shutil
 import pytest
 
 from conftest import char_tokenizer
-from gptcore.tokenizer import (EOT_TEXT, TOKENIZER_FILE, CharTokenizer, GPT2Tokenizer,
+from gptcore.data.tokenizer import (EOT_TEXT, TOKENIZER_FILE, CharTokenizer, GPT2Tokenizer,
                                TokenizerError, load_tokenizer)
 
 HAMLET = "HAMLET: To be, or not to be"

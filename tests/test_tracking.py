@@ -69,7 +69,7 @@ def test_datasets_and_model_are_logged_and_the_model_loads_back(store, tmp_path,
 
     from gptcore.checkpoint import load_checkpoint, save_checkpoint
     from gptcore.config import GPTConfig
-    from gptcore.dataset import TokenData
+    from gptcore.data.dataset import TokenData
     from gptcore.errors import CheckpointError
     from gptcore.model import GPT
     from conftest import char_tokenizer

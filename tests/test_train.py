@@ -19,15 +19,15 @@ import torch
 
 from gptcore.checkpoint import load_checkpoint, load_trainer_state
 from gptcore.config import CorpusSource, DataConfig, Params
-from gptcore.corpus import tokenize_corpus
-from gptcore.dataset import TokenData
+from gptcore.data.corpus import tokenize_corpus
+from gptcore.data.dataset import TokenData
 from gptcore.errors import DataError
-from gptcore.metrics import write_train_outputs
-from gptcore.optim import lr_at, make_optimizer
-from gptcore.resume import fingerprint
+from gptcore.training.metrics import write_train_outputs
+from gptcore.training.optim import lr_at, make_optimizer
+from gptcore.training.resume import fingerprint
 from conftest import char_tokenizer
-from gptcore.tokenizer import CharTokenizer
-from gptcore.train import Trainer
+from gptcore.data.tokenizer import CharTokenizer
+from gptcore.training.loop import Trainer
 
 TINY_MODEL = {"block_size": 16, "n_layer": 2, "n_head": 2, "n_embd": 32, "dropout": 0.0}
 TINY_TRAIN = {"device": "cpu", "dtype": "float32", "batch_size": 4, "max_steps": 20,
@@ -124,7 +124,7 @@ def test_muon_takes_the_blocks_matrices_and_adamw_the_rest():
     assert all(t.dim() == 1 for t in adam_no_decay["params"])
     every = [id(t) for g in opt.param_groups for t in g["params"]]
     assert sorted(every) == sorted(id(t) for t in model.parameters())  # each exactly once
-    from gptcore.optim import set_lr
+    from gptcore.training.optim import set_lr
     set_lr(opt, 1e-3)
     assert adam_decay["lr"] == 1e-3 and muon["lr"] == pytest.approx(2e-3)
 
@@ -269,9 +269,9 @@ SCRIPT = textwrap.dedent("""
     from pathlib import Path
     from gptcore.checkpoint import save_checkpoint
     from gptcore.config import Params
-    from gptcore.dataset import TokenData
+    from gptcore.data.dataset import TokenData
     from gptcore.stage import run_stage
-    from gptcore.train import Trainer
+    from gptcore.training.loop import Trainer
 
     def main():
         data_dir, work, params_json, block_at = sys.argv[1], Path(sys.argv[2]), sys.argv[3], int(sys.argv[4])

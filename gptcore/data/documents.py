@@ -3,7 +3,7 @@
 Sources are listed in params.yaml as URLs (fetched into ``data.raw_dir`` by the download
 stage) and local paths (a file, a directory whose ``*.txt`` files are read recursively,
 or a glob). Resolving them touches the filesystem, so it lives here, apart from
-:mod:`gptcore.config`'s validation of values; :mod:`gptcore.corpus` reads the documents.
+:mod:`gptcore.config`'s validation of values; :mod:`gptcore.data.corpus` reads the documents.
 Only regular files are documents: anything else is refused by name (see :func:`_regular`).
 """
 
@@ -16,8 +16,8 @@ import stat
 from dataclasses import dataclass
 from pathlib import Path
 
-from .config import DataConfig, glob_base, is_glob
-from .errors import DataError
+from ..config import DataConfig, glob_base, is_glob
+from ..errors import DataError
 
 
 @dataclass

@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .errors import DataError
-from .io import read_json_object
+from ..errors import DataError
+from ..io import read_json_object
 from .tokenizer import Tokenizer, load_tokenizer
 
 # meta.json keys TokenData relies on, and the types they must have.

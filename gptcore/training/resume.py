@@ -22,8 +22,8 @@ from typing import Any
 
 import torch
 
-from .checkpoint import load_checkpoint, load_trainer_state, save_checkpoint
-from .config import Params
+from ..checkpoint import load_checkpoint, load_trainer_state, save_checkpoint
+from ..config import Params
 
 # Logging and checkpoint cadence do not change the weights, so a run may resume with them changed.
 # Nor does compile: the compiled step computes the same function (to float rounding), and

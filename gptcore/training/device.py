@@ -13,7 +13,7 @@ import sys
 
 import torch
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
 

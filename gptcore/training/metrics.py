@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from .io import atomic_write_json, atomic_write_text
+from ..io import atomic_write_json, atomic_write_text
 
 
 @dataclass

@@ -14,7 +14,7 @@ import math
 
 import torch
 
-from .config import TrainConfig
+from ..config import TrainConfig
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:

@@ -37,11 +37,11 @@ from typing import Iterator
 
 import numpy as np
 
-from .config import DataConfig
+from ..config import DataConfig
+from ..errors import DataError
+from ..io import atomic_dir, atomic_write_json
 from .cuts import bpe_cut, last_class_cut, last_safe_cut
 from .documents import Document, resolve_documents
-from .errors import DataError
-from .io import atomic_dir, atomic_write_json
 from .tokenizer import CharTokenizer, GPT2Tokenizer, Tokenizer
 
 BLOCK_BYTES = 1 << 20  # read size

@@ -56,9 +56,9 @@ from typing import Iterator, Sequence
 import torch
 import torch.nn.functional as F
 
+from ..model.decode import CachedDecoder, UncachedDecoder
+from ..model.gpt import GPT
 from .logits import apply_repetition_penalty, apply_top_k, apply_top_p, process_logits, sample_token
-from .model.decode import CachedDecoder, UncachedDecoder
-from .model.gpt import GPT
 from .sampling import SamplingConfig
 from .text import TextPieces, decode_stream
 

@@ -10,8 +10,8 @@ import json
 import shutil
 from pathlib import Path
 
-from .errors import TokenizerError
-from .io import atomic_write_json, read_json_object, sha256_bytes
+from ..errors import TokenizerError
+from ..io import atomic_write_json, read_json_object, sha256_bytes
 from .sources import GPT2_BPE
 
 EOT_TEXT = "<|endoftext|>"

@@ -2,9 +2,9 @@
 periodic validation, early stopping, keeping the best checkpoint, and bit-exact resume.
 
 The pieces it composes live beside it: the optimizer and schedule in
-:mod:`gptcore.optim`, batches in :mod:`gptcore.dataset`, device and precision in
-:mod:`gptcore.device`, torchrun in :mod:`gptcore.distributed`, the resume state in
-:mod:`gptcore.resume`. :meth:`Trainer.train` reads top to bottom: batch, forward,
+:mod:`gptcore.training.optim`, batches in :mod:`gptcore.data.dataset`, device and precision in
+:mod:`gptcore.training.device`, torchrun in :mod:`gptcore.training.distributed`, the resume state in
+:mod:`gptcore.training.resume`. :meth:`Trainer.train` reads top to bottom: batch, forward,
 backward, clip, step, log, evaluate, checkpoint.
 
 The whole training state (model, optimizer, step, data position, RNG, early-stopping
@@ -27,15 +27,15 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from ..checkpoint import save_checkpoint
+from ..config import Params
+from ..data.dataset import BatchSampler, TokenData
+from ..errors import CheckpointError, ConfigError, TrainingInterrupted, first_line
+from ..io import current_dir
+from ..model import GPT
 from . import distributed, resume
-from .checkpoint import save_checkpoint
-from .config import Params
-from .dataset import BatchSampler, TokenData
 from .device import autocast, keep_freed_memory, resolve_precision
-from .errors import CheckpointError, ConfigError, TrainingInterrupted, first_line
-from .io import current_dir
 from .metrics import TrainResult
-from .model import GPT
 from .optim import lr_at, make_optimizer, set_lr
 
 __all__ = ["Trainer", "TrainResult", "TrainingInterrupted"]

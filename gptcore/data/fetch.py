@@ -1,6 +1,6 @@
 """Fetch the pipeline's source files, sha256-verified, into a directory.
 
-Files come from their upstream URLs (:mod:`gptcore.sources`) or, when the environment
+Files come from their upstream URLs (:mod:`gptcore.data.sources`) or, when the environment
 variable ``GPTCORE_MIRROR`` names a directory, from byte-exact local copies there (for
 offline machines and CI). Either way a file streams into a temporary file while it is
 hashed and replaces its target only when the sha256 is right, so the destination never
@@ -22,8 +22,8 @@ import urllib.request
 from pathlib import Path
 from typing import BinaryIO, Mapping
 
-from .errors import DataError
-from .io import atomic_writer, sha256_file
+from ..errors import DataError
+from ..io import atomic_writer, sha256_file
 from .sources import SOURCES, Source
 
 MIRROR_ENV = "GPTCORE_MIRROR"

@@ -11,9 +11,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field, fields
 
-from .config import Params
-from .schema import from_dict
-from .errors import ConfigError
+from ..config import Params
+from ..errors import ConfigError
+from ..schema import from_dict
 
 __all__ = ["SampleConfig", "SamplingConfig", "sample_settings"]
 

@@ -1,0 +1,1 @@
+"""Generation: sampling settings, logits -> token, the decoding loop, streamed text."""
