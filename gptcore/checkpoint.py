@@ -23,6 +23,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load, save_file
 
 from .config import GPTConfig
 from .data.tokenizer import Tokenizer, load_tokenizer
@@ -39,8 +41,6 @@ def save_checkpoint(directory: str | Path, model: GPT, tokenizer: Tokenizer,
                     meta: dict[str, Any] | None = None,
                     trainer_state: dict[str, Any] | None = None) -> Path:
     """Atomically write ``model`` (+ tokenizer, metadata, optional trainer state) to ``directory``."""
-    from safetensors.torch import save_file
-
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()
              if k != "lm_head.weight"}
     # save_id: every save is told apart, so a reader can tell that a save replaced the
@@ -117,9 +117,6 @@ def _identity(directory: str | Path):
 
 
 def _load_checkpoint(directory: Path, device, attn_impl: str | None) -> tuple[GPT, Tokenizer, dict]:
-    from safetensors import SafetensorError
-    from safetensors.torch import load
-
     directory = current_dir(directory)
     config, meta = read_config(directory)
     if attn_impl is not None:

@@ -12,6 +12,7 @@ validation errors come instantly.
 from __future__ import annotations
 
 import dataclasses
+import glob
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -108,8 +109,6 @@ class CorpusSource:
 
 
 def is_glob(path: str) -> bool:
-    import glob
-
     return glob.has_magic(path)
 
 

@@ -15,6 +15,7 @@ import sys
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from .model import GPT
 from .training.device import autocast
@@ -25,8 +26,6 @@ def evaluate_tokens(model: GPT, tokens, eot_id: int, n_bytes: int,
                     batch_size: int = 8, dtype: str = "float32",
                     device: torch.device | str = "cpu", progress: bool = True) -> dict:
     """``val_loss`` (mean nats/token), ``perplexity`` and ``bits_per_byte`` of ``tokens``."""
-    from tqdm import tqdm
-
     device = torch.device(device)
     model.eval()
     T = model.config.block_size

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
 from pathlib import Path
 
 from .errors import DataError
@@ -51,8 +52,7 @@ def _smooth(values: list[float], window: int) -> list[float]:
 
 def plot_runs(runs: list[tuple[str, str | Path]], out: str | Path, smooth: int = 50) -> Path:
     """Draw the runs' loss and learning-rate curves into one PNG (written atomically)."""
-    import io
-
+    # matplotlib here, not at the top: only drawing needs it, and it takes ~0.5 s to import.
     import matplotlib
     matplotlib.use("Agg")  # headless: never needs a display
     import matplotlib.pyplot as plt

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Callable
 
 from .errors import GptcoreError, failure
+from .schema import flatten, read_yaml
 
 
 def offline_env() -> None:
@@ -51,8 +52,6 @@ def project_root() -> Path:
 def declared_deps(stage: str, params: dict, root: Path | None = None) -> list[str] | None:
     """The deps ``dvc.yaml`` declares for ``stage``, with ``${a.b}`` templates filled
     from ``params`` (flattened), as absolute paths; None where there is no dvc.yaml."""
-    from .schema import flatten, read_yaml
-
     root = root or project_root()
     if not (root / "dvc.yaml").exists():
         return None

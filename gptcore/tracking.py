@@ -19,15 +19,25 @@ The experiment is marked as classic model training, so MLflow 3 opens its runs v
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
-from .errors import first_line
+import yaml
+
+from .config import Params
+from .errors import CheckpointError, ConfigError, first_line
+from .io import atomic_write_json
+from .schema import YamlLoader, flatten
 from .stage import offline_env, project_root  # noqa: F401 - project_root: also stages/train.py's
+
+# mlflow is imported where it is used, not here: it takes ~2 s to import (2-core AMD EPYC),
+# and with tracking off, or a store that is down, a stage never pays for it.
 
 EXPERIMENT = "gptcore"
 RUN_FILE = "metrics/mlflow_run.json"
@@ -45,7 +55,6 @@ def _configure_env() -> None:
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
     # MLflow logs each database error with the SQL and a traceback before raising it; the
     # guarded call reports it in one line instead.
-    import logging
     logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
 
 
@@ -75,11 +84,6 @@ def readable_run_name(root: Path, params: dict[str, Any]) -> str | None:
     committed = _git(root, "show", "HEAD:params.yaml")
     changed = []
     if committed is not None:
-        import yaml
-
-        from .config import Params
-        from .schema import YamlLoader, flatten
-        from .errors import ConfigError
         try:  # parsed, so defaults and omitted keys (a source's empty path:) compare equal
             before = flatten(Params.from_dict(yaml.load(committed, Loader=YamlLoader) or {}).to_dict())
         except (yaml.YAMLError, ConfigError):
@@ -197,7 +201,6 @@ class Tracker:
         if not self.enabled:
             return
         from mlflow.entities import Metric
-        import time
 
         ts = int(time.time() * 1000)
         batch = [Metric(k, float(v), ts, step or 0) for k, v in metrics.items()
@@ -266,8 +269,6 @@ def download_run_model(run_id: str, dst: str | Path) -> Path:
     """The checkpoint directory logged with ``run_id``, copied into ``dst``, from the
     store ``MLFLOW_TRACKING_URI`` names (default: ./mlflow.db). Raises CheckpointError
     that tells a run that is not there from a store that can't be reached or read."""
-    from .errors import CheckpointError
-
     if not run_id.strip():
         raise CheckpointError("--run: empty run id; allowed: a run id as `mlflow ui` or "
                               "metrics/mlflow_run.json shows it (32 hex digits)")
@@ -313,8 +314,6 @@ def _store_problem(exc: Exception, run_id: str, uri: str) -> str:
 
 
 def write_run_file(run_id: str | None, path: str | Path = RUN_FILE) -> None:
-    from .io import atomic_write_json
-
     atomic_write_json(path, {"run_id": run_id})
 
 

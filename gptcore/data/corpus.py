@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Iterator
 
 import numpy as np
+from tqdm import tqdm
 
 from ..config import DataConfig
 from ..errors import DataError
@@ -89,8 +90,6 @@ def _decoded_blocks(doc: Document, hasher=None) -> Iterator[tuple[str, int]]:
 
 
 def _bar(total: int, desc: str, progress: bool):
-    from tqdm import tqdm
-
     return tqdm(total=total, desc=desc, unit="B", unit_scale=True, unit_divisor=1000,
                 file=sys.stderr, disable=not progress or None, dynamic_ncols=True)
 

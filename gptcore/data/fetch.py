@@ -22,6 +22,8 @@ import urllib.request
 from pathlib import Path
 from typing import BinaryIO, Mapping
 
+from tqdm import tqdm
+
 from ..errors import DataError
 from ..io import atomic_writer, sha256_file
 from .sources import SOURCES, Source
@@ -31,8 +33,6 @@ MIRROR_ENV = "GPTCORE_MIRROR"
 
 def _download(url: str, timeout_s: float, name: str, out: BinaryIO) -> str:
     """Stream ``url`` into ``out`` (from its start); returns the sha256 of what arrived."""
-    from tqdm import tqdm
-
     out.seek(0)
     out.truncate()
     h, size = hashlib.sha256(), 0

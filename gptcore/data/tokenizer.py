@@ -10,6 +10,10 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
+import tiktoken
+from tiktoken_ext.openai_public import r50k_pat_str
+
 from ..errors import TokenizerError
 from ..io import atomic_write_json, read_json_object, sha256_bytes
 from .sources import GPT2_BPE
@@ -31,8 +35,6 @@ class Tokenizer:
 
     def encode_array(self, text: str):
         """``encode(text)`` as a numpy integer array (bulk tokenization: no Python ints)."""
-        import numpy as np
-
         return np.asarray(self.encode(text), dtype=np.int64)
 
     def decode_bytes(self, ids: list[int]) -> bytes:
@@ -95,9 +97,6 @@ class GPT2Tokenizer(Tokenizer):
     kind = "gpt2"
 
     def __init__(self, directory: str | Path) -> None:
-        import tiktoken
-        from tiktoken_ext.openai_public import r50k_pat_str
-
         directory = Path(directory)
         self.directory = directory
         vocab = _read_verified(directory / "vocab.bpe", GPT2_FILES["vocab.bpe"])

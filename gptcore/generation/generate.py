@@ -51,6 +51,7 @@ only at a near-tie); ``num_samples=1`` runs the single-sequence arithmetic exact
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Iterator, Sequence
 
 import torch
@@ -301,8 +302,6 @@ def stream_batch(model: GPT, tokenizer, prompt: str | Sequence[int] = "", num_sa
     if num_samples > MAX_BATCH_ROWS:
         # Batches of at most MAX_BATCH_ROWS rows: memory (a KV cache and vocab-sized logits
         # per row) stays bounded whatever N is; sample i keeps seed + i.
-        import dataclasses
-
         for first in range(0, num_samples, MAX_BATCH_ROWS):
             part = cfg if cfg.seed is None else dataclasses.replace(cfg, seed=cfg.seed + first)
             for i, text in stream_batch(model, tokenizer, ids, min(MAX_BATCH_ROWS, num_samples - first), part,

@@ -10,8 +10,10 @@ import json
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 
 from ..config import GPTConfig
+from ..io import atomic_dir
 from .gpt import GPT
 
 # Parameters stored transposed by HF's Conv1D.
@@ -108,10 +110,6 @@ def export_hf(model: GPT, directory: str | Path, eot_id: int | None = None) -> P
     """Write ``config.json`` + ``model.safetensors`` that ``GPT2LMHeadModel.from_pretrained`` loads.
 
     ``eot_id``: the tokenizer's end-of-text id (``tokenizer.eot_id``); see :func:`hf_config_dict`."""
-    from safetensors.torch import save_file
-
-    from ..io import atomic_dir
-
     if not model.config.bias:
         raise ValueError("GPT-2 layout needs bias=True")
     with atomic_dir(directory) as tmp:

@@ -199,7 +199,7 @@ class Trainer:
         if not want:
             return False
         try:
-            import torch._dynamo
+            import torch._dynamo  # only when compile is asked for: dynamo is slow to import
 
             torch._dynamo.eval_frame.check_if_dynamo_supported()  # e.g. a Python newer than this torch
         except Exception as exc:  # noqa: BLE001 - any reason means: train eagerly, say why
