@@ -60,6 +60,7 @@ bench: setup
 	$(BIN)/python bench/bench_generate.py
 	$(BIN)/python bench/bench_train.py
 	$(BIN)/python bench/bench_tokenize.py
+	$(BIN)/python bench/bench_ddp.py
 
 clean-venv:
 	rm -rf $(VENV)
