@@ -124,17 +124,15 @@ def _load_checkpoint(directory: Path, device, attn_impl: str | None) -> tuple[GP
     weights = directory / "model.safetensors"
     try:
         data = weights.read_bytes()  # one read: the header checked below and the tensors are one save's
-        shapes = _header_shapes(data)
+        _check_shapes(config, _header_shapes(data), directory)  # before config.json's sizes allocate anything
+        state = load(data)
+    except CheckpointError:
+        raise  # a RuntimeError too: not to be reported as a corrupt file below
     except FileNotFoundError:
         raise CheckpointError(f"{weights}: missing") from None
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:  # safetensors: RuntimeError if unopenable
         if not weights.exists():
             raise CheckpointError(f"{weights}: missing") from None
-        raise CheckpointError(f"{weights}: not a valid safetensors file (truncated or corrupt?): {exc}") from None
-    _check_shapes(config, shapes, directory)  # before config.json's sizes allocate anything
-    try:
-        state = load(data)
-    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
         raise CheckpointError(f"{weights}: not a valid safetensors file (truncated or corrupt?): {exc}") from None
     model = GPT(config)
     expected = {k: v.shape for k, v in model.state_dict().items() if k != "lm_head.weight"}
@@ -167,7 +165,10 @@ def _header_shapes(data: bytes) -> dict[str, tuple]:
     if size > len(data) - 8:
         raise ValueError(f"header of {size} bytes in a {len(data)}-byte file")
     header = json.loads(data[8:8 + size])
-    return {k: tuple(v["shape"]) for k, v in header.items() if k != "__metadata__"}
+    try:
+        return {k: tuple(v["shape"]) for k, v in header.items() if k != "__metadata__"}
+    except (AttributeError, KeyError, TypeError):
+        raise ValueError("header entries without a tensor shape") from None
 
 
 def _check_shapes(config: GPTConfig, shapes: dict[str, tuple], directory: Path) -> None:

@@ -62,21 +62,28 @@ def git_project(root: Path, mirror_dir: Path, *overrides: dict) -> dict:
     return env
 
 
+def wait_for_first_checkpoint(proc, root: Path, timeout: float = 120) -> None:
+    """Return once the training ``proc`` runs in ``root`` has written its first periodic
+    resume checkpoint; fail if it exits first or ``timeout`` seconds pass."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not list(root.glob(".gptcore/runs/*/last")):
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, f"no resume checkpoint after {timeout} s"
+        time.sleep(0.01)
+
+
 def signal_after_first_checkpoint(args: list[str], root: Path, env: dict, sig: int,
                                   timeout: float = 120) -> tuple[int, str, str]:
     """Start training ``args`` in ``root``, send ``sig`` once its first periodic resume
     checkpoint exists, and return (exit code, stdout, stderr)."""
     import subprocess
-    import time
 
     proc = subprocess.Popen(args, cwd=root, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     try:
-        deadline = time.monotonic() + timeout
-        while not list(root.glob(".gptcore/runs/*/last")):
-            assert proc.poll() is None, proc.communicate()
-            assert time.monotonic() < deadline, f"no resume checkpoint after {timeout} s"
-            time.sleep(0.01)
+        wait_for_first_checkpoint(proc, root, timeout)
         proc.send_signal(sig)
         out, err = proc.communicate(timeout=timeout)
     finally:

@@ -243,12 +243,17 @@ def test_run_id_errors_tell_missing_unreachable_and_corrupt_apart(tmp_path):
                    "start the tracking server or unset MLFLOW_TRACKING_URI to read ./mlflow.db")
 
 
+def _altered_copy(checkpoint: Path, dest: Path, name: str, content: bytes) -> Path:
+    """A copy of ``checkpoint`` in ``dest`` whose file ``name`` holds ``content``."""
+    dest.mkdir()
+    for path in checkpoint.iterdir():
+        (dest / path.name).write_bytes(content if path.name == name else path.read_bytes())
+    return dest
+
+
 def test_tokenizer_json_saved_as_utf16_is_one_line(checkpoint, tmp_path):
-    bad = tmp_path / "utf16"
-    bad.mkdir()
-    for name in ("config.json", "model.safetensors"):
-        (bad / name).write_bytes((checkpoint / name).read_bytes())
-    (bad / "tokenizer.json").write_bytes((checkpoint / "tokenizer.json").read_text().encode("utf-16"))
+    bad = _altered_copy(checkpoint, tmp_path / "utf16", "tokenizer.json",
+                        (checkpoint / "tokenizer.json").read_text().encode("utf-16"))
     err = one_error_line(run("generate", "--checkpoint", str(bad), "--prompt", "hi"))
     assert err == (f"gptcore: error: {bad}: tokenizer: {bad / 'tokenizer.json'}: not UTF-8 text (byte 0: "
                    "invalid start byte); save it as UTF-8")
@@ -257,24 +262,16 @@ def test_tokenizer_json_saved_as_utf16_is_one_line(checkpoint, tmp_path):
 def test_huge_block_size_in_a_checkpoint_config_is_one_line(checkpoint, tmp_path):
     import json
 
-    bad = tmp_path / "huge"
-    bad.mkdir()
-    for name in ("tokenizer.json", "model.safetensors"):
-        (bad / name).write_bytes((checkpoint / name).read_bytes())
     config = json.loads((checkpoint / "config.json").read_text())
     config["model"]["block_size"] = 10**12
-    (bad / "config.json").write_text(json.dumps(config))
+    bad = _altered_copy(checkpoint, tmp_path / "huge", "config.json", json.dumps(config).encode())
     err = one_error_line(run("generate", "--checkpoint", str(bad)))
     assert err.startswith(f"gptcore: error: {bad / 'config.json'}: block_size=1000000000000 (the weights hold 32); "
                           "config.json and model.safetensors disagree")
 
 
 def test_corrupt_checkpoint_is_exit_2(checkpoint, tmp_path, capsys):
-    bad = tmp_path / "bad"
-    bad.mkdir()
-    for name in ("config.json", "tokenizer.json"):
-        (bad / name).write_bytes((checkpoint / name).read_bytes())
-    (bad / "model.safetensors").write_bytes(b"\x00garbage")
+    bad = _altered_copy(checkpoint, tmp_path / "bad", "model.safetensors", b"\x00garbage")
     assert main(["generate", "--checkpoint", str(bad)]) == 2
     assert "model.safetensors" in capsys.readouterr().err
     assert main([]) == 2  # no command: usage on stderr

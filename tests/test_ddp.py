@@ -21,7 +21,7 @@ import torch
 from safetensors.torch import load_file
 
 from gptcore.checkpoint import load_checkpoint, load_trainer_state
-from project_copy import copy_project, signal_after_first_checkpoint
+from project_copy import copy_project, signal_after_first_checkpoint, wait_for_first_checkpoint
 from test_faults import closed_port as free_port  # binds 127.0.0.1:0: a port free right now
 from test_faults import ok, project, snapshot, stage, write_params  # noqa: F401  (fixture reuse)
 
@@ -185,11 +185,7 @@ def test_elastic_restart_after_a_rank_is_killed_resumes_bit_exactly(project, ref
     proc = _launch([TORCHRUN_BIN, "--standalone", "--nproc-per-node", "2", "--max-restarts", "1",
                     "-m", "stages.train"], root, env)
     try:
-        deadline = time.monotonic() + 180
-        while not list(root.glob(".gptcore/runs/*/last")):
-            assert proc.poll() is None, proc.communicate()
-            assert time.monotonic() < deadline, "no resume checkpoint after 180 s"
-            time.sleep(0.01)
+        wait_for_first_checkpoint(proc, root, 180)
         workers = _workers(proc.pid)
         assert sorted(workers) == [0, 1], workers
         os.kill(workers[KILLED], signal.SIGKILL)

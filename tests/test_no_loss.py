@@ -11,13 +11,12 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from project_copy import git_project, write_params
+from project_copy import git_project, wait_for_first_checkpoint, write_params
 from test_faults import TINY, snapshot
 
 VENV_BIN = Path(sys.executable).parent
@@ -130,11 +129,7 @@ def test_a_crash_mid_training_keeps_outputs_and_the_rerun_resumes(project):
     proc = subprocess.Popen([DVC, "repro"], cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, start_new_session=True)
     try:
-        deadline = time.monotonic() + 180
-        while not list(root.glob(".gptcore/runs/*/last")):
-            assert proc.poll() is None, proc.communicate()
-            assert time.monotonic() < deadline, "no resume checkpoint"
-            time.sleep(0.01)
+        wait_for_first_checkpoint(proc, root, 180)
         os.killpg(proc.pid, signal.SIGKILL)
         proc.communicate(timeout=60)
     finally:

@@ -10,6 +10,8 @@ tensor is made, so every rank's model, batches and collectives live on its own G
 from __future__ import annotations
 
 import os
+import time
+import uuid
 from dataclasses import dataclass
 
 import torch
@@ -46,7 +48,7 @@ def setup(device_name: str) -> tuple[Dist, torch.device]:
     if device.type == "cuda":
         torch.cuda.set_device(device)  # before NCCL init: its communicator binds to this GPU
     if dist.enabled:
-        import torch.distributed as td
+        import torch.distributed as td  # here and below: only under torchrun (kept out of plain runs)
 
         if not td.is_initialized():
             backend = "nccl" if device.type == "cuda" else "gloo"
@@ -73,9 +75,6 @@ def _fresh_store(dist: Dist):
     nonce; rank 0 answers every nonce posted (stale ones harmlessly) until all of this
     group's ranks have acknowledged its namespace.
     """
-    import time
-    import uuid
-
     import torch.distributed as td
     from torch.distributed.constants import default_pg_timeout
 
