@@ -1,8 +1,10 @@
-"""The ``gptcore`` command: ``gptcore generate`` streams text from a checkpoint.
+"""The ``gptcore`` command: ``gptcore generate`` streams text from a checkpoint, ``gptcore
+serve`` answers OpenAI-style HTTP requests.
 
     gptcore generate --checkpoint models/best --prompt "ROMEO:" --temperature 0.8
     gptcore generate --interactive            # a prompt loop; /help lists its commands
     gptcore generate --run <mlflow run id>    # the model an MLflow run logged
+    gptcore serve --port 8000                 # http://127.0.0.1:8000/ (playground), /v1/completions
 
 One-shot mode prints the prompt, then the completion as it is generated (flushed piece
 by piece), then a newline. ``--num-samples N`` (N > 1) decodes the N completions as one
@@ -52,16 +54,21 @@ HELP = """commands:
 Ctrl-C stops a completion, or clears the line at the prompt."""
 
 
+def _model_source(p: argparse.ArgumentParser) -> None:
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--checkpoint", default="models/best", help="checkpoint directory (default: %(default)s)")
+    src.add_argument("--run", metavar="RUN_ID",
+                     help="the model logged with this MLflow run (store: MLFLOW_TRACKING_URI or ./mlflow.db)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default: %(default)s)")
+
+
 def _parser() -> argparse.ArgumentParser:
     d = SamplingConfig()
     parser = argparse.ArgumentParser(prog=PROG, description="A from-scratch GPT: generate text from a checkpoint.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     g = sub.add_parser("generate", help="stream text from a checkpoint",
                        description="Stream a completion to stdout as it is generated.")
-    src = g.add_mutually_exclusive_group()
-    src.add_argument("--checkpoint", default="models/best", help="checkpoint directory (default: %(default)s)")
-    src.add_argument("--run", metavar="RUN_ID",
-                     help="the model logged with this MLflow run (store: MLFLOW_TRACKING_URI or ./mlflow.db)")
+    _model_source(g)
     g.add_argument("--prompt", default="", help="text to continue (default: empty: start from end-of-text)")
     g.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens, metavar="N",
                    help="tokens to generate (default: %(default)s)")
@@ -76,8 +83,26 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=None, help="sample i uses seed + i (default: random)")
     g.add_argument("--num-samples", type=int, default=1, metavar="N",
                    help="completions to print, decoded as one batch (default: 1)")
-    g.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default: %(default)s)")
     g.add_argument("--interactive", action="store_true", help="read prompts in a loop (/help lists commands)")
+
+    s = sub.add_parser("serve", help="serve the model over HTTP (OpenAI completions API + playground page)",
+                       description="An OpenAI-compatible completions server: POST /v1/completions, "
+                                   "GET /v1/models, GET /health, and a playground page at /.")
+    _model_source(s)
+    s.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (default: %(default)s, this machine only; 0.0.0.0 exposes it)")
+    s.add_argument("--port", type=int, default=8000, help="(default: %(default)s)")
+    s.add_argument("--max-batch", type=int, default=16, metavar="N",
+                   help="completions decoded side by side, one forward pass per step (default: %(default)s)")
+    s.add_argument("--max-queue", type=int, default=64, metavar="N",
+                   help="completions that may wait for a free row; more get 503 (default: %(default)s)")
+    s.add_argument("--max-tokens", type=int, default=1024, metavar="N",
+                   help="largest max_tokens a request may ask for (default: %(default)s)")
+    s.add_argument("--max-n", type=int, default=8, metavar="N", help="largest n per request (default: %(default)s)")
+    s.add_argument("--max-body", type=int, default=1 << 20, metavar="BYTES",
+                   help="largest request body; larger gets 413 (default: %(default)s)")
+    s.add_argument("--model-name", default="gptcore", help="the model id clients send (default: %(default)s)")
+    s.add_argument("--threads", type=int, default=None, metavar="N", help="torch threads (default: torch's)")
     return parser
 
 
@@ -189,17 +214,11 @@ def _repl(model, tokenizer, cfg) -> int:
             _err(f"error: {exc}")
 
 
-def _run(args: argparse.Namespace) -> int:
-    import torch
-
+def _load(args: argparse.Namespace):
+    """-> (model, tokenizer) from --checkpoint or --run, on --device."""
     from .checkpoint import load_checkpoint
     from .training.device import check_device
 
-    cfg = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                         top_k=args.top_k, top_p=args.top_p, repetition_penalty=args.repetition_penalty,
-                         stop=tuple(args.stop), seed=args.seed)
-    if args.num_samples < 1:
-        raise _UsageError(f"--num-samples={args.num_samples} is invalid; allowed: an integer >= 1")
     device = check_device(args.device, "--device")
     if args.run is not None:
         from .tracking import download_run_model
@@ -208,6 +227,35 @@ def _run(args: argparse.Namespace) -> int:
             model, tokenizer, _ = load_checkpoint(download_run_model(args.run, tmp), device=device)
     else:
         model, tokenizer, _ = load_checkpoint(args.checkpoint, device=device)
+    return model, tokenizer
+
+
+def _serve(args: argparse.Namespace) -> int:
+    for name in ("port", "max_batch", "max_queue", "max_tokens", "max_n", "max_body", "threads"):
+        value, low = getattr(args, name), 0 if name in ("port", "max_queue") else 1
+        if value is not None and (value < low or (name == "port" and value > 65535)):
+            allowed = "0 <= port <= 65535" if name == "port" else f"an integer >= {low}"
+            raise _UsageError(f"--{name.replace('_', '-')}={value} is invalid; allowed: {allowed}")
+    import torch
+
+    from .serving.app import Limits, serve
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model, tokenizer = _load(args)
+    serve(model, tokenizer, host=args.host, port=args.port, model_id=args.model_name,
+          max_batch=args.max_batch, max_queue=args.max_queue,
+          limits=Limits(max_tokens=args.max_tokens, max_n=args.max_n, max_body=args.max_body))
+    return 0
+
+
+def _run(args: argparse.Namespace) -> int:
+    cfg = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                         top_k=args.top_k, top_p=args.top_p, repetition_penalty=args.repetition_penalty,
+                         stop=tuple(args.stop), seed=args.seed)
+    if args.num_samples < 1:
+        raise _UsageError(f"--num-samples={args.num_samples} is invalid; allowed: an integer >= 1")
+    model, tokenizer = _load(args)
     if args.interactive:
         return _repl(model, tokenizer, cfg)
     ids = _encode(model, tokenizer, args.prompt)
@@ -243,7 +291,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_ERROR
 
     try:
-        return _run(args)
+        return _serve(args) if args.command == "serve" else _run(args)
     except BrokenPipeError:
         # The reader went away (e.g. `| head`): stop quietly, and keep Python's own
         # final flush of stdout from failing again at exit.

@@ -1,17 +1,17 @@
-"""Decoders for generation: prefill a window, then one token per step, for one sequence
-or a batch of rows that decode side by side.
+"""Decoders: the model's forward pass for generation, one new token per row per step.
 
-Both return next-token logits (fp32, over ``vocab_limit`` ids: those the tokenizer can
-decode): ``prefill``/``step`` for one sequence, shape (vocab_limit,); ``prefill_rows``/
-``step_rows`` for a batch, shape (rows, vocab_limit). :class:`CachedDecoder` keeps a KV
-cache; :class:`UncachedDecoder` recomputes the whole window every step and is the
-reference the cache is tested against. They live beside the model because the fast
-step below restates the model's block equations (``gpt.py``); tests compare the two at
-every step.
+A decoder holds up to ``max_rows`` rows in numbered slots. ``prefill(slot, ids)`` runs a
+row's window from position 0 and returns the next-token logits; ``step(tokens)`` feeds
+one token to each of the rows in slots ``0 .. len(tokens) - 1``, each at its own position,
+and returns their logits (rows, vocab_limit), fp32. Rows may sit at different positions:
+that is what lets a server admit a new request while others are half way through.
+``move(src, dst)`` copies a row to another slot (the engine keeps its rows in the first
+slots, so a step works on one contiguous block).
 
-A batch's rows share positions (they all start from one prompt and advance one token per
-step), so one ``cache.length`` serves every row and a crop re-prefills all rows at once.
-``keep_rows`` drops finished rows, so they stop costing compute.
+:class:`CachedDecoder` keeps a KV cache per slot; :class:`UncachedDecoder` recomputes the
+whole window every step and is the reference the cache is tested against. They live
+beside the model because the fast step below restates the model's block equations
+(``gpt.py``); tests compare the two at every step.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ _DERIVED: "weakref.WeakKeyDictionary[GPT, dict]" = weakref.WeakKeyDictionary()
 
 def _derived(model: GPT, name: str, limit: int, make):
     """``make()``, computed once per model and LM-head version: decoding from the same
-    weights (the sample stage's prompts, an interactive session) reuses the copies; an
+    weights (the sample stage's prompts, a server's requests) reuses the copies; an
     optimizer step changes the weight's version and so rebuilds them."""
     w = model.lm_head.weight
     key = (name, limit, w.data_ptr(), w._version, w.device, w.dtype)
@@ -45,84 +45,76 @@ def _derived(model: GPT, name: str, limit: int, make):
 
 
 class UncachedDecoder:
-    """Reference runner: a full forward pass over the whole window every step."""
+    """Reference: a full forward pass over each row's whole window every step."""
 
-    def __init__(self, model: GPT, vocab_limit: int | None = None, batch_size: int = 1) -> None:
+    def __init__(self, model: GPT, max_rows: int = 1, vocab_limit: int | None = None) -> None:
         self.model = model
-        self.batch = batch_size
-        self.window = torch.empty(batch_size, 0, dtype=torch.long)  # (rows, T)
         self.device = next(model.parameters()).device
         self.limit = model.config.vocab_size if vocab_limit is None else vocab_limit
+        self.windows: list[list[int]] = [[] for _ in range(max_rows)]
+
+    @property
+    def lengths(self) -> list[int]:
+        return [len(w) for w in self.windows]
 
     @torch.inference_mode()
-    def prefill_rows(self, idx: torch.Tensor) -> torch.Tensor:
-        """Logits (rows, limit) after the windows ``idx`` (rows, T), or after one window
-        (1, T) that every row shares."""
-        self.window = idx.to(self.device).expand(self.batch, -1)
-        logits, _ = self.model(self.window)
-        return logits[:, -1, :self.limit].float()
+    def _last_logits(self, window: list[int]) -> torch.Tensor:
+        logits, _ = self.model(torch.tensor([window], dtype=torch.long, device=self.device))
+        return logits[0, -1, :self.limit].float()
 
-    def step_rows(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Logits (rows, limit) after appending ``tokens`` (rows,), one per row."""
-        return self.prefill_rows(torch.cat([self.window, tokens.to(self.device).view(-1, 1)], dim=1))
+    def prefill(self, slot: int, ids: list[int], top: int | None = None) -> torch.Tensor | None:
+        self.windows[slot] = list(ids)
+        return self._last_logits(self.windows[slot]) if ids else None
 
-    def keep_rows(self, rows: list[int]) -> None:
-        """Keep only the rows at these batch positions, in this order."""
-        self.window = self.window[rows]
-        self.batch = len(rows)
+    def step(self, tokens: list[int], top: int | None = None) -> torch.Tensor:
+        for window, token in zip(self.windows, tokens):
+            window.append(token)
+        return torch.stack([self._last_logits(w) for w in self.windows[:len(tokens)]])
 
-    def prefill(self, ids: list[int]) -> torch.Tensor:
-        return self.prefill_rows(torch.tensor([ids], dtype=torch.long))[0]
-
-    def step(self, token: int) -> torch.Tensor:
-        return self.step_rows(torch.tensor([token]))[0]
+    def move(self, src: int, dst: int) -> None:
+        self.windows[dst] = list(self.windows[src])
 
 
 class CachedDecoder:
-    """KV-cached runner: ``prefill`` fills the cache from position 0, ``step`` adds one.
+    """KV-cached decoder: ``prefill`` fills a slot's cache from position 0, ``step`` adds
+    one position to each of the first rows.
 
-    The cache is one preallocated buffer per layer, (rows, 2, n_head, block_size,
-    head_size) holding K and V side by side, so a decoding step writes both with one
-    copy; the :class:`KVCache` handed to the model for prefill views the same memory.
-    ``batch_size`` rows decode side by side; a batch's first prefill is usually one
-    shared prompt, run once and copied into every row.
+    The cache is one zero-initialised buffer per layer, (max_rows, 2, n_head, block_size,
+    head_size) holding K and V side by side, so a step writes both with one copy. Rows at
+    different positions attend through a mask over the longest row's span; the slots
+    beyond a row's own length hold zeros or an earlier row's (finite) values, which the
+    mask gives zero weight. When every row sits at the same position no mask is needed,
+    and one row runs exactly the arithmetic a single sequence always has.
 
     In eval mode a step bypasses ``nn.Module`` calls and runs the block equations on the
     model's own parameters, transposed once into (in, out) layout: single-token decoding
     on a CPU is bound by per-operation overhead and by streaming the LM head, not by
     arithmetic (which is also why a batch of rows costs little more per step than one
-    row: the weights are streamed once for all of them). The copies are made per
-    decoder, so it must not outlive a weight update.
+    row: the weights are streamed once for all of them). In training mode (dropout on)
+    each row steps through ``GPT.hidden_states``.
 
-    ``top``: when only the ``top`` largest logits matter (greedy: 1; top-k sampling: k),
-    a step screens the LM head in bf16 (half the bytes of the head to stream, which is
-    most of a step) and recomputes in fp32 exactly the ids that can still be among the
-    top: every logit's bf16 error is bounded (|x|_1 and the row's largest |w|), so an
-    id whose upper bound is below the k-th largest lower bound cannot be in the top-k.
-    The others come back as -inf; the top ``top`` are exact, ties included, so greedy
-    and top-k sampling pick what they would from the full fp32 logits. It computes what ``GPT.forward`` computes
-    (tests compare the two at every step); dropout is off in eval mode, and for one query
-    the "sdpa" and "math" attentions are the same softmax(q K^T / sqrt(d)) V. In training
-    mode (dropout on) steps go through ``GPT.hidden_states``.
+    ``top`` (per call): when only the ``top`` largest logits of each row matter (greedy:
+    1; top-k sampling: k), the LM head is screened in bf16 (half the bytes of the head to
+    stream, which is most of a step) and exactly the ids that can still be among some
+    row's top are recomputed in fp32: every logit's bf16 error is bounded (|x|_1 and the
+    row's largest |w|), so an id whose upper bound is below the k-th largest lower bound
+    cannot be in the top-k. The others come back as -inf; the top ``top`` are exact,
+    ties included, so greedy and top-k sampling pick what they would from the full fp32
+    logits.
     """
 
-    def __init__(self, model: GPT, top: int | None = None, vocab_limit: int | None = None,
-                 batch_size: int = 1) -> None:
+    def __init__(self, model: GPT, max_rows: int = 1, vocab_limit: int | None = None) -> None:
         self.model = model
         cfg = model.config
         self.limit = cfg.vocab_size if vocab_limit is None else vocab_limit
-        # Screening pays when a few candidates survive; with most of the vocabulary in play
-        # (a tiny char vocabulary, a huge top_k) the plain fp32 head is as fast.
-        self.top = top if top is not None and 0 < top <= self.limit // 8 else None
-        self.C, self.nh = cfg.n_embd, cfg.n_head
+        self.C, self.nh, self.block = cfg.n_embd, cfg.n_head, cfg.block_size
         self.hs = cfg.n_embd // cfg.n_head
         self.eps = cfg.layer_norm_eps
-        self.batch = batch_size
         w = model.lm_head.weight
         self.device = w.device
-        self.kv = [torch.empty(batch_size, 2, cfg.n_head, cfg.block_size, self.hs, device=w.device, dtype=w.dtype)
+        self.kv = [torch.zeros(max_rows, 2, cfg.n_head, cfg.block_size, self.hs, device=w.device, dtype=w.dtype)
                    for _ in range(cfg.n_layer)]
-        self.cache = self._view(self.kv)
+        self.lengths = [0] * max_rows
         self.fast = not model.training
         if self.fast:
             tr = model.transformer
@@ -139,100 +131,106 @@ class CachedDecoder:
                            for b in tr.h]
             self.wte, self.wpe = tr.wte.weight, tr.wpe.weight
             self.ln_f = (tr.ln_f.weight, tr.ln_f.bias)
-            self.head = w[:self.limit]
-            if self.top is None:
-                # The LM head dominates a step: x @ W^T through a transposed view takes a slow
-                # strided path (measured 3x slower on an AMD EPYC); a (C, V) copy does not.
-                self.head_t = _derived(model, "head_t", self.limit, lambda: t(self.head))
-            else:
-                self.head_bf16, self.row_bound = _derived(model, "screen", self.limit, lambda: (
-                    self.head.to(torch.bfloat16), self.head.abs().amax(dim=1) * _BF16_BOUND))
+        self.head = w[:self.limit]
 
-    @staticmethod
-    def _view(kv: list[torch.Tensor], length: int = 0) -> KVCache:
-        return KVCache(k=[b[:, 0] for b in kv], v=[b[:, 1] for b in kv], length=length)
-
-    def prefill(self, ids: list[int]) -> torch.Tensor:
-        """One sequence (batch_size 1): fill the cache with ``ids``; logits (limit,)."""
-        return self.prefill_rows(torch.tensor([ids], dtype=torch.long))[0]
-
-    def step(self, token: int) -> torch.Tensor:
-        """One sequence (batch_size 1): feed ``token``; logits (limit,)."""
-        return self.step_rows(token)[0]
+    def _slot_cache(self, slot: int, length: int = 0) -> KVCache:
+        return KVCache(k=[b[slot:slot + 1, 0] for b in self.kv], v=[b[slot:slot + 1, 1] for b in self.kv],
+                       length=length)
 
     @torch.inference_mode()
-    def prefill_rows(self, idx: torch.Tensor) -> torch.Tensor:
-        """Fill the cache from position 0 with the windows ``idx`` (rows, T), or with one
-        window (1, T) that every row shares (run once, its K and V copied into every row);
-        logits (rows, limit) after the last position."""
-        idx = idx.to(self.device)
-        shared = idx.size(0) == 1 and self.batch > 1
-        cache = self._view([b[:1] for b in self.kv]) if shared else self.cache
-        self.cache.length = 0
-        h = self.model.hidden_states(idx, cache)[:, -1]  # only the last position's logits
-        logits = self.model.lm_head(h)[:, :self.limit].float() if not self.fast else self._logits(h)
-        if shared:
-            T = idx.size(1)
-            for b in self.kv:
-                b[1:, :, :, :T] = b[:1, :, :, :T]
-            self.cache.length = T
-            logits = logits.repeat(self.batch, 1)  # a copy per row: callers may filter rows in place
-        return logits
+    def prefill(self, slot: int, ids: list[int], top: int | None = None) -> torch.Tensor | None:
+        """Fill ``slot`` with the window ``ids`` from position 0; the logits (limit,) after
+        its last position (None for an empty window: nothing to predict from yet)."""
+        self.lengths[slot] = 0
+        if not ids:
+            return None
+        idx = torch.tensor([ids], dtype=torch.long, device=self.device)
+        h = self.model.hidden_states(idx, self._slot_cache(slot))[:, -1]  # only the last position's logits
+        self.lengths[slot] = len(ids)
+        return self._logits(h, top)[0]
 
-    def _logits(self, x: torch.Tensor) -> torch.Tensor:
+    def move(self, src: int, dst: int) -> None:
+        """Copy the row in ``src`` (its cached positions) into ``dst``."""
+        n = self.lengths[src]
+        for b in self.kv:
+            b[dst, :, :, :n] = b[src, :, :, :n]
+        self.lengths[dst] = n
+
+    def _logits(self, x: torch.Tensor, top: int | None) -> torch.Tensor:
         """Next-token logits (rows, limit) from the final-LayerNorm output ``x`` (rows, C)."""
-        if self.top is None:
-            return torch.mm(x, self.head_t).float()
-        return self._screened_logits(x)
+        # Screening pays when a few candidates survive; with most of the vocabulary in play
+        # (a tiny char vocabulary, a huge top_k) the plain fp32 head is as fast.
+        if top is not None and 0 < top <= self.limit // 8:
+            return self._screened_logits(x, top)
+        if not self.fast:
+            return F.linear(x, self.head).float()
+        # The LM head dominates a step: x @ W^T through a transposed view takes a slow
+        # strided path (measured 3x slower on an AMD EPYC); a (C, V) copy does not.
+        head_t = _derived(self.model, "head_t", self.limit, lambda: self.head.t().contiguous())
+        return torch.mm(x, head_t).float()
 
     @torch.inference_mode()
-    def step_rows(self, tokens: torch.Tensor | int) -> torch.Tensor:
-        """Feed ``tokens`` (rows,), one per row, at the next position; logits (rows, limit).
-        A one-row decoder also takes a plain int (no tensor to build per step)."""
-        B = 1 if isinstance(tokens, int) else tokens.size(0)
+    def step(self, tokens: list[int], top: int | None = None) -> torch.Tensor:
+        """Feed ``tokens[i]`` to the row in slot ``i`` at its next position; logits (rows, limit)."""
+        B = len(tokens)
+        lengths = self.lengths[:B]
+        if max(lengths) >= self.block:
+            raise ValueError(f"KV cache full ({max(lengths)} positions); crop and prefill again")
         if not self.fast:
-            idx = (torch.tensor([[tokens]], dtype=torch.long, device=self.device) if isinstance(tokens, int)
-                   else tokens.to(self.device).view(B, 1))
-            return self.model.lm_head(self.model.hidden_states(idx, self.cache)[:, -1])[:, :self.limit].float()
-        pos = self.cache.length
-        if pos >= self.model.config.block_size:
-            raise ValueError(f"KV cache full ({pos} positions); crop and prefill again")
+            return torch.cat([self._module_step(b, token, top) for b, token in enumerate(tokens)])
         C, nh, hs, eps, shape = self.C, self.nh, self.hs, self.eps, (self.C,)
         layer_norm, addmm, gelu, sdpa = F.layer_norm, torch.addmm, F.gelu, F.scaled_dot_product_attention
-        x = (self.wte[tokens] + self.wpe[pos]).view(B, C)
+        uniform = min(lengths) == max(lengths)
+        if uniform:  # every row at one position: slices, no mask (one row: the single-sequence path)
+            pos = lengths[0]
+            span, mask = pos + 1, None
+            x = (self.wte[tokens[0] if B == 1 else torch.tensor(tokens, device=self.device)]
+                 + self.wpe[pos]).view(B, C)
+        else:
+            at = torch.tensor(lengths, device=self.device)
+            span = max(lengths) + 1
+            rows = torch.arange(B, device=self.device)
+            mask = (torch.arange(span, device=self.device) <= at[:, None]).view(B, 1, 1, span)
+            x = self.wte[torch.tensor(tokens, device=self.device)] + self.wpe[at]
         for (ln1w, ln1b, attn_w, attn_b, proj_w, proj_b, ln2w, ln2b, fc_w, fc_b, mlp_w, mlp_b), kv in zip(
                 self.layers, self.kv):
             qkv = addmm(attn_b, layer_norm(x, shape, ln1w, ln1b, eps), attn_w).view(B, 3, nh, 1, hs)
-            kv[:, :, :, pos] = qkv[:, 1:, :, 0]  # K and V of this position, one write
-            y = sdpa(qkv[:, 0], kv[:, 0, :, :pos + 1], kv[:, 1, :, :pos + 1])  # (B, nh, 1, hs)
+            if uniform:
+                kv[:B, :, :, pos] = qkv[:, 1:, :, 0]  # K and V of this position, one write
+            else:
+                kv[rows, :, :, at] = qkv[:, 1:, :, 0]  # each row's own position
+            y = sdpa(qkv[:, 0], kv[:B, 0, :, :span], kv[:B, 1, :, :span], attn_mask=mask)  # (B, nh, 1, hs)
             x = x + addmm(proj_b, y.reshape(B, C), proj_w)
             x = x + addmm(mlp_b, gelu(addmm(fc_b, layer_norm(x, shape, ln2w, ln2b, eps), fc_w),
                                       approximate="tanh"), mlp_w)
-        self.cache.length = pos + 1
-        return self._logits(layer_norm(x, shape, self.ln_f[0], self.ln_f[1], eps))
+        for b in range(B):
+            self.lengths[b] += 1
+        return self._logits(layer_norm(x, shape, self.ln_f[0], self.ln_f[1], eps), top)
 
-    def keep_rows(self, rows: list[int]) -> None:
-        """Keep only the rows at these batch positions, in this order (finished samples
-        leave the batch, so later steps cost nothing for them)."""
-        index = torch.tensor(rows, dtype=torch.long, device=self.device)
-        self.kv = [b.index_select(0, index) for b in self.kv]
-        self.cache = self._view(self.kv, self.cache.length)
-        self.batch = len(rows)
+    def _module_step(self, slot: int, token: int, top: int | None) -> torch.Tensor:
+        """One row through ``nn.Module`` calls (training mode: dropout as in training)."""
+        cache = self._slot_cache(slot, self.lengths[slot])
+        idx = torch.tensor([[token]], dtype=torch.long, device=self.device)
+        h = self.model.hidden_states(idx, cache)[:, -1]
+        self.lengths[slot] = cache.length
+        return self._logits(h, top)
 
-    def _screened_logits(self, x: torch.Tensor) -> torch.Tensor:
+    def _screened_logits(self, x: torch.Tensor, top: int) -> torch.Tensor:
         """Exact fp32 logits (rows, limit) for every id that can be among some row's top
-        ``self.top``; -inf elsewhere. Rows share one set of recomputed ids (their union):
-        an id outside a row's own candidates is still exact, and still below that row's
-        top ``self.top``, so it cannot change what the row picks."""
+        ``top``; -inf elsewhere. Rows share one set of recomputed ids (their union): an id
+        outside a row's own candidates is still exact, and still below that row's top
+        ``top``, so it cannot change what the row picks."""
+        head_bf16, row_bound = _derived(self.model, "screen", self.limit, lambda: (
+            self.head.to(torch.bfloat16), self.head.abs().amax(dim=1) * _BF16_BOUND))
         xb = x.to(torch.bfloat16)
-        approx = F.linear(xb, self.head_bf16).float()  # (rows, limit)
+        approx = F.linear(xb, head_bf16).float()  # (rows, limit)
         # |x.w - xb.wb| <= 2^-8 (|x|_1 + |xb|_1) max|w| per row; bounded generously above.
-        radius = (x.abs().sum(-1, keepdim=True) + xb.float().abs().sum(-1, keepdim=True)) * self.row_bound
+        radius = (x.abs().sum(-1, keepdim=True) + xb.float().abs().sum(-1, keepdim=True)) * row_bound
         lower = approx - radius
-        kth = lower.amax(-1, keepdim=True) if self.top == 1 else lower.topk(self.top, dim=-1).values[:, -1:]
+        kth = lower.amax(-1, keepdim=True) if top == 1 else lower.topk(top, dim=-1).values[:, -1:]
         ids = (approx + radius >= kth).any(0).nonzero().squeeze(1)
         logits = torch.full((x.size(0), self.limit), float("-inf"), dtype=torch.float32, device=x.device)
         rows = self.head.index_select(0, ids)
-        # One row: a matrix-vector product (the batch-1 path's exact arithmetic, unchanged).
+        # One row: a matrix-vector product (the single-sequence path's exact arithmetic).
         logits[:, ids] = (torch.mv(rows, x[0]).unsqueeze(0) if x.size(0) == 1 else torch.mm(x, rows.t())).float()
         return logits

@@ -1,0 +1,279 @@
+"""The HTTP API: OpenAI's completions protocol over one shared engine (``worker.py``).
+
+Routes: ``POST /v1/completions`` (streamed as server-sent events with ``"stream": true``),
+``GET /v1/models``, ``GET /health``, and the playground page at ``/``.
+
+Requests are checked before anything is queued; a bad one gets OpenAI's error shape,
+``{"error": {"message", "type", "param", "code"}}``, with a 4xx status, and nobody else
+notices. Beyond OpenAI's fields a request may set ``top_k``, ``repetition_penalty`` and
+``ignore_eos`` (vLLM's name: do not stop at end-of-text). A prompt longer than the
+model's context keeps its last ``block_size`` tokens, as ``gptcore generate`` does; the
+server logs a warning and ``usage.prompt_tokens`` still counts the whole prompt.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+from fastapi import FastAPI, Request
+from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+from starlette.exceptions import HTTPException
+
+from ..errors import ConfigError, TokenizerError
+from ..generation.sampling import SamplingConfig
+from .worker import QueueFull, Worker
+
+PLAYGROUND = Path(__file__).with_name("playground.html")
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one request may ask for."""
+
+    max_tokens: int = 1024       # per completion
+    max_n: int = 8               # completions per prompt
+    max_prompts: int = 8         # prompts per request
+    max_body: int = 1 << 20      # bytes of request body
+
+
+class BadRequest(Exception):
+    def __init__(self, message: str, param: str | None = None, status: int = 400,
+                 code: str | None = None, kind: str = "invalid_request_error") -> None:
+        super().__init__(message)
+        self.param, self.status, self.code, self.kind = param, status, code, kind
+
+
+def _error(status: int, message: str, param=None, code=None, kind="invalid_request_error") -> JSONResponse:
+    return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": code}},
+                        status_code=status)
+
+
+# ---------------------------------------------------------------------- request checks
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _number(body: dict, name: str, default: float, ok, allowed: str) -> float:
+    v = body.get(name)
+    if v is None:
+        return default
+    if not (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and ok(v)):
+        raise BadRequest(f"{name}={v!r} is invalid; allowed: {allowed}", name)
+    return float(v)
+
+
+def _integer(body: dict, name: str, default: int | None, low: int, high: int | None, allowed: str):
+    v = body.get(name)
+    if v is None:
+        return default
+    if not (_is_int(v) and v >= low and (high is None or v <= high)):
+        raise BadRequest(f"{name}={v!r} is invalid; allowed: {allowed}", name)
+    return v
+
+
+def _strings(body: dict, name: str, most: int) -> list[str] | None:
+    v = body.get(name)
+    if v is None or isinstance(v, str):
+        return v if v is None else [v]
+    if isinstance(v, list) and 0 < len(v) <= most and all(isinstance(s, str) for s in v):
+        return v
+    raise BadRequest(f"{name} must be a string or a list of 1..{most} strings", name)
+
+
+# Fields OpenAI defines that this server does not implement: refused rather than ignored,
+# so a client never silently gets something other than what it asked for.
+_UNSUPPORTED = {"echo": False, "logprobs": None, "best_of": None, "suffix": None, "logit_bias": None,
+                "presence_penalty": 0, "frequency_penalty": 0}
+
+
+def parse_request(body, limits: Limits) -> tuple[list[str], SamplingConfig, int, bool, bool]:
+    """-> (prompts, sampling settings, n, stream, include usage in the stream)."""
+    if not isinstance(body, dict):
+        raise BadRequest("the request body must be a JSON object")
+    for name, neutral in _UNSUPPORTED.items():
+        if body.get(name) not in (None, neutral, {}):
+            hint = "; use repetition_penalty" if name.endswith("_penalty") else ""
+            raise BadRequest(f"{name} is not supported by this server{hint}", name)
+    prompts = _strings(body, "prompt", limits.max_prompts) or [""]
+    stop = _strings(body, "stop", 16) or []
+    if any(not s for s in stop):
+        raise BadRequest("stop strings must not be empty", "stop")
+    n = _integer(body, "n", 1, 1, limits.max_n, f"1 <= n <= {limits.max_n}")
+    seed = _integer(body, "seed", None, 0, 2**63 - 1 - limits.max_n, "an integer >= 0, or null")
+    stream = body.get("stream", False)
+    ignore_eos = body.get("ignore_eos", False)
+    options = body.get("stream_options") or {}
+    for name, v in (("stream", stream), ("ignore_eos", ignore_eos)):
+        if not isinstance(v, bool):
+            raise BadRequest(f"{name}={v!r} is invalid; allowed: true or false", name)
+    if not isinstance(options, dict) or not isinstance(options.get("include_usage", False), bool):
+        raise BadRequest('stream_options must be {"include_usage": true|false}', "stream_options")
+    try:
+        cfg = SamplingConfig(
+            max_new_tokens=_integer(body, "max_tokens", 16, 0, limits.max_tokens,
+                                    f"0 <= max_tokens <= {limits.max_tokens}"),
+            temperature=_number(body, "temperature", 1.0, lambda v: v >= 0, "a number >= 0 (0 = greedy)"),
+            top_p=_number(body, "top_p", 1.0, lambda v: 0 < v <= 1, "a number with 0 < top_p <= 1"),
+            top_k=_integer(body, "top_k", 0, 0, None, "an integer >= 0 (0 = off)"),
+            repetition_penalty=_number(body, "repetition_penalty", 1.0, lambda v: v > 0, "a number > 0 (1 = off)"),
+            stop=tuple(stop), seed=seed, stop_at_eot=not ignore_eos)
+    except ConfigError as exc:  # whatever the checks above do not already cover
+        raise BadRequest(str(exc)) from None
+    return prompts, cfg, n, stream, options.get("include_usage", False)
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    declared = request.headers.get("content-length")
+    too_big = BadRequest(f"the request body is over {limit} bytes", status=413, code="request_too_large")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise too_big
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise too_big
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+# ---------------------------------------------------------------------- the app
+
+def create_app(worker: Worker, model_id: str, limits: Limits = Limits()) -> FastAPI:
+    """The ASGI app over a running :class:`Worker`."""
+    app = FastAPI(title="gptcore", docs_url=None, redoc_url=None, openapi_url=None)
+    tokenizer = worker.tokenizer
+    block = worker.model.config.block_size
+    created = int(time.time())
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request, exc: HTTPException):  # unknown routes and methods, OpenAI-shaped
+        return _error(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}",
+                      code=str(exc.detail).lower().replace(" ", "_"))
+
+    @app.exception_handler(BadRequest)
+    async def bad_request(request, exc: BadRequest):
+        return _error(exc.status, str(exc), exc.param, exc.code, exc.kind)
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", **worker.stats()}
+
+    @app.get("/v1/models")
+    async def models():
+        card = {"id": model_id, "object": "model", "created": created, "owned_by": "gptcore",
+                "context_length": block}
+        return {"object": "list", "data": [card]}
+
+    @app.get("/")
+    async def playground():
+        return FileResponse(PLAYGROUND, media_type="text/html")
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        raw = await _read_body(request, limits.max_body)
+        try:
+            body = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise BadRequest(f"the request body is not valid JSON ({exc})") from None
+        prompts, cfg, n, stream, include_usage = parse_request(body, limits)
+        requested = body.get("model")
+        if requested is not None and requested != model_id:
+            raise BadRequest(f"the model {requested!r} does not exist; this server has {model_id!r}",
+                             "model", 404, "model_not_found")
+        try:
+            encoded = [tokenizer.encode(p) for p in prompts]
+        except TokenizerError as exc:
+            raise BadRequest(str(exc), "prompt") from None
+        for ids in encoded:
+            if len(ids) > block:
+                print(f"gptcore serve: warning: a prompt of {len(ids)} tokens keeps its last {block} "
+                      "(block_size)", file=sys.stderr, flush=True)
+        try:
+            job = worker.submit(encoded, cfg, n)
+        except QueueFull as exc:
+            raise BadRequest(str(exc), status=503, code="overloaded", kind="server_error") from None
+        head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
+                "model": model_id}
+        prompt_tokens = sum(len(ids) for ids in encoded) * n
+        total = len(prompts) * n
+        if stream:
+            return StreamingResponse(_sse(worker, job, head, total, prompt_tokens, include_usage),
+                                     media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        texts, reasons, produced = [[] for _ in range(total)], [None] * total, 0
+        try:
+            while None in reasons:
+                index, text, reason, count = await job.events.get()
+                if reason == "error":
+                    return _error(500, text, kind="server_error")
+                texts[index].append(text)
+                if reason is not None:
+                    reasons[index], produced = reason, produced + count
+        finally:
+            if None in reasons:
+                worker.cancel(job)
+        choices = [{"text": "".join(t), "index": i, "logprobs": None, "finish_reason": r}
+                   for i, (t, r) in enumerate(zip(texts, reasons))]
+        return {**head, "choices": choices, "usage": _usage(prompt_tokens, produced)}
+
+    return app
+
+
+def _usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+async def _sse(worker: Worker, job, head: dict, total: int, prompt_tokens: int, include_usage: bool):
+    """OpenAI's chunk stream: one ``data:`` event per token (and one per finished choice),
+    then ``data: [DONE]``. If the client goes away, the generator is closed and its rows
+    are cancelled."""
+    left, produced = total, 0
+    try:
+        while left:
+            index, text, reason, count = await job.events.get()
+            if reason == "error":
+                yield f"data: {json.dumps({'error': {'message': text, 'type': 'server_error'}})}\n\n"
+                return
+            if reason is not None:
+                left, produced = left - 1, produced + count
+            choice = {"text": text, "index": index, "logprobs": None, "finish_reason": reason}
+            chunk = {**head, "choices": [choice]}
+            if include_usage:
+                chunk["usage"] = None
+            yield f"data: {json.dumps(chunk)}\n\n"
+        if include_usage:
+            yield f"data: {json.dumps({**head, 'choices': [], 'usage': _usage(prompt_tokens, produced)})}\n\n"
+        yield "data: [DONE]\n\n"
+    finally:
+        if left:
+            worker.cancel(job)
+
+
+def serve(model, tokenizer, *, host: str = "127.0.0.1", port: int = 8000, model_id: str = "gptcore",
+          max_batch: int = 16, max_queue: int = 64, limits: Limits = Limits()) -> None:
+    """Run the server until Ctrl-C or SIGTERM (uvicorn handles both, finishing open requests)."""
+    import uvicorn  # with the server only: the CLI's other commands do not need it
+
+    worker = Worker(model, tokenizer, max_rows=max_batch, max_queue=max_queue)
+    app = create_app(worker, model_id, limits)
+
+    class Server(uvicorn.Server):
+        async def startup(self, sockets=None):
+            await super().startup(sockets)
+            if self.started:  # a port in use is uvicorn's error, already printed
+                print(f"gptcore serve: {model_id!r} on http://{host}:{port} (playground at /, API at /v1; "
+                      f"{max_batch} rows per step, {max_queue} more may wait); Ctrl-C stops",
+                      file=sys.stderr, flush=True)
+
+    server = Server(uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False,
+                                   timeout_graceful_shutdown=5))
+    server.run()
+    if not server.started:
+        raise OSError(f"could not listen on {host}:{port} (in use, or not an address of this machine)")

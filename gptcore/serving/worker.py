@@ -1,0 +1,159 @@
+"""The engine's thread: every request's rows share one :class:`~gptcore.generation.engine.Engine`.
+
+HTTP handlers run on the server's event loop; decoding runs here, on one thread that
+owns the engine (it is not thread-safe) and steps it while any row is active. Handlers
+talk to it through a thread-safe inbox (submit, cancel) and get their text back through
+an ``asyncio.Queue`` per request, fed with ``loop.call_soon_threadsafe``. Between steps
+the thread admits new rows and retires cancelled ones, so a client that disconnects
+frees its rows at the next step, and a new request starts decoding without waiting for
+the others to finish (continuous batching).
+
+A failure inside a step (a bug, an out-of-memory) fails the requests that were decoding
+with a server error and gives the engine a fresh start; the thread keeps serving.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import queue
+import sys
+import threading
+from dataclasses import dataclass, field
+
+from ..generation.engine import Engine
+from ..generation.sampling import SamplingConfig
+from ..generation.text import TextPieces
+
+
+class QueueFull(Exception):
+    """More rows are waiting than the queue holds."""
+
+
+@dataclass(eq=False)
+class Job:
+    """One request: ``len(prompts) * n`` completions. Events arrive on ``events`` as
+    ``(choice index, text, None, None)`` per token (the text may be "" while held back),
+    ``(choice index, text, finish_reason, tokens produced)`` once a choice ends, or
+    ``(None, message, "error", None)`` if decoding failed."""
+
+    prompts: list[list[int]]
+    cfg: SamplingConfig
+    n: int
+    events: asyncio.Queue
+    loop: asyncio.AbstractEventLoop
+    rows: list = field(default_factory=list)
+    open_rows: int = 0
+
+    def send(self, item) -> None:
+        self.loop.call_soon_threadsafe(self.events.put_nowait, item)
+
+
+class Worker:
+    """Owns the engine and its thread. ``max_rows`` decode side by side; up to
+    ``max_queue`` more rows wait; past that :meth:`submit` raises :class:`QueueFull`."""
+
+    def __init__(self, model, tokenizer, *, max_rows: int, max_queue: int, crop_to: int | None = None) -> None:
+        self.model, self.tokenizer = model, tokenizer
+        self.max_rows, self.max_queue, self.crop_to = max_rows, max_queue, crop_to
+        self.inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self.lock = threading.Lock()
+        self.outstanding = 0  # rows submitted and not yet finished (guarded by lock)
+        self.engine = self._new_engine()
+        self.thread = threading.Thread(target=self._loop, name="gptcore-engine", daemon=True)
+        self.thread.start()
+
+    def _new_engine(self) -> Engine:
+        return Engine(self.model, max_rows=self.max_rows, eot_id=self.tokenizer.eot_id,
+                      vocab_size=self.tokenizer.vocab_size, crop_to=self.crop_to)
+
+    # ------------------------------------------------------------ event-loop side
+
+    def submit(self, prompts: list[list[int]], cfg: SamplingConfig, n: int) -> Job:
+        """Queue a request (call from the event loop)."""
+        rows = len(prompts) * n
+        with self.lock:
+            if self.outstanding + rows > self.max_rows + self.max_queue:
+                raise QueueFull(f"the server is at capacity ({self.outstanding} completions decoding or "
+                                f"queued; at most {self.max_rows} decode at once and {self.max_queue} wait)")
+            self.outstanding += rows
+        loop = asyncio.get_running_loop()
+        job = Job(prompts, cfg, n, asyncio.Queue(), loop)
+        self.inbox.put(("submit", job))
+        return job
+
+    def cancel(self, job: Job) -> None:
+        """Stop a request's rows (its client is gone); they leave at the next step."""
+        self.inbox.put(("cancel", job))
+
+    def stats(self) -> dict:
+        with self.lock:
+            outstanding = self.outstanding
+        return {"rows_in_flight": outstanding, "max_batch": self.max_rows, "max_queue": self.max_queue}
+
+    # ------------------------------------------------------------ engine thread
+
+    def _loop(self) -> None:
+        while True:
+            # Idle: block until something arrives. Busy: take what is there and step.
+            self._handle(self.inbox.get() if not self.engine.busy else None)
+            while True:
+                try:
+                    self._handle(self.inbox.get_nowait())
+                except queue.Empty:
+                    break
+            if self.engine.busy:
+                self._step()
+
+    def _handle(self, message) -> None:
+        if message is None:
+            return
+        kind, job = message
+        if kind == "submit":
+            for p, ids in enumerate(job.prompts):
+                for i in range(job.n):
+                    cfg = job.cfg if job.cfg.seed is None else dataclasses.replace(job.cfg, seed=job.cfg.seed + i)
+                    row = self.engine.submit(ids, cfg, tag=(job, p * job.n + i, TextPieces(self.tokenizer, cfg.stop)))
+                    job.rows.append(row)
+                    job.open_rows += 1
+                    if row.finished:  # max_tokens 0
+                        self._finish(row)
+        elif kind == "cancel":
+            for row in job.rows:
+                if not row.finished:
+                    row.cancel("cancelled")
+                    self._release(job)
+
+    def _release(self, job: Job) -> None:
+        job.open_rows -= 1
+        with self.lock:
+            self.outstanding -= 1
+
+    def _finish(self, row) -> None:
+        job, index, text = row.tag
+        job.send((index, text.finish(), row.finish_reason, row.produced))
+        self._release(job)
+
+    def _step(self) -> None:
+        try:
+            events = self.engine.step()
+        except Exception as exc:  # noqa: BLE001 -- one failure must not stop the server
+            print(f"gptcore serve: decoding failed ({type(exc).__name__}: {exc}); "
+                  "failing the requests in flight", file=sys.stderr, flush=True)
+            for row in self.engine.active + list(self.engine.waiting):
+                job = row.tag[0]
+                if not row.finished:
+                    row.cancel("error")
+                    job.send((None, "the server failed while decoding this request", "error", None))
+                    self._release(job)
+            self.engine = self._new_engine()
+            return
+        for row, token in events:
+            job, index, text = row.tag
+            if token is not None:
+                piece = text.push(token)
+                if text.stopped:
+                    row.cancel("stop")
+                job.send((index, piece, None, None))  # one event per token; its text may be held ("")
+            if row.finished:
+                self._finish(row)
