@@ -61,6 +61,7 @@ bench: setup
 	$(BIN)/python bench/bench_train.py
 	$(BIN)/python bench/bench_tokenize.py
 	$(BIN)/python bench/bench_ddp.py
+	$(BIN)/python bench/bench_serve.py
 
 clean-venv:
 	rm -rf $(VENV)

@@ -102,7 +102,9 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--max-body", type=int, default=1 << 20, metavar="BYTES",
                    help="largest request body; larger gets 413 (default: %(default)s)")
     s.add_argument("--model-name", default="gptcore", help="the model id clients send (default: %(default)s)")
-    s.add_argument("--threads", type=int, default=None, metavar="N", help="torch threads (default: torch's)")
+    s.add_argument("--threads", type=int, default=None, metavar="N",
+                   help="torch threads for decoding (default: one fewer than torch's default, at least 1: "
+                        "the HTTP side needs a core too)")
     return parser
 
 
@@ -240,8 +242,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     from .serving.app import Limits, serve
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    torch.set_num_threads(args.threads or max(1, torch.get_num_threads() - 1))
     model, tokenizer = _load(args)
     serve(model, tokenizer, host=args.host, port=args.port, model_id=args.model_name,
           max_batch=args.max_batch, max_queue=args.max_queue,

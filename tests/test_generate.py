@@ -11,11 +11,12 @@ import torch
 
 from gptcore.config import ConfigError, GPTConfig
 from gptcore.generation.sampling import SampleConfig
-from gptcore.generation.generate import (
-    SamplingConfig, apply_repetition_penalty, apply_top_k, apply_top_p,
-    decode_stream, generate, generate_batch, generate_ids, generate_ids_batch, process_logits, sample_token,
-    stream, stream_batch, stream_ids_batch,
+from gptcore.generation.engine import Engine
+from gptcore.generation.generate import SamplingConfig, generate, generate_batch, generate_ids, stream, stream_batch
+from gptcore.generation.logits import (
+    apply_repetition_penalty, apply_top_k, apply_top_p, process_logits, sample_token,
 )
+from gptcore.generation.text import TextPieces
 from gptcore.model import GPT, KVCache
 from gptcore.model.decode import CachedDecoder
 from conftest import char_tokenizer
@@ -36,6 +37,30 @@ def tiny_model(vocab_size: int, block_size: int = BLOCK, seed: int = 0, **kw) ->
         for p in model.parameters():
             p.normal_(0.0, 0.3)
     return model.eval()
+
+
+def batch_ids(model, prompt, n, cfg, **kw) -> list[list[int]]:
+    """The ids of ``n`` completions of ``prompt`` decoded side by side by one engine,
+    completion i with seed ``cfg.seed + i`` (what ``--num-samples`` runs)."""
+    engine = Engine(model, max_rows=n, **kw)
+    for i in range(n):
+        engine.submit(prompt, cfg if cfg.seed is None else dataclasses.replace(cfg, seed=cfg.seed + i), tag=i)
+    out = [[] for _ in range(n)]
+    for row, token in engine.run():
+        if token is not None:
+            out[row.tag].append(token)
+    return out
+
+
+def text_pieces(tokenizer, ids, stops) -> list[str]:
+    """What the text layer releases for ``ids``, piece by piece, up to a stop string."""
+    text, out = TextPieces(tokenizer, stops), []
+    for token in ids:
+        out.append(text.push(token))
+        if text.stopped:
+            return [p for p in out if p]
+    out.append(text.finish())
+    return [p for p in out if p]
 
 
 @pytest.fixture(scope="module")
@@ -79,21 +104,22 @@ def test_cached_logits_equal_full_forward_at_every_step(tok, arch, fast):
     runner = CachedDecoder(model)
     assert runner.fast is fast
     n_prompt = 5
-    got = [runner.prefill(seq[:n_prompt])]
+    got = [runner.prefill(0, seq[:n_prompt])]
     for t in seq[n_prompt:]:
-        got.append(runner.step(t))
+        got.append(runner.step([t])[0])
     with torch.no_grad():
         full, _ = model(torch.tensor([seq]))
     for i, logits in enumerate(got):  # logits after position n_prompt - 1 + i
         torch.testing.assert_close(logits, full[0, n_prompt - 1 + i], atol=1e-4, rtol=0)
     with pytest.raises(ValueError, match="full|block_size"):
-        runner.step(seq[0])  # the cache holds block_size positions: no room for another
+        runner.step([seq[0]])  # the cache holds block_size positions: no room for another
 
 
 def test_model_kv_cache_prefill_then_steps_equal_full_forward(model, tok):
     """GPT.forward with a KVCache (the model's own path), prefill + single-token steps."""
     seq = torch.randint(0, tok.vocab_size, (1, BLOCK), generator=torch.Generator().manual_seed(2))
-    cache = KVCache.empty(model.config, 1, "cpu", torch.float32)
+    shape = (1, model.config.n_head, BLOCK, model.config.n_embd // model.config.n_head)
+    cache = KVCache(k=[torch.zeros(shape) for _ in range(2)], v=[torch.zeros(shape) for _ in range(2)])
     with torch.no_grad():
         full, _ = model(seq)
         pre, _ = model(seq[:, :6], cache=cache)
@@ -313,12 +339,11 @@ def test_stop_strings_end_generation_before_the_stop_text(model, tok):
     assert "".join(pieces) == full[:cut]
 
 
-def test_decode_stream_holds_back_partial_stop_strings(tok):
+def test_text_layer_holds_back_partial_stop_strings(tok):
     ids = tok.encode("a cat hear me speak")
-    pieces = list(decode_stream(tok, iter(ids), ["me s", "xyz"]))
-    assert "".join(pieces) == "a cat hear "
-    assert list(decode_stream(tok, iter(tok.encode("Speak")), ["Speak"])) == []
-    assert "".join(decode_stream(tok, iter(tok.encode("speak, spe")), ["speed"])) == "speak, spe"
+    assert "".join(text_pieces(tok, ids, ["me s", "xyz"])) == "a cat hear "
+    assert text_pieces(tok, tok.encode("Speak"), ["Speak"]) == []
+    assert "".join(text_pieces(tok, tok.encode("speak, spe"), ["speed"])) == "speak, spe"
 
 
 def test_end_of_text_stops_generation(model, tok):
@@ -358,11 +383,11 @@ def test_streaming_never_splits_a_utf8_character(mirror_dir):
     text = "naïve café — 日本語のテキスト 🙂🎉 ok"
     ids = gpt2.encode(text)
     assert any("\ufffd" in gpt2.decode([i]) for i in ids)  # some tokens are partial characters
-    pieces = list(decode_stream(gpt2, iter(ids)))
+    pieces = text_pieces(gpt2, ids, ())
     assert "".join(pieces) == text
     assert all("\ufffd" not in p for p in pieces)
     # a dangling partial character at the very end becomes one replacement character
-    assert "".join(decode_stream(gpt2, iter(gpt2.encode("ok 🙂")[:-1]))).startswith("ok")
+    assert "".join(text_pieces(gpt2, gpt2.encode("ok 🙂")[:-1], ())).startswith("ok")
 
 
 def test_generation_with_the_gpt2_tokenizer(mirror_dir):
@@ -383,10 +408,9 @@ def test_screened_head_keeps_the_exact_top_k(top):
     included, and every finite logit is the exact one."""
     model = tiny_model(50257, seed=4)
     seq = torch.randint(0, 50257, (BLOCK,), generator=torch.Generator().manual_seed(6)).tolist()
-    screened, full = CachedDecoder(model, top=top), CachedDecoder(model)
-    assert screened.top == top and full.top is None
-    pairs = [(screened.prefill(seq[:3]), full.prefill(seq[:3]))]
-    pairs += [(screened.step(t), full.step(t)) for t in seq[3:]]
+    screened, full = CachedDecoder(model), CachedDecoder(model)
+    pairs = [(screened.prefill(0, seq[:3], top), full.prefill(0, seq[:3]))]
+    pairs += [(screened.step([t], top)[0], full.step([t])[0]) for t in seq[3:]]
     for got, ref in pairs:
         finite = torch.isfinite(got)
         assert int(finite.sum()) >= top
@@ -414,56 +438,56 @@ SAMPLED = SamplingConfig(temperature=1.0, top_k=10, top_p=0.9, repetition_penalt
 
 
 @pytest.mark.parametrize("fast", [True, False], ids=["fast-step", "module-step"])
-def test_batched_decoder_rows_equal_single_decoders(tok, fast):
-    """Rows with different windows and tokens: each row's logits are what a one-row
-    decoder computes for that row, after a prefill, steps, and dropping a row."""
+def test_decoder_rows_at_different_positions_equal_full_forwards(tok, fast):
+    """Rows prefilled with windows of different lengths step side by side, each at its
+    own position (a masked step), a row is moved to another slot, one is re-prefilled:
+    at every step each row's logits are the full forward pass over its own window."""
     model = tiny_model(tok.vocab_size)
     if not fast:
         model.train()  # dropout is 0: same numbers, but steps go through GPT.hidden_states
     gen = torch.Generator().manual_seed(7)
-    seqs = torch.randint(0, tok.vocab_size, (3, BLOCK), generator=gen)
-    batch = CachedDecoder(model, batch_size=3)
-    singles = [CachedDecoder(model) for _ in range(3)]
-    got = batch.prefill_rows(seqs[:, :5])
-    for r in range(3):
-        torch.testing.assert_close(got[r], singles[r].prefill(seqs[r, :5].tolist()), atol=1e-5, rtol=0)
-    for t in range(5, 9):
-        got = batch.step_rows(seqs[:, t])
+    seqs = torch.randint(0, tok.vocab_size, (3, BLOCK), generator=gen).tolist()
+    decoder = CachedDecoder(model, max_rows=3)
+    windows = [seqs[0][:2], seqs[1][:5], seqs[2][:9]]
+
+    def expect(window):
+        with torch.no_grad():
+            return model(torch.tensor([window]))[0][0, -1]
+
+    for slot, window in enumerate(windows):
+        torch.testing.assert_close(decoder.prefill(slot, window), expect(window), atol=1e-4, rtol=0)
+    for step in range(5):
+        tokens = [seqs[r][len(windows[r])] for r in range(3)]
+        got = decoder.step(tokens)
         for r in range(3):
-            torch.testing.assert_close(got[r], singles[r].step(int(seqs[r, t])), atol=1e-5, rtol=0)
-    batch.keep_rows([2, 0])  # row 1 finished; the others keep their caches
-    for t in range(9, BLOCK):
-        got = batch.step_rows(seqs[[2, 0], t])
-        assert got.shape == (2, tok.vocab_size)
-        for b, r in enumerate([2, 0]):
-            torch.testing.assert_close(got[b], singles[r].step(int(seqs[r, t])), atol=1e-5, rtol=0)
+            windows[r] = windows[r] + [tokens[r]]
+            torch.testing.assert_close(got[r], expect(windows[r]), atol=1e-4, rtol=0)
+    assert decoder.lengths[:3] == [7, 10, 14]
+    decoder.move(2, 0)  # row 0 finished: the last row takes its slot
+    windows = [windows[2], windows[1]]
+    windows[1] = windows[1][-3:]  # row 1 cropped: its window is re-prefilled from position 0
+    decoder.prefill(1, windows[1])
+    for step in range(2):
+        tokens = [seqs[0][step], seqs[1][step]]
+        got = decoder.step(tokens)
+        for r in range(2):
+            windows[r] = windows[r] + [tokens[r]]
+            torch.testing.assert_close(got[r], expect(windows[r]), atol=1e-4, rtol=0)
     with pytest.raises(ValueError, match="full|block_size"):
-        batch.step_rows(seqs[[2, 0], 0])
-
-
-def test_batched_decoder_shares_one_prompt_prefill(tok):
-    """A (1, T) prefill runs once and fills every row: the rows then diverge correctly."""
-    model = tiny_model(tok.vocab_size)
-    prompt = [3, 1, 4, 1, 5]
-    batch = CachedDecoder(model, batch_size=4)
-    first = batch.prefill_rows(torch.tensor([prompt]))
-    ref = CachedDecoder(model).prefill(prompt)
-    assert first.shape == (4, tok.vocab_size) and all(torch.equal(row, ref) for row in first)
-    tokens = torch.tensor([0, 7, 9, 2])
-    got = batch.step_rows(tokens)
-    for r in range(4):
-        single = CachedDecoder(model)
-        single.prefill(prompt)
-        torch.testing.assert_close(got[r], single.step(int(tokens[r])), atol=1e-5, rtol=0)
+        decoder.step([1, 1])  # row 0 holds block_size positions: no room for another
 
 
 @pytest.mark.parametrize("top", [1, 5])
 def test_batched_screened_head_keeps_each_rows_exact_top_k(top):
     model = tiny_model(50257, seed=4)
-    seqs = torch.randint(0, 50257, (3, BLOCK), generator=torch.Generator().manual_seed(6))
-    screened, full = CachedDecoder(model, top=top, batch_size=3), CachedDecoder(model, batch_size=3)
-    pairs = [(screened.prefill_rows(seqs[:, :3]), full.prefill_rows(seqs[:, :3]))]
-    pairs += [(screened.step_rows(seqs[:, t]), full.step_rows(seqs[:, t])) for t in range(3, 8)]
+    seqs = torch.randint(0, 50257, (3, BLOCK), generator=torch.Generator().manual_seed(6)).tolist()
+    screened, full = CachedDecoder(model, max_rows=3), CachedDecoder(model, max_rows=3)
+    pairs = []
+    for slot, n in enumerate((3, 4, 6)):  # rows at different positions
+        pairs.append((screened.prefill(slot, seqs[slot][:n], top)[None], full.prefill(slot, seqs[slot][:n])[None]))
+    for t in range(6, 10):
+        tokens = [seqs[r][t] for r in range(3)]
+        pairs.append((screened.step(tokens, top), full.step(tokens)))
     for got, ref in pairs:
         for g, r in zip(got, ref):
             finite = torch.isfinite(g)
@@ -474,12 +498,12 @@ def test_batched_screened_head_keeps_each_rows_exact_top_k(top):
 @pytest.mark.parametrize("crop_to", [None, 3])
 @pytest.mark.parametrize("use_cache", [True, False], ids=["cached", "uncached"])
 def test_greedy_batch_rows_equal_the_single_greedy_decode(model, tok, crop_to, use_cache):
-    """Past block_size (the whole batch crops and re-prefills together), with and without
+    """Past block_size (each row crops and re-prefills on its own), with and without
     the repetition penalty (per-row history)."""
     for penalty in (1.0, 2.0):
         cfg = dataclasses.replace(GREEDY, max_new_tokens=3 * BLOCK + 5, repetition_penalty=penalty)
         single = generate_ids(model, [1, 2], cfg, crop_to=crop_to)
-        rows = generate_ids_batch(model, [1, 2], 4, cfg, crop_to=crop_to, use_cache=use_cache)
+        rows = batch_ids(model, [1, 2], 4, cfg, crop_to=crop_to, use_cache=use_cache)
         assert rows == [single] * 4
         assert len(single) == cfg.max_new_tokens and len(set(single)) > 3
 
@@ -490,13 +514,13 @@ def test_sampled_batch_row_i_equals_an_independent_uncached_decode_with_seed_plu
     (penalty on its own tokens, top-k, top-p): it equals the single-sequence decode with
     that seed through full forward passes, past block_size."""
     cfg = dataclasses.replace(SAMPLED, max_new_tokens=3 * BLOCK)
-    rows = generate_ids_batch(model, tok.encode("First"), 5, cfg, crop_to=crop_to)
+    rows = batch_ids(model, tok.encode("First"), 5, cfg, crop_to=crop_to)
     reference = [generate_ids(model, tok.encode("First"), dataclasses.replace(cfg, seed=cfg.seed + i),
                               crop_to=crop_to, use_cache=False) for i in range(5)]
     assert rows == reference
     assert len({tuple(r) for r in rows}) == 5  # the rows are different samples
-    assert generate_ids_batch(model, tok.encode("First"), 5, cfg, crop_to=crop_to) == rows  # reproducible
-    other = generate_ids_batch(model, tok.encode("First"), 5, dataclasses.replace(cfg, seed=99), crop_to=crop_to)
+    assert batch_ids(model, tok.encode("First"), 5, cfg, crop_to=crop_to) == rows  # reproducible
+    other = batch_ids(model, tok.encode("First"), 5, dataclasses.replace(cfg, seed=99), crop_to=crop_to)
     assert other != rows
 
 
@@ -528,11 +552,15 @@ def test_batch_rows_stop_independently(model, tok):
     assert sorted(order) == [0, 1, 2, 3]
     assert [len(stopped[i]) for i in order] == sorted(len(t) for t in stopped)
 
-    ids = generate_ids_batch(model, [1, 2, 3], 4, cfg)
+    ids = batch_ids(model, [1, 2, 3], 4, cfg)
     eot = ids[0][12]  # pretend this token is end-of-text
-    sizes = [len(step) for step in stream_ids_batch(model, [1, 2, 3], 4, dataclasses.replace(cfg, stop_at_eot=True),
-                                                    eot_id=eot)]
-    ended = generate_ids_batch(model, [1, 2, 3], 4, dataclasses.replace(cfg, stop_at_eot=True), eot_id=eot)
+    engine = Engine(model, max_rows=4, eot_id=eot)
+    for i in range(4):
+        engine.submit([1, 2, 3], dataclasses.replace(cfg, stop_at_eot=True, seed=cfg.seed + i))
+    sizes = []
+    while engine.busy:
+        sizes.append(len(engine.step()))
+    ended = batch_ids(model, [1, 2, 3], 4, dataclasses.replace(cfg, stop_at_eot=True), eot_id=eot)
     assert ended == [r[:r.index(eot)] if eot in r else r for r in ids]
     assert sizes[0] == 4 and sizes == sorted(sizes, reverse=True) and sizes[-1] < 4
 
@@ -541,7 +569,9 @@ def test_batch_arguments(model, tok):
     with pytest.raises(ValueError, match="num_samples=0 is invalid; allowed: an integer >= 1"):
         generate_batch(model, tok, "First", 0, GREEDY)
     with pytest.raises(ValueError, match="num_samples"):
-        generate_ids_batch(model, [1], 2.5, GREEDY)
+        generate_batch(model, tok, "First", 2.5, GREEDY)
+    with pytest.raises(ValueError, match="max_rows=0 is invalid"):
+        Engine(model, max_rows=0)
     assert generate_batch(model, tok, "First", 3, dataclasses.replace(GREEDY, max_new_tokens=0)) == ["", "", ""]
 
 

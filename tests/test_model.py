@@ -106,6 +106,12 @@ def test_causal_later_tokens_never_change_earlier_logits(impl):
             assert (out[:, t + 1:] - base[:, t + 1:]).abs().max() > 1e-3
 
 
+def empty_cache(config, batch_size: int) -> KVCache:
+    shape = (batch_size, config.n_head, config.block_size, config.n_embd // config.n_head)
+    return KVCache(k=[torch.zeros(shape) for _ in range(config.n_layer)],
+                   v=[torch.zeros(shape) for _ in range(config.n_layer)])
+
+
 @pytest.mark.parametrize("impl", ["math", "sdpa"])
 def test_kv_cache_prefill_and_steps_match_the_full_forward(impl):
     math_model, sdpa_model = twins(SMALL, seed=3)
@@ -113,7 +119,7 @@ def test_kv_cache_prefill_and_steps_match_the_full_forward(impl):
     idx = torch.randint(0, SMALL.vocab_size, (2, 20), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         full, _ = model(idx)
-        cache = KVCache.empty(SMALL, batch_size=2, device="cpu", dtype=torch.float32)
+        cache = empty_cache(SMALL, 2)
         parts = [model(idx[:, :12], cache=cache)[0]]               # prefill
         parts.append(model(idx[:, 12:15], cache=cache)[0])         # a multi-token chunk
         parts += [model(idx[:, t:t + 1], cache=cache)[0] for t in range(15, 20)]  # one by one
@@ -127,7 +133,7 @@ def test_kv_cache_decoding_agrees_between_impls():
     outs = []
     with torch.no_grad():
         for m in (math_model, sdpa_model):
-            cache = KVCache.empty(SMALL, batch_size=1, device="cpu", dtype=torch.float32)
+            cache = empty_cache(SMALL, 1)
             steps = [m(idx[:, :10], cache=cache)[0]]
             steps += [m(idx[:, t:t + 1], cache=cache)[0] for t in range(10, 16)]
             outs.append(torch.cat(steps, dim=1))

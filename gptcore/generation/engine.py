@@ -23,13 +23,12 @@ An empty prompt starts from the end-of-text token, as GPT-2 does for uncondition
 samples (that token is context only, never output). A prompt longer than ``block_size``
 tokens keeps its last ``block_size`` tokens (the CLI and the server warn).
 
-Sampling is per row: the repetition penalty counts the row's own prompt and tokens,
-top-k/top-p filter its logits, and it draws from its own ``torch.Generator`` (seeded
-with its ``cfg.seed``; fresh when None), consuming it exactly as a lone row would. So a
-row's completion does not depend on which other rows share its steps, up to float
-rounding: a batched matrix product may round differently from a single row's, which can
-flip a draw or an argmax only at a near-tie. A lone row runs the single-sequence
-arithmetic exactly.
+Sampling is per row (``logits.py``): the repetition penalty counts the row's own prompt
+and tokens, top-k/top-p filter its logits, and it draws from its own ``torch.Generator``
+(seeded with its ``cfg.seed``; fresh when None), one number per token. So a row's
+completion does not depend on which other rows share its steps, up to float rounding:
+a batched matrix product may round differently from a single row's, which can flip a
+draw or an argmax only at a near-tie.
 """
 
 from __future__ import annotations
@@ -39,11 +38,10 @@ from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import torch
-import torch.nn.functional as F
 
 from ..model.decode import CachedDecoder, UncachedDecoder
 from ..model.gpt import GPT
-from .logits import process_logits
+from .logits import draw
 from .sampling import SamplingConfig
 
 __all__ = ["Engine", "Row"]
@@ -240,26 +238,20 @@ class Engine:
         return None if None in tops else max(tops)
 
     def _pick(self, rows: list[Row]) -> list[int]:
-        """One token per row from its logits. Rows with the same filter settings are
-        filtered as one batch; each draws from its own generator."""
-        out: list[int | None] = [None] * len(rows)
+        """One token per row from its logits. Rows with the same settings are filtered
+        and drawn as one batch (each from its own generator)."""
+        out: list[int] = [0] * len(rows)
         groups: dict[tuple, list[int]] = {}
         for i, row in enumerate(rows):
             c = row.cfg
-            if c.greedy and c.repetition_penalty == 1.0:
-                out[i] = int(row.logits.argmax())  # first maximum: lowest id on ties
-            elif c.repetition_penalty != 1.0:
-                scores = process_logits(row.logits, c, row.seen)
-                out[i] = int(scores.argmax() if c.greedy else
-                             torch.multinomial(F.softmax(scores, dim=-1).view(1, -1), 1, generator=row.generator))
-            else:
-                groups.setdefault((c.temperature, c.top_k, c.top_p), []).append(i)
+            groups.setdefault((c.temperature, c.top_k, c.top_p, c.repetition_penalty), []).append(i)
         for members in groups.values():
             cfg = rows[members[0]].cfg
-            logits = torch.stack([rows[i].logits for i in members]) if len(members) > 1 else rows[members[0]].logits[None]
-            probs = F.softmax(process_logits(logits, cfg), dim=-1)
-            for j, i in enumerate(members):
-                out[i] = int(torch.multinomial(probs[j:j + 1], 1, generator=rows[i].generator))
+            logits = torch.stack([rows[i].logits for i in members])
+            seen = [rows[i].seen for i in members] if cfg.repetition_penalty != 1.0 else None
+            picked = draw(logits, cfg, [rows[i].generator for i in members], seen)
+            for i, token in zip(members, picked):
+                out[i] = token
         return out
 
     def run(self) -> list[tuple[Row, int | None]]:

@@ -5,7 +5,7 @@ text that may begin one is held until it is decided)."""
 from __future__ import annotations
 
 import codecs
-from typing import Iterator, Sequence
+from typing import Sequence
 
 
 def _stop_index(text: str, stops: tuple[str, ...]) -> int | None:
@@ -27,8 +27,7 @@ def _partial_stop(text: str, stops: tuple[str, ...]) -> int:
 class TextPieces:
     """Token ids pushed in one at a time -> text ready to show, honouring stop strings.
 
-    One per sequence: :func:`decode_stream` pulls ids through it, a batch pushes each
-    row's ids into its own. ``stopped`` turns True once a stop string has appeared.
+    One per completion: the engine's caller pushes each row's ids into the row's own. ``stopped`` turns True once a stop string has appeared.
     """
 
     def __init__(self, tokenizer, stop: Sequence[str] = ()) -> None:
@@ -62,29 +61,3 @@ class TextPieces:
             cut = _stop_index(pending, self.stops)
             pending = pending if cut is None else pending[:cut]
         return pending
-
-
-def decode_stream(tokenizer, token_ids: Iterator[int], stop: Sequence[str] = ()) -> Iterator[str]:
-    """Turn a stream of token ids into text pieces, honouring stop strings.
-
-    Bytes go through an incremental UTF-8 decoder, so a character split across BPE
-    tokens comes out whole once its last byte arrives (invalid bytes become U+FFFD).
-    Text that could be the start of a stop string is held back until it is not; when a
-    stop string appears, the text before it is yielded and the stream ends (and
-    ``token_ids`` is closed, if it is a generator).
-    """
-    text = TextPieces(tokenizer, stop)
-    try:
-        for token in token_ids:
-            piece = text.push(token)
-            if piece:
-                yield piece
-            if text.stopped:
-                return
-    finally:
-        close = getattr(token_ids, "close", None)
-        if close is not None:
-            close()
-    tail = text.finish()
-    if tail:
-        yield tail

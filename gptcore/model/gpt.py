@@ -29,15 +29,6 @@ class KVCache:
     v: list[torch.Tensor]
     length: int = 0
 
-    @classmethod
-    def empty(cls, config: GPTConfig, batch_size: int, device, dtype) -> "KVCache":
-        hs = config.n_embd // config.n_head
-        shape = (batch_size, config.n_head, config.block_size, hs)
-        return cls(
-            k=[torch.empty(shape, device=device, dtype=dtype) for _ in range(config.n_layer)],
-            v=[torch.empty(shape, device=device, dtype=dtype) for _ in range(config.n_layer)],
-        )
-
 
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: GPTConfig) -> None:

@@ -231,29 +231,43 @@ def _usage(prompt_tokens: int, completion_tokens: int) -> dict:
 
 
 async def _sse(worker: Worker, job, head: dict, total: int, prompt_tokens: int, include_usage: bool):
-    """OpenAI's chunk stream: one ``data:`` event per token (and one per finished choice),
-    then ``data: [DONE]``. If the client goes away, the generator is closed and its rows
-    are cancelled."""
+    """OpenAI's chunk stream, ending with ``data: [DONE]``. Tokens that arrive while the
+    previous write is under way go out together: one chunk per choice per write, so a
+    busy server spends its time decoding, not framing one event per token. If the client
+    goes away, the generator is closed and its rows are cancelled."""
     left, produced = total, 0
     try:
         while left:
-            index, text, reason, count = await job.events.get()
-            if reason == "error":
-                yield f"data: {json.dumps({'error': {'message': text, 'type': 'server_error'}})}\n\n"
-                return
-            if reason is not None:
-                left, produced = left - 1, produced + count
-            choice = {"text": text, "index": index, "logprobs": None, "finish_reason": reason}
-            chunk = {**head, "choices": [choice]}
-            if include_usage:
-                chunk["usage"] = None
-            yield f"data: {json.dumps(chunk)}\n\n"
+            events = [await job.events.get()]
+            while not job.events.empty():
+                events.append(job.events.get_nowait())
+            texts: dict[int, list[str]] = {}
+            out = []
+            for index, text, reason, count in events:
+                if reason == "error":
+                    yield f"data: {json.dumps({'error': {'message': text, 'type': 'server_error'}})}\n\n"
+                    return
+                texts.setdefault(index, []).append(text)
+                if reason is not None:
+                    left, produced = left - 1, produced + count
+                    out.append(_chunk(head, index, "".join(texts.pop(index)), reason, include_usage))
+            out += [_chunk(head, index, "".join(parts), None, include_usage)
+                    for index, parts in texts.items() if any(parts)]
+            if out:
+                yield "".join(out)
         if include_usage:
             yield f"data: {json.dumps({**head, 'choices': [], 'usage': _usage(prompt_tokens, produced)})}\n\n"
         yield "data: [DONE]\n\n"
     finally:
         if left:
             worker.cancel(job)
+
+
+def _chunk(head: dict, index: int, text: str, reason: str | None, include_usage: bool) -> str:
+    chunk = {**head, "choices": [{"text": text, "index": index, "logprobs": None, "finish_reason": reason}]}
+    if include_usage:
+        chunk["usage"] = None
+    return f"data: {json.dumps(chunk)}\n\n"
 
 
 def serve(model, tokenizer, *, host: str = "127.0.0.1", port: int = 8000, model_id: str = "gptcore",
