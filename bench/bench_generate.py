@@ -20,7 +20,7 @@ only compares ids up to the first EOS either side produced). A run is timed end 
 ``--repeats`` runs, after ``--warmup`` untimed runs.
 
 Time to first token: a 200-token random prompt and one new token, end to end
-(HF: ``generate(max_new_tokens=1)``; gptcore: the first id from ``stream_ids``).
+(HF: ``generate(max_new_tokens=1)``; gptcore: ``generate_ids`` with ``max_new_tokens=1``).
 
 For context the table also shows gptcore's cached loop with ordinary ``nn.Module`` calls
 per step (the model in train mode with dropout 0, which disables the fused eval-mode
@@ -28,8 +28,8 @@ step) and without a KV cache (a full forward over the window every step).
 
 ``--num-samples N``: also time N sampled completions of that 1-token prompt
 (temperature 0.8, top-k 200, seed 0, 256 new tokens each, no end-of-text stop), decoded as
-one batch (``generate_ids_batch``, what ``gptcore generate --num-samples N`` runs) and
-one after another (``generate_ids`` with seeds 0..N-1, what it ran before); tokens/s
+one batch (N rows of one engine, what ``gptcore generate --num-samples N`` runs) and
+one after another (``generate_ids`` with seeds 0..N-1); tokens/s
 counts all N x 256 tokens.
 
 The machine's cores may be shared: compare numbers from the same run only.
@@ -54,12 +54,24 @@ import torch  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from gptcore.config import GPTConfig  # noqa: E402
-from gptcore.generation.generate import SamplingConfig, generate_ids, generate_ids_batch, stream_ids  # noqa: E402
+from gptcore.generation.engine import Engine  # noqa: E402
+from gptcore.generation.generate import SamplingConfig, generate_ids  # noqa: E402
 from gptcore.model.hf import from_hf_state_dict, hf_config_dict  # noqa: E402
 
 NEW_TOKENS = 256
 TTFT_PROMPT = 200
 EOT = 50256
+
+
+def batched_ids(model, n: int, cfg) -> list[list[int]]:
+    """N completions of <|endoftext|> decoded side by side, completion i with seed i."""
+    engine = Engine(model, max_rows=n)
+    for i in range(n):
+        engine.submit([EOT], dataclasses.replace(cfg, seed=i), tag=i)
+    out = [[] for _ in range(n)]
+    for row, token in engine.run():
+        out[row.tag].append(token)
+    return out
 
 
 def timed(fns: dict, repeats: int, warmup: int) -> tuple[dict, dict]:
@@ -135,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     long_prompt = torch.randint(0, EOT, (1, TTFT_PROMPT), generator=gen).to(device)
     one = SamplingConfig(max_new_tokens=1, temperature=0.0, stop_at_eot=False)
     t, ids = timed({"hf": lambda: hf_run(long_prompt, 1),
-                    "ours": lambda: [next(stream_ids(ours, long_prompt[0], one))]}, args.repeats, args.warmup)
+                    "ours": lambda: generate_ids(ours, long_prompt[0], one)}, args.repeats, args.warmup)
     ttft_hf, ttft_ours, hf_first, our_first = t["hf"], t["ours"], ids["hf"], ids["ours"]
 
     # identical weights, identical greedy ids (HF masks EOS; compare up to the first EOS)
@@ -150,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.num_samples:
         n = args.num_samples
         sampled = SamplingConfig(max_new_tokens=NEW_TOKENS, temperature=0.8, top_k=200, seed=0, stop_at_eot=False)
-        t, ids = timed({"batched": lambda: generate_ids_batch(ours, [EOT], n, sampled),
+        t, ids = timed({"batched": lambda: batched_ids(ours, n, sampled),
                         "sequential": lambda: [generate_ids(ours, [EOT], dataclasses.replace(sampled, seed=i))
                                                for i in range(n)]},
                        max(1, args.repeats // 2), 1)
