@@ -59,6 +59,8 @@ def _model_source(p: argparse.ArgumentParser) -> None:
     src.add_argument("--checkpoint", default="models/best", help="checkpoint directory (default: %(default)s)")
     src.add_argument("--run", metavar="RUN_ID",
                      help="the model logged with this MLflow run (store: MLFLOW_TRACKING_URI or ./mlflow.db)")
+    src.add_argument("--model", metavar="URI",
+                     help="a registered model, e.g. models:/gptcore@champion or models:/gptcore/3")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default: %(default)s)")
 
 
@@ -105,6 +107,13 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--threads", type=int, default=None, metavar="N",
                    help="torch threads for decoding (default: one fewer than torch's default, at least 1: "
                         "the HTTP side needs a core too)")
+
+    p = sub.add_parser("promote", help="point the registry's 'champion' alias at a model version",
+                       description="Set the alias champion of the registered model gptcore by hand "
+                                   "(the evaluate stage moves it when a version wins on the same data).")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("version", nargs="?", help="the version number")
+    which.add_argument("--run", metavar="RUN_ID", help="the version this run registered")
     return parser
 
 
@@ -222,11 +231,12 @@ def _load(args: argparse.Namespace):
     from .training.device import check_device
 
     device = check_device(args.device, "--device")
-    if args.run is not None:
-        from .tracking import download_run_model
+    if args.run is not None or args.model is not None:
+        from .tracking import download_model, download_run_model
         with tempfile.TemporaryDirectory(prefix="gptcore-run-") as tmp:
             # Copied out of the store, then read by the same safe loader as any checkpoint.
-            model, tokenizer, _ = load_checkpoint(download_run_model(args.run, tmp), device=device)
+            path = download_run_model(args.run, tmp) if args.run is not None else download_model(args.model, tmp)
+            model, tokenizer, _ = load_checkpoint(path, device=device)
     else:
         model, tokenizer, _ = load_checkpoint(args.checkpoint, device=device)
     return model, tokenizer
@@ -292,6 +302,11 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_ERROR
 
     try:
+        if args.command == "promote":
+            from .tracking import promote_model
+            version = promote_model(args.version, args.run)
+            print(f"champion -> gptcore version {version}")
+            return 0
         return _serve(args) if args.command == "serve" else _run(args)
     except BrokenPipeError:
         # The reader went away (e.g. `| head`): stop quietly, and keep Python's own

@@ -24,12 +24,14 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from . import registry
 from .config import Params
 from .errors import CheckpointError, ConfigError, first_line
 from .io import atomic_write_json
@@ -242,23 +244,39 @@ class Tracker:
         self._call("log datasets", _log)
 
     def log_model(self, directory: str | Path, step: int, name: str = "gptcore-best") -> str | None:
-        """The checkpoint directory as an MLflow logged model, linked to this run at
-        ``step``; returns its model id (also the run's ``gptcore.model_id`` tag)."""
+        """The checkpoint directory as an MLflow pyfunc model (``registry.save_pyfunc``),
+        linked to this run at ``step`` and registered as a new version of ``gptcore``;
+        returns the logged model's id (also the run's ``gptcore.model_id`` tag)."""
         if not self.enabled:
             return None
 
         def _log():
             from mlflow.entities import LoggedModelOutput, RunTag
             exp_id = self._client.get_run(self.run_id).info.experiment_id
-            model = self._client.create_logged_model(exp_id, name=name, source_run_id=self.run_id,
-                                                     model_type="gptcore checkpoint")
-            self._client.log_model_artifacts(model.model_id, str(directory))
+            with tempfile.TemporaryDirectory(prefix="gptcore-pyfunc-") as tmp:
+                saved = registry.save_pyfunc(Path(directory).resolve(), Path(tmp) / "model")
+                model = self._client.create_logged_model(exp_id, name=name, source_run_id=self.run_id,
+                                                         model_type="gptcore pyfunc")
+                self._client.log_model_artifacts(model.model_id, str(saved))
             self._client.finalize_logged_model(model.model_id, "READY")
             self._client.log_outputs(self.run_id, [LoggedModelOutput(model.model_id, step)])
             self._client.log_batch(self.run_id, tags=[RunTag(MODEL_ID_TAG, model.model_id)])
             return model.model_id
 
-        return self._call("log model", _log)
+        model_id = self._call("log model", _log)
+        if model_id is not None:
+            self._call("register model", registry.register, self._client, self.run_id, model_id)
+        return model_id
+
+    def score_model(self, metrics: dict, data_digest: str) -> None:
+        """Tag the run's registered version with its eval scores and move the champion
+        aliases it has earned (``registry.score``); prints what happened."""
+        if not self.enabled:
+            return
+        tags = {"git_commit": git_commit(self.root) or "", "dvc_exp_name": os.environ.get("DVC_EXP_NAME", "")}
+        line = self._call("score model", registry.score, self._client, self.run_id, metrics, data_digest, tags)
+        if line:
+            print(line)
 
     def end(self, status: str = "FINISHED") -> None:
         if self.enabled:
@@ -272,16 +290,10 @@ def download_run_model(run_id: str, dst: str | Path) -> Path:
     if not run_id.strip():
         raise CheckpointError("--run: empty run id; allowed: a run id as `mlflow ui` or "
                               "metrics/mlflow_run.json shows it (32 hex digits)")
-    _configure_env()
+    client, uri = _client()
     import mlflow
-    from mlflow.tracking import MlflowClient
 
-    uri = tracking_uri(project_root())
-    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).exists():
-        raise CheckpointError(f"no MLflow store at {uri.removeprefix('sqlite:///')}; run from the "
-                              "project root or set MLFLOW_TRACKING_URI")
     try:
-        client = MlflowClient(tracking_uri=uri)
         run = client.get_run(run_id)
         model_id = run.data.tags.get(MODEL_ID_TAG)
         location = client.get_logged_model(model_id).artifact_location if model_id else None
@@ -290,8 +302,54 @@ def download_run_model(run_id: str, dst: str | Path) -> Path:
     if not location:
         raise CheckpointError(f"run {run_id!r} ({run.info.run_name}) has no logged model; "
                               "only runs whose train stage finished carry one")
-    return Path(mlflow.artifacts.download_artifacts(artifact_uri=location, dst_path=str(dst),
-                                                    tracking_uri=uri))
+    return registry.checkpoint_in(mlflow.artifacts.download_artifacts(artifact_uri=location, dst_path=str(dst),
+                                                                      tracking_uri=uri))
+
+
+def _client():
+    """A client of the project's store (``MLFLOW_TRACKING_URI`` or ./mlflow.db)."""
+    _configure_env()
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    uri = tracking_uri(project_root())
+    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).exists():
+        raise CheckpointError(f"no MLflow store at {uri.removeprefix('sqlite:///')}; run from the "
+                              "project root or set MLFLOW_TRACKING_URI")
+    mlflow.set_tracking_uri(uri)
+    return MlflowClient(tracking_uri=uri), uri
+
+
+def download_model(model_uri: str, dst: str | Path) -> Path:
+    """The checkpoint of the MLflow model at ``model_uri`` (``models:/gptcore@champion``,
+    ``models:/gptcore/3``, ``models:/<logged model id>``), copied into ``dst``."""
+    if not model_uri.startswith("models:/"):
+        raise CheckpointError(f"--model {model_uri!r}: allowed: models:/gptcore@ALIAS, models:/gptcore/VERSION "
+                              "or models:/<logged model id> (a directory: use --checkpoint)")
+    _, uri = _client()
+    try:
+        return registry.download_checkpoint(model_uri, dst)
+    except CheckpointError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - MLflow, SQLAlchemy and requests errors alike
+        text = " ".join(str(exc).split())
+        if "not found" in text.lower() or "RESOURCE_DOES_NOT_EXIST" in text or "does not exist" in text:
+            raise CheckpointError(f"--model {model_uri!r}: not found in {uri} ({text[:160]}); "
+                                  "`mlflow ui` lists the registered models, versions and aliases") from None
+        raise CheckpointError(f"--model {model_uri!r}: MLflow store {uri} could not be read "
+                              f"({type(exc).__name__}: {text[:160]})") from None
+
+
+def promote_model(version: str | None = None, run_id: str | None = None) -> str:
+    """Point the ``champion`` alias at a version (or at the one ``run_id`` registered)."""
+    client, uri = _client()
+    try:
+        return registry.promote(client, version, run_id)
+    except CheckpointError:
+        raise
+    except Exception as exc:  # noqa: BLE001
+        what = f"run {run_id!r}" if run_id else f"version {version!r}"
+        raise CheckpointError(f"promote {what}: {' '.join(str(exc).split())[:200]} (store {uri})") from None
 
 
 def _store_problem(exc: Exception, run_id: str, uri: str) -> str:

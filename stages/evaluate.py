@@ -31,6 +31,8 @@ def main() -> None:
     tracker = Tracker().attach(read_run_file())
     tracker.log_metrics({"eval_" + k: v for k, v in metrics.items()})
     tracker.set_tags({"stage.evaluate": "done"})
+    val = next(d for d in data.describe() if d["context"] == "validation")
+    tracker.score_model(metrics, val["digest"])
     print(json.dumps(metrics, indent=2))
 
 

@@ -91,6 +91,15 @@ def test_stage_commands_and_paths_follow_params():
     assert {"${train.out_dir}": {"persist": True}} in stages["train"]["outs"]
 
 
+def test_the_model_artifact_is_what_train_publishes():
+    """dvc.yaml's `artifacts:` entry (DVC's model registry) names the directory the train
+    stage publishes: params.yaml's train.out_dir + /best."""
+    artifact = yaml.safe_load((REPO / "dvc.yaml").read_text())["artifacts"]["gptcore"]
+    out_dir = yaml.safe_load((REPO / "params.yaml").read_text())["train"]["out_dir"]
+    assert artifact["type"] == "model" and artifact["desc"] and artifact["labels"]
+    assert Path(artifact["path"]) == Path(out_dir) / "best"
+
+
 def test_every_output_persists_until_its_stage_replaces_it():
     """DVC deletes a stage's outputs before running it unless they persist; each stage
     replaces its outputs atomically itself, so a failing stage must find them kept."""

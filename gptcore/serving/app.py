@@ -180,7 +180,9 @@ def create_app(worker: Worker, model_id: str, limits: Limits = Limits()) -> Fast
         raw = await _read_body(request, limits.max_body)
         try:
             body = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        # ValueError covers JSONDecodeError, bad UTF-8 and integers past Python's digit limit;
+        # RecursionError, nesting deeper than the parser's stack: all the client's doing.
+        except (ValueError, RecursionError) as exc:
             raise BadRequest(f"the request body is not valid JSON ({exc})") from None
         prompts, cfg, n, stream, include_usage = parse_request(body, limits)
         requested = body.get("model")

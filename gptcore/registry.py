@@ -1,0 +1,176 @@
+"""The model as MLflow sees it: a pyfunc model (from code, no pickle), a version of the
+registered model ``gptcore`` per train run, and the ``champion`` alias.
+
+* The train stage logs ``models/best`` as a pyfunc model (``mlflow_pyfunc.py`` plus the
+  checkpoint as its artifact and this package as its code) and registers it as a new
+  version (:func:`register`); the run carries the version in its ``gptcore.model_version``
+  tag.
+* The evaluate stage tags that version with its scores, the validation data digest, the
+  git commit and the DVC experiment, and moves aliases (:func:`score`):
+  ``champion-<val digest>`` always names the best version *on that validation data*
+  (so the first version on a new corpus becomes that corpus's champion), and
+  ``champion`` names the best version on the data of the current champion: a run on
+  another corpus never replaces it. The very first scored version becomes ``champion``.
+* ``gptcore promote`` sets ``champion`` by hand (:func:`promote`); ``--model URI`` on
+  ``gptcore generate``/``serve`` loads any model URI (:func:`download_checkpoint`).
+
+Every function here takes an ``MlflowClient``; the stages call them through
+``tracking.Tracker``, which turns any store failure into one warning line.
+"""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import yaml
+
+from .errors import CheckpointError
+
+REGISTERED_MODEL = "gptcore"
+CHAMPION = "champion"
+VERSION_TAG = "gptcore.model_version"
+PYFUNC_CODE = Path(__file__).with_name("mlflow_pyfunc.py")
+
+
+def requirements() -> list[str]:
+    """What loading the model needs, pinned to what trained it (a CPU build's "+cpu"
+    suffix dropped: pip indexes name the version alone)."""
+    from importlib.metadata import version
+
+    names = ["torch", "tiktoken", "safetensors", "numpy", "pyyaml", "mlflow"]
+    return [f"{n}=={version(n).split('+')[0]}" for n in names]
+
+
+def save_pyfunc(checkpoint: str | Path, dst: str | Path) -> Path:
+    """Write the pyfunc model directory for ``checkpoint`` to ``dst``, in a child process.
+
+    MLflow executes the model's code file while saving it, and that file imports
+    generation's modules. In the train stage's own process those imports would make
+    generation code a dependency of training (``tests/test_layout.py`` records what a
+    stage imports), and editing a sampling default would retrain; the logged model is an
+    MLflow artifact, not one of the stage's DVC outputs, so it is built beside it.
+    """
+    done = subprocess.run([sys.executable, "-m", "gptcore.registry", "save", str(checkpoint), str(dst)],
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        lines = [line for line in done.stderr.splitlines() if line.strip()]
+        raise RuntimeError(f"saving the pyfunc model failed: {lines[-1] if lines else done.returncode}")
+    return Path(dst)
+
+
+def _save_pyfunc_here(checkpoint: str | Path, dst: str | Path) -> None:
+    import mlflow.pyfunc
+
+    from .mlflow_pyfunc import SIGNATURE
+
+    mlflow.pyfunc.save_model(
+        path=str(dst), python_model=str(PYFUNC_CODE), artifacts={"checkpoint": str(checkpoint)},
+        code_paths=[str(Path(__file__).parent)], signature=SIGNATURE, pip_requirements=requirements(),
+        input_example=(["ROMEO:"], {"max_new_tokens": 4, "temperature": 0.0}))
+
+
+def register(client, run_id: str, model_id: str) -> str:
+    """A new version of ``gptcore`` for the logged model ``model_id``; its number."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.get_registered_model(REGISTERED_MODEL)
+    except MlflowException:
+        client.create_registered_model(REGISTERED_MODEL, description=(
+            "GPT checkpoints trained by the gptcore pipeline; alias 'champion' = the best eval "
+            "val loss on the champion's validation data, 'champion-<digest>' = the best per data"))
+    version = client.create_model_version(REGISTERED_MODEL, source=f"models:/{model_id}", run_id=run_id,
+                                          model_id=model_id)
+    client.set_tag(run_id, VERSION_TAG, version.version)
+    return version.version
+
+
+def _loss(version) -> float:
+    try:
+        return float(version.tags.get("eval_val_loss", "nan"))
+    except ValueError:
+        return math.nan
+
+
+def score(client, run_id: str, metrics: dict, data_digest: str, tags: dict[str, str]) -> str | None:
+    """Tag the run's version with its scores and move the aliases it has earned; a line
+    saying what happened (None when the run registered no version)."""
+    number = client.get_run(run_id).data.tags.get(VERSION_TAG)
+    if number is None:
+        return None
+    loss = float(metrics["val_loss"])
+    for key, value in {"eval_val_loss": loss, "eval_bits_per_byte": metrics.get("bits_per_byte"),
+                       "data_digest": data_digest, **tags}.items():
+        if value not in (None, ""):
+            client.set_model_version_tag(REGISTERED_MODEL, number, key, str(value))
+    moved = []
+    per_data = f"{CHAMPION}-{data_digest[:8]}"
+    for alias in (per_data, CHAMPION):
+        current = _by_alias(client, alias)
+        if current is not None and current.version == number:
+            continue
+        if alias == CHAMPION and current is not None and current.tags.get("data_digest") != data_digest:
+            continue  # the champion was scored on other validation data: not comparable
+        if current is None or (math.isfinite(loss) and not loss >= _loss(current)):  # a NaN loss never holds
+            client.set_registered_model_alias(REGISTERED_MODEL, alias, number)
+            moved.append(alias)
+    held = f"; aliases now on it: {', '.join(moved)}" if moved else "; it holds no alias"
+    return f"model {REGISTERED_MODEL} version {number}: eval val loss {loss:.4f}{held}"
+
+
+def _by_alias(client, alias: str):
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.get_model_version_by_alias(REGISTERED_MODEL, alias)
+    except MlflowException:
+        return None
+
+
+def promote(client, version: str | None = None, run_id: str | None = None) -> str:
+    """Point ``champion`` at ``version`` (or at the version ``run_id`` registered)."""
+    if run_id is not None:
+        version = client.get_run(run_id).data.tags.get(VERSION_TAG)
+        if version is None:
+            raise CheckpointError(f"run {run_id!r} registered no model version (its train stage did not "
+                                  "finish with tracking on)")
+    client.get_model_version(REGISTERED_MODEL, str(version))  # a clear error if there is none
+    client.set_registered_model_alias(REGISTERED_MODEL, CHAMPION, str(version))
+    return str(version)
+
+
+def checkpoint_in(model_dir: str | Path) -> Path:
+    """The checkpoint directory inside a downloaded model: the pyfunc's ``checkpoint``
+    artifact, or the directory itself (models logged before the pyfunc existed)."""
+    model_dir = Path(model_dir)
+    mlmodel = model_dir / "MLmodel"
+    if not mlmodel.is_file():
+        return model_dir
+    conf = yaml.safe_load(mlmodel.read_text()) or {}
+    artifacts = (conf.get("flavors", {}).get("python_function", {}).get("artifacts") or {})
+    path = (artifacts.get("checkpoint") or {}).get("path")
+    if not path:
+        raise CheckpointError(f"{model_dir}: an MLflow model without a gptcore checkpoint artifact")
+    return model_dir / path
+
+
+def download_checkpoint(uri: str, dst: str | Path | None = None) -> Path:
+    """The checkpoint of the model at ``uri`` (``models:/gptcore@champion``,
+    ``models:/gptcore/3``, ``runs:/<id>/...``, a local path), copied into ``dst``."""
+    import mlflow.artifacts
+
+    dst = dst or tempfile.mkdtemp(prefix="gptcore-model-")
+    return checkpoint_in(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dst)))
+
+
+if __name__ == "__main__":  # python -m gptcore.registry save CHECKPOINT DST (see save_pyfunc)
+    from .stage import offline_env
+
+    offline_env()
+    if len(sys.argv) != 4 or sys.argv[1] != "save":
+        sys.exit("usage: python -m gptcore.registry save CHECKPOINT DST")
+    _save_pyfunc_here(sys.argv[2], sys.argv[3])
