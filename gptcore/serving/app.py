@@ -13,6 +13,7 @@ server logs a warning and ``usage.prompt_tokens`` still counts the whole prompt.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 import sys
@@ -27,7 +28,7 @@ from starlette.exceptions import HTTPException
 
 from ..errors import ConfigError, TokenizerError
 from ..generation.sampling import SamplingConfig
-from .worker import QueueFull, Worker
+from .worker import QueueFull, TooLarge, Worker
 
 PLAYGROUND = Path(__file__).with_name("playground.html")
 
@@ -201,9 +202,11 @@ def create_app(worker: Worker, model_id: str, limits: Limits = Limits()) -> Fast
             job = worker.submit(encoded, cfg, n)
         except QueueFull as exc:
             raise BadRequest(str(exc), status=503, code="overloaded", kind="server_error") from None
+        except TooLarge as exc:
+            raise BadRequest(str(exc), "n") from None
         head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
                 "model": model_id}
-        prompt_tokens = sum(len(ids) for ids in encoded) * n
+        prompt_tokens = sum(len(ids) for ids in encoded)  # each prompt once, however many choices
         total = len(prompts) * n
         if stream:
             return StreamingResponse(_sse(worker, job, head, total, prompt_tokens, include_usage),
@@ -211,7 +214,12 @@ def create_app(worker: Worker, model_id: str, limits: Limits = Limits()) -> Fast
         texts, reasons, produced = [[] for _ in range(total)], [None] * total, 0
         try:
             while None in reasons:
-                index, text, reason, count = await job.events.get()
+                try:  # wake up now and then: a client that went away must not keep its rows
+                    index, text, reason, count = await asyncio.wait_for(job.events.get(), 1.0)
+                except asyncio.TimeoutError:
+                    if await request.is_disconnected():
+                        return _error(499, "the client closed the connection")
+                    continue
                 if reason == "error":
                     return _error(500, text, kind="server_error")
                 texts[index].append(text)

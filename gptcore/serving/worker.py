@@ -27,7 +27,11 @@ from ..generation.text import TextPieces
 
 
 class QueueFull(Exception):
-    """More rows are waiting than the queue holds."""
+    """More rows are waiting than the queue holds (retry later)."""
+
+
+class TooLarge(Exception):
+    """A request with more completions than the server ever holds (retrying cannot help)."""
 
 
 @dataclass(eq=False)
@@ -72,6 +76,10 @@ class Worker:
     def submit(self, prompts: list[list[int]], cfg: SamplingConfig, n: int) -> Job:
         """Queue a request (call from the event loop)."""
         rows = len(prompts) * n
+        if rows > self.max_rows + self.max_queue:
+            raise TooLarge(f"{len(prompts)} prompt(s) x n={n} = {rows} completions; this server holds at most "
+                           f"{self.max_rows + self.max_queue} at once (--max-batch {self.max_rows} + --max-queue "
+                           f"{self.max_queue})")
         with self.lock:
             if self.outstanding + rows > self.max_rows + self.max_queue:
                 raise QueueFull(f"the server is at capacity ({self.outstanding} completions decoding or "
@@ -131,8 +139,10 @@ class Worker:
 
     def _finish(self, row) -> None:
         job, index, text = row.tag
-        job.send((index, text.finish(), row.finish_reason, row.produced))
+        # Released before the client hears: one that has its whole answer and sends the
+        # next request must not find this row still counted (a stale /health, a false 503).
         self._release(job)
+        job.send((index, text.finish(), row.finish_reason, row.produced))
 
     def _step(self) -> None:
         try:
@@ -144,8 +154,8 @@ class Worker:
                 job = row.tag[0]
                 if not row.finished:
                     row.cancel("error")
-                    job.send((None, "the server failed while decoding this request", "error", None))
                     self._release(job)
+                    job.send((None, "the server failed while decoding this request", "error", None))
             self.engine = self._new_engine()
             return
         for row, token in events:
