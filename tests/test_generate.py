@@ -13,9 +13,7 @@ from gptcore.config import ConfigError, GPTConfig
 from gptcore.generation.sampling import SampleConfig
 from gptcore.generation.engine import Engine
 from gptcore.generation.generate import SamplingConfig, generate, generate_batch, generate_ids, stream, stream_batch
-from gptcore.generation.logits import (
-    apply_repetition_penalty, apply_top_k, apply_top_p, process_logits, sample_token,
-)
+from gptcore.generation.logits import apply_repetition_penalty, candidates, draw
 from gptcore.generation.text import TextPieces
 from gptcore.model import GPT, KVCache
 from gptcore.model.decode import CachedDecoder
@@ -209,7 +207,7 @@ def test_temperature_zero_is_greedy(model, tok):
     assert ids == seq[len(prompt):]
     logits = torch.randn(5, 30)
     cfg = SamplingConfig(temperature=0.0, top_k=3, top_p=0.5)
-    assert torch.equal(sample_token(logits, cfg), logits.argmax(-1))
+    assert draw(logits, cfg, [None] * 5) == logits.argmax(-1).tolist()
 
 
 def test_low_temperature_approaches_greedy(model, tok):
@@ -220,54 +218,71 @@ def test_low_temperature_approaches_greedy(model, tok):
     assert cold == greedy
 
 
-def test_top_k_keeps_exactly_k():
+def kept(logits: torch.Tensor, **settings) -> list[list[int]]:
+    """Per row, the ids the filters leave (sorted)."""
+    scores, ids = candidates(logits, SamplingConfig(**{"temperature": 1.0, **settings}))
+    return [sorted(i[torch.isfinite(s)].tolist()) for s, i in zip(scores, ids)]
+
+
+def test_top_k_keeps_exactly_the_k_largest():
     logits = torch.randn(4, 50, generator=torch.Generator().manual_seed(0))
     for k in (1, 5, 49):
-        out = apply_top_k(logits, k)
-        assert torch.equal(torch.isfinite(out).sum(-1), torch.full((4,), k))
-        kept = torch.isfinite(out)
-        assert torch.equal(out[kept], logits[kept])  # survivors are unchanged
-        assert logits[kept].view(4, k).min(-1).values.ge(logits.masked_fill(kept, -1e9).max(-1).values).all()
-    assert torch.equal(apply_top_k(logits, 0), logits)
-    assert torch.equal(apply_top_k(logits, 50), logits)
+        for row, ids in zip(logits, kept(logits, top_k=k)):
+            assert ids == sorted(row.topk(k).indices.tolist())
+    assert kept(logits, top_k=0) == kept(logits, top_k=50) == [list(range(50))] * 4
+    scores, ids = candidates(logits, SamplingConfig(temperature=2.0, top_k=5))
+    torch.testing.assert_close(scores, logits.gather(1, ids) / 2.0)  # tempered, otherwise unchanged
 
 
-def test_top_k_ties_keep_lowest_ids():
+def test_top_k_at_a_tie_keeps_exactly_k_of_the_largest():
     logits = torch.tensor([[1.0, 3.0, 2.0, 3.0, 3.0, 0.0, 3.0]])
-    assert torch.isfinite(apply_top_k(logits, 2))[0].nonzero().flatten().tolist() == [1, 3]
-    assert torch.isfinite(apply_top_k(logits, 3))[0].nonzero().flatten().tolist() == [1, 3, 4]
-    assert torch.isfinite(apply_top_k(logits, 5))[0].nonzero().flatten().tolist() == [1, 2, 3, 4, 6]
-    flat = torch.zeros(1, 10)  # all tied
-    assert torch.isfinite(apply_top_k(flat, 4))[0].nonzero().flatten().tolist() == [0, 1, 2, 3]
+    for k in (2, 3, 5):
+        [ids] = kept(logits, top_k=k)
+        dropped = [i for i in range(7) if i not in ids]
+        assert len(ids) == k and min(logits[0, ids]) >= max(logits[0, dropped])
+    assert len(kept(torch.zeros(1, 10), top_k=4)[0]) == 4  # all tied
 
 
 def test_top_p_keeps_the_smallest_set_reaching_p():
     probs = torch.tensor([0.05, 0.5, 0.15, 0.3])  # order by probability: 1, 3, 2, 0
-    logits = probs.log()
-
-    def kept(p):
-        return torch.isfinite(apply_top_p(logits, p)).nonzero().flatten().tolist()
-
-    assert kept(0.3) == [1]            # 0.5 alone reaches 0.3
-    assert kept(0.75) == [1, 3]        # 0.5 + 0.3
-    assert kept(0.85) == [1, 2, 3]     # 0.5 + 0.3 + 0.15
-    assert kept(0.97) == [0, 1, 2, 3]
-    assert kept(1.0) == [0, 1, 2, 3]
-    tied = torch.zeros(6)  # six equal tokens: the lowest ids first
-    assert torch.isfinite(apply_top_p(tied, 0.4)).nonzero().flatten().tolist() == [0, 1, 2]
-    batch = torch.stack([logits, logits.flip(0)])
-    out = torch.isfinite(apply_top_p(batch, 0.75))
-    assert out[0].nonzero().flatten().tolist() == [1, 3]
-    assert out[1].nonzero().flatten().tolist() == [0, 2]
+    logits = probs.log()[None]
+    assert kept(logits, top_p=0.3) == [[1]]            # 0.5 alone reaches 0.3
+    assert kept(logits, top_p=0.75) == [[1, 3]]        # 0.5 + 0.3
+    assert kept(logits, top_p=0.85) == [[1, 2, 3]]     # 0.5 + 0.3 + 0.15
+    assert kept(logits, top_p=0.97) == [[0, 1, 2, 3]]
+    assert kept(logits, top_p=1.0) == [[0, 1, 2, 3]]
+    assert kept(torch.zeros(1, 6), top_p=0.4) == [[0, 1, 2]]  # six equal tokens: the lowest ids first
+    assert kept(torch.cat([logits, logits.flip(1)]), top_p=0.75) == [[1, 3], [0, 2]]
+    # top-p among the top-k: the probabilities are the top-k's own (renormalised)
+    assert kept(logits, top_k=3, top_p=0.6) == [[1, 3]]  # 0.5/0.95 < 0.6 <= 0.8/0.95
 
 
-def test_sampling_only_draws_from_the_filtered_set():
-    logits = torch.randn(200, generator=torch.Generator().manual_seed(1))
-    cfg = SamplingConfig(temperature=1.5, top_k=7)
-    allowed = set(torch.isfinite(apply_top_k(logits, 7)).nonzero().flatten().tolist())
+def test_draws_follow_the_filtered_distribution():
+    """The inverse-CDF draw picks each candidate as often as its filtered probability
+    (4,000 draws, each frequency within 0.03) and never an id a filter dropped."""
+    probs = torch.tensor([0.02, 0.5, 0.15, 0.3, 0.03])
+    logits = probs.log()[None]
+    cfg = SamplingConfig(temperature=1.0, top_k=4)  # drops id 0
     gen = torch.Generator().manual_seed(0)
-    draws = {int(sample_token(logits, cfg, gen)) for _ in range(300)}
-    assert draws <= allowed and len(draws) > 1
+    counts = torch.zeros(5)
+    for _ in range(4000):
+        counts[draw(logits, cfg, [gen])[0]] += 1
+    expected = torch.tensor([0.0, 0.5, 0.15, 0.3, 0.03]) / 0.98
+    assert counts[0] == 0 and torch.allclose(counts / 4000, expected, atol=0.03)
+    # rows of a batch: each its own generator, each from its own distribution
+    two = torch.tensor([[0.0, 9.0, 0.0], [9.0, 0.0, 0.0]])
+    gens = [torch.Generator().manual_seed(1), torch.Generator().manual_seed(2)]
+    assert draw(two, SamplingConfig(temperature=1.0, top_k=1), gens) == [1, 0]
+
+
+def test_the_same_generator_state_draws_the_same_token():
+    logits = torch.randn(3, 100, generator=torch.Generator().manual_seed(3))
+    cfg = SamplingConfig(temperature=0.9, top_k=20, top_p=0.9)
+    first = draw(logits, cfg, [torch.Generator().manual_seed(s) for s in (1, 2, 3)])
+    assert first == draw(logits, cfg, [torch.Generator().manual_seed(s) for s in (1, 2, 3)])
+    # a row drawn alone draws what it draws in a batch (the batch does not matter)
+    assert [draw(logits[i:i + 1], cfg, [torch.Generator().manual_seed(s)])[0]
+            for i, s in enumerate((1, 2, 3))] == first
 
 
 def test_repetition_penalty_lowers_seen_tokens():
@@ -275,12 +290,12 @@ def test_repetition_penalty_lowers_seen_tokens():
     seen = [0, 1, 1]
     out = apply_repetition_penalty(logits, seen, 2.0)
     assert out.tolist() == [1.0, -2.0, 0.5, 3.0, -2.0]  # positive / 2, negative * 2, others as is
-    before, after = logits.softmax(-1), process_logits(logits, SamplingConfig(repetition_penalty=2.0, temperature=1.0),
-                                                       seen).softmax(-1)
-    assert after[0] < before[0] and after[1] < before[1]
-    assert after[3] > before[3]
     assert torch.equal(apply_repetition_penalty(logits, seen, 1.0), logits)
     assert torch.equal(apply_repetition_penalty(logits, [], 2.0), logits)
+    # through draw: greedy with the penalty picks what wins after it, per row's own history
+    rows = torch.tensor([[2.0, 1.5, 0.0], [2.0, 1.5, 0.0]])
+    greedy = SamplingConfig(temperature=0.0, repetition_penalty=2.0)
+    assert draw(rows, greedy, [None, None], seen=[[0], []]) == [1, 0]
 
 
 def test_repetition_penalty_changes_greedy_output(model, tok):
@@ -408,12 +423,12 @@ def test_screened_head_keeps_the_exact_top_k(top):
     included, and every finite logit is the exact one."""
     model = tiny_model(50257, seed=4)
     seq = torch.randint(0, 50257, (BLOCK,), generator=torch.Generator().manual_seed(6)).tolist()
-    screened, full = CachedDecoder(model), CachedDecoder(model)
+    screened, full = CachedDecoder(model, screen=True), CachedDecoder(model)
     pairs = [(screened.prefill(0, seq[:3], top), full.prefill(0, seq[:3]))]
     pairs += [(screened.step([t], top)[0], full.step([t])[0]) for t in seq[3:]]
     for got, ref in pairs:
         finite = torch.isfinite(got)
-        assert int(finite.sum()) >= top
+        assert top <= int(finite.sum()) < 50257  # screened: only candidates were computed
         torch.testing.assert_close(got[finite], ref[finite], atol=1e-5, rtol=0)
         got_top, ref_top = got.topk(top), ref.topk(top)
         assert got_top.indices.tolist() == ref_top.indices.tolist()
@@ -481,7 +496,7 @@ def test_decoder_rows_at_different_positions_equal_full_forwards(tok, fast):
 def test_batched_screened_head_keeps_each_rows_exact_top_k(top):
     model = tiny_model(50257, seed=4)
     seqs = torch.randint(0, 50257, (3, BLOCK), generator=torch.Generator().manual_seed(6)).tolist()
-    screened, full = CachedDecoder(model, max_rows=3), CachedDecoder(model, max_rows=3)
+    screened, full = CachedDecoder(model, max_rows=3, screen=True), CachedDecoder(model, max_rows=3)
     pairs = []
     for slot, n in enumerate((3, 4, 6)):  # rows at different positions
         pairs.append((screened.prefill(slot, seqs[slot][:n], top)[None], full.prefill(slot, seqs[slot][:n])[None]))

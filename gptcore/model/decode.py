@@ -95,7 +95,8 @@ class CachedDecoder:
     each row steps through ``GPT.hidden_states``.
 
     ``top`` (per call): when only the ``top`` largest logits of each row matter (greedy:
-    1; top-k sampling: k), the LM head is screened in bf16 (half the bytes of the head to
+    1; top-k sampling: k), and bf16 is faster than fp32 here (``screen`` None: timed once
+    per model; True/False: forced), the LM head is screened in bf16 (half the bytes of the head to
     stream, which is most of a step) and exactly the ids that can still be among some
     row's top are recomputed in fp32: every logit's bf16 error is bounded (|x|_1 and the
     row's largest |w|), so an id whose upper bound is below the k-th largest lower bound
@@ -104,8 +105,10 @@ class CachedDecoder:
     logits.
     """
 
-    def __init__(self, model: GPT, max_rows: int = 1, vocab_limit: int | None = None) -> None:
+    def __init__(self, model: GPT, max_rows: int = 1, vocab_limit: int | None = None,
+                 screen: bool | None = None) -> None:
         self.model = model
+        self.screen = screen  # None: screen where bf16 is timed faster (tests force True)
         cfg = model.config
         self.limit = cfg.vocab_size if vocab_limit is None else vocab_limit
         self.C, self.nh, self.block = cfg.n_embd, cfg.n_head, cfg.block_size
@@ -162,7 +165,8 @@ class CachedDecoder:
         # Screening pays when a few candidates survive (with most of the vocabulary in play,
         # a tiny char vocabulary or a huge top_k, the plain fp32 head is as fast) and when
         # this machine multiplies bf16 faster than fp32.
-        if top is not None and 0 < top <= self.limit // 8 and self._bf16_pays():
+        if top is not None and 0 < top <= self.limit // 8 and (
+                self.screen if self.screen is not None else self._bf16_pays()):
             return self._screened_logits(x, top)
         if not self.fast:
             return F.linear(x, self.head).float()
