@@ -111,7 +111,7 @@ def score(client, run_id: str, metrics: dict, data_digest: str, tags: dict[str, 
     per_data = f"{CHAMPION}-{data_digest[:8]}"
     for alias in (per_data, CHAMPION):
         current = _by_alias(client, alias)
-        if current is not None and current.version == number:
+        if current is not None and str(current.version) == str(number):
             continue
         if alias == CHAMPION and current is not None and current.tags.get("data_digest") != data_digest:
             continue  # the champion was scored on other validation data: not comparable
