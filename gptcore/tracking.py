@@ -112,6 +112,7 @@ class Tracker:
         self._client = None
         self._disabled_reason: str | None = None
         self._logged: dict[str, int] = {}  # per metric: highest step already in the run when reattaching
+        self._monitor = None  # MLflow's system-metrics sampler while training
 
     # -- guarded plumbing -------------------------------------------------------------
     def _warn(self, what: str, exc: BaseException) -> None:
@@ -184,7 +185,25 @@ class Tracker:
                 client.log_batch(self.run_id, params=items[i:i + 100])
 
         self._call("start run", _start)
+        if self.enabled:
+            self._call("system metrics", self._watch_system, resumed=run_id is not None)
         return self
+
+    def _watch_system(self, resumed: bool) -> None:
+        """CPU, memory, disk, network (and GPU where its library is installed) every 10 s,
+        as ``system/*`` metrics of this run: MLflow's own monitor, the one
+        ``mlflow.start_run(log_system_metrics=True)`` starts. Started on the run this
+        tracker made rather than through the fluent API, whose exit hook would mark a
+        crashed (resumable) run FINISHED. ``MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING=false``
+        turns it off."""
+        from mlflow.environment_variables import MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING
+        if os.environ.get(MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING.name, "true").lower() in ("false", "0", "no"):
+            return
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+        logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)  # no start/stop chatter
+        self._monitor = SystemMetricsMonitor(self.run_id, resume_logging=resumed,
+                                             tracking_uri=tracking_uri(self.root))
+        self._monitor.start()
 
     def attach(self, run_id: str | None) -> "Tracker":
         """Log into an existing run (evaluate and sample stages)."""
@@ -279,6 +298,9 @@ class Tracker:
             print(line)
 
     def end(self, status: str = "FINISHED") -> None:
+        if self._monitor is not None:
+            self._call("system metrics", self._monitor.finish)
+            self._monitor = None
         if self.enabled:
             self._call("end run", self._client.set_terminated, self.run_id, status)
 

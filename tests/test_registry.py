@@ -29,7 +29,9 @@ GREEDY = {"temperature": 0.0, "max_new_tokens": 12}
 @pytest.fixture(scope="module")
 def project(tmp_path_factory, mirror_dir):
     root = tmp_path_factory.mktemp("registry") / "gptcore"
-    return root, git_project(root, mirror_dir, TINY)
+    env = git_project(root, mirror_dir, TINY)
+    # MLflow's system-metrics monitor samples every 10 s; a tiny run is over sooner.
+    return root, {**env, "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL": "0.5"}
 
 
 def versions(root: Path) -> dict[str, object]:
@@ -66,6 +68,9 @@ def test_repro_registers_version_1_as_champion(project):
     assert v1.tags["git_commit"] == _run(["git", "rev-parse", "HEAD"], root, env).stdout.strip()
     assert alias(root, f"champion-{digest[:8]}") == "1"
     assert v1.run_id == run_id(root)
+    # The train run carries MLflow's system metrics (CPU, memory) beside its losses.
+    system = {k for k in client_metrics(root) if k.startswith("system/")}
+    assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"} <= system, system
     # The logged model is a pyfunc from code: no pickle anywhere in it.
     client = _mlflow_client(root)
     model = client.get_logged_model(client.get_run(v1.run_id).data.tags["gptcore.model_id"])
@@ -76,6 +81,10 @@ def test_repro_registers_version_1_as_champion(project):
     mlmodel = (location / "MLmodel").read_text()
     assert "loader_module: mlflow.pyfunc.loaders.code_model" in mlmodel
     assert "torch==" in (location / "requirements.txt").read_text()
+
+
+def client_metrics(root: Path) -> dict:
+    return _mlflow_client(root).get_run(run_id(root)).data.metrics
 
 
 def _dataset_inputs(root: Path) -> str:
