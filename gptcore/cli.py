@@ -232,7 +232,7 @@ def _load(args: argparse.Namespace):
 
     device = check_device(args.device, "--device")
     if args.run is not None or args.model is not None:
-        from .tracking import download_model, download_run_model
+        from .registry import download_model, download_run_model
         with tempfile.TemporaryDirectory(prefix="gptcore-run-") as tmp:
             # Copied out of the store, then read by the same safe loader as any checkpoint.
             path = download_run_model(args.run, tmp) if args.run is not None else download_model(args.model, tmp)
@@ -303,7 +303,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         if args.command == "promote":
-            from .tracking import promote_model
+            from .registry import promote_model
             version = promote_model(args.version, args.run)
             print(f"champion -> gptcore version {version}")
             return 0

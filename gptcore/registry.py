@@ -28,11 +28,13 @@ from pathlib import Path
 
 import yaml
 
+from . import store
 from .errors import CheckpointError
 
 REGISTERED_MODEL = "gptcore"
 CHAMPION = "champion"
 VERSION_TAG = "gptcore.model_version"
+MODEL_ID_TAG = "gptcore.model_id"  # a run's tag: its logged model
 PYFUNC_CODE = Path(__file__).with_name("mlflow_pyfunc.py")
 
 
@@ -82,7 +84,7 @@ def register(client, run_id: str, model_id: str) -> str:
     except MlflowException:
         client.create_registered_model(REGISTERED_MODEL, description=(
             "GPT checkpoints trained by the gptcore pipeline; alias 'champion' = the best eval "
-            "val loss on the champion's validation data, 'champion-<digest>' = the best per data"))
+            "val loss on the champion's validation data, 'champion-DIGEST8' = the best per validation data"))
     version = client.create_model_version(REGISTERED_MODEL, source=f"models:/{model_id}", run_id=run_id,
                                           model_id=model_id)
     client.set_tag(run_id, VERSION_TAG, version.version)
@@ -165,6 +167,61 @@ def download_checkpoint(uri: str, dst: str | Path | None = None) -> Path:
 
     dst = dst or tempfile.mkdtemp(prefix="gptcore-model-")
     return checkpoint_in(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dst)))
+
+
+def download_run_model(run_id: str, dst: str | Path) -> Path:
+    """The checkpoint directory logged with ``run_id``, copied into ``dst``, from the
+    store ``MLFLOW_TRACKING_URI`` names (default: ./mlflow.db). Raises CheckpointError
+    that tells a run that is not there from a store that can't be reached or read."""
+    if not run_id.strip():
+        raise CheckpointError("--run: empty run id; allowed: a run id as `mlflow ui` or "
+                              "metrics/mlflow_run.json shows it (32 hex digits)")
+    client, uri = store.open_store()
+    import mlflow
+
+    try:
+        run = client.get_run(run_id)
+        model_id = run.data.tags.get(MODEL_ID_TAG)
+        location = client.get_logged_model(model_id).artifact_location if model_id else None
+    except Exception as exc:  # noqa: BLE001 - MLflow, SQLAlchemy and requests errors alike
+        raise CheckpointError(store.store_problem(exc, run_id, uri)) from None
+    if not location:
+        raise CheckpointError(f"run {run_id!r} ({run.info.run_name}) has no logged model; "
+                              "only runs whose train stage finished carry one")
+    return checkpoint_in(mlflow.artifacts.download_artifacts(artifact_uri=location, dst_path=str(dst),
+                                                                      tracking_uri=uri))
+
+
+def download_model(model_uri: str, dst: str | Path) -> Path:
+    """The checkpoint of the MLflow model at ``model_uri`` (``models:/gptcore@champion``,
+    ``models:/gptcore/3``, ``models:/<logged model id>``), copied into ``dst``."""
+    if not model_uri.startswith("models:/"):
+        raise CheckpointError(f"--model {model_uri!r}: allowed: models:/gptcore@ALIAS, models:/gptcore/VERSION "
+                              "or models:/<logged model id> (a directory: use --checkpoint)")
+    _, uri = store.open_store()
+    try:
+        return download_checkpoint(model_uri, dst)
+    except CheckpointError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - MLflow, SQLAlchemy and requests errors alike
+        text = " ".join(str(exc).split())
+        if "not found" in text.lower() or "RESOURCE_DOES_NOT_EXIST" in text or "does not exist" in text:
+            raise CheckpointError(f"--model {model_uri!r}: not found in {uri} ({text[:160]}); "
+                                  "`mlflow ui` lists the registered models, versions and aliases") from None
+        raise CheckpointError(f"--model {model_uri!r}: MLflow store {uri} could not be read "
+                              f"({type(exc).__name__}: {text[:160]})") from None
+
+
+def promote_model(version: str | None = None, run_id: str | None = None) -> str:
+    """Point the ``champion`` alias at a version (or at the one ``run_id`` registered)."""
+    client, uri = store.open_store()
+    try:
+        return promote(client, version, run_id)
+    except CheckpointError:
+        raise
+    except Exception as exc:  # noqa: BLE001
+        what = f"run {run_id!r}" if run_id else f"version {version!r}"
+        raise CheckpointError(f"promote {what}: {' '.join(str(exc).split())[:200]} (store {uri})") from None
 
 
 if __name__ == "__main__":  # python -m gptcore.registry save CHECKPOINT DST (see save_pyfunc)

@@ -1,9 +1,7 @@
 """MLflow tracking that never takes a run down with it.
 
-Default store: SQLite at ``<root>/mlflow.db`` with artifacts in ``<root>/mlartifacts``,
-where ``<root>`` is ``DVC_ROOT`` when DVC runs the stage (``dvc exp run --temp/--queue``
-run in a temporary copy, where relative paths would vanish) and the current directory
-otherwise. ``MLFLOW_TRACKING_URI`` overrides everything (a team's tracking server).
+Where the store is and the experiment runs go in: ``store.py``; the model registry:
+``registry.py``.
 
 One MLflow run per pipeline execution: the train stage creates it and records its id
 in ``metrics/mlflow_run.json``; evaluate and sample log into the same run. Every call
@@ -12,8 +10,8 @@ is guarded: if MLflow is unavailable the stage warns once and carries on.
 What a run carries, so that a person in ``mlflow ui`` can trace it: a readable name (the
 DVC experiment's name, or the git commit plus the params that differ from it), tags
 linking it to git and DVC, the token splits as dataset inputs (with their digests), and
-the best checkpoint as a logged model (``gptcore generate --run <run id>`` loads it).
-The experiment is marked as classic model training, so MLflow 3 opens its runs view.
+system metrics while training, and the best checkpoint as a logged pyfunc model,
+registered as a version of ``gptcore`` (``gptcore generate --run <run id>`` loads it).
 """
 
 from __future__ import annotations
@@ -21,7 +19,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import subprocess
 import sys
 import tempfile
@@ -31,38 +28,17 @@ from typing import Any
 
 import yaml
 
-from . import registry
+from . import registry, store
 from .config import Params
-from .errors import CheckpointError, ConfigError, first_line
+from .errors import ConfigError, first_line
 from .io import atomic_write_json
 from .schema import YamlLoader, flatten
-from .stage import offline_env, project_root  # noqa: F401 - project_root: also stages/train.py's
+from .stage import project_root  # noqa: F401 - also stages/train.py's
 
 # mlflow is imported where it is used, not here: it takes ~2 s to import (2-core AMD EPYC),
 # and with tracking off, or a store that is down, a stage never pays for it.
 
-EXPERIMENT = "gptcore"
 RUN_FILE = "metrics/mlflow_run.json"
-# MLflow 3 shows an untyped experiment in its GenAI layout (traces, judges); this tag
-# selects the model-training layout (runs, metrics, charts).
-EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
-MODEL_ID_TAG = "gptcore.model_id"
-
-
-def _configure_env() -> None:
-    # Offline-friendly defaults a user can still override: no telemetry, and fail fast
-    # instead of retrying for minutes when a tracking server is down.
-    offline_env()
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
-    # MLflow logs each database error with the SQL and a traceback before raising it; the
-    # guarded call reports it in one line instead.
-    logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
-
-
-def tracking_uri(root: Path) -> str:
-    """``MLFLOW_TRACKING_URI`` if set, else the project's SQLite store ``<root>/mlflow.db``."""
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{root / 'mlflow.db'}"
 
 
 def _git(root: Path, *args: str) -> str | None:
@@ -137,22 +113,14 @@ class Tracker:
             return None
 
     def _connect(self):
-        _configure_env()
+        store.configure_env()
         import mlflow
         from mlflow.tracking import MlflowClient
 
-        uri = tracking_uri(self.root)
+        uri = store.tracking_uri(self.root)
         mlflow.set_tracking_uri(uri)
         client = MlflowClient(tracking_uri=uri)
-        exp = client.get_experiment_by_name(EXPERIMENT)
-        if exp is None:
-            artifacts = (self.root / "mlartifacts").as_uri() if uri.startswith("sqlite") else None
-            exp_id = client.create_experiment(EXPERIMENT, artifact_location=artifacts, tags=EXPERIMENT_KIND)
-        else:
-            exp_id = exp.experiment_id
-            for key, value in EXPERIMENT_KIND.items():  # stores made before the tag existed
-                if exp.tags.get(key) != value:
-                    client.set_experiment_tag(exp_id, key, value)
+        exp_id = store.experiment(client, self.root, uri)
         return client, exp_id
 
     # -- run lifecycle ----------------------------------------------------------------
@@ -202,7 +170,7 @@ class Tracker:
         from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
         logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)  # no start/stop chatter
         self._monitor = SystemMetricsMonitor(self.run_id, resume_logging=resumed,
-                                             tracking_uri=tracking_uri(self.root))
+                                             tracking_uri=store.tracking_uri(self.root))
         self._monitor.start()
 
     def attach(self, run_id: str | None) -> "Tracker":
@@ -279,7 +247,7 @@ class Tracker:
                 self._client.log_model_artifacts(model.model_id, str(saved))
             self._client.finalize_logged_model(model.model_id, "READY")
             self._client.log_outputs(self.run_id, [LoggedModelOutput(model.model_id, step)])
-            self._client.log_batch(self.run_id, tags=[RunTag(MODEL_ID_TAG, model.model_id)])
+            self._client.log_batch(self.run_id, tags=[RunTag(registry.MODEL_ID_TAG, model.model_id)])
             return model.model_id
 
         model_id = self._call("log model", _log)
@@ -303,94 +271,6 @@ class Tracker:
             self._monitor = None
         if self.enabled:
             self._call("end run", self._client.set_terminated, self.run_id, status)
-
-
-def download_run_model(run_id: str, dst: str | Path) -> Path:
-    """The checkpoint directory logged with ``run_id``, copied into ``dst``, from the
-    store ``MLFLOW_TRACKING_URI`` names (default: ./mlflow.db). Raises CheckpointError
-    that tells a run that is not there from a store that can't be reached or read."""
-    if not run_id.strip():
-        raise CheckpointError("--run: empty run id; allowed: a run id as `mlflow ui` or "
-                              "metrics/mlflow_run.json shows it (32 hex digits)")
-    client, uri = _client()
-    import mlflow
-
-    try:
-        run = client.get_run(run_id)
-        model_id = run.data.tags.get(MODEL_ID_TAG)
-        location = client.get_logged_model(model_id).artifact_location if model_id else None
-    except Exception as exc:  # noqa: BLE001 - MLflow, SQLAlchemy and requests errors alike
-        raise CheckpointError(_store_problem(exc, run_id, uri)) from None
-    if not location:
-        raise CheckpointError(f"run {run_id!r} ({run.info.run_name}) has no logged model; "
-                              "only runs whose train stage finished carry one")
-    return registry.checkpoint_in(mlflow.artifacts.download_artifacts(artifact_uri=location, dst_path=str(dst),
-                                                                      tracking_uri=uri))
-
-
-def _client():
-    """A client of the project's store (``MLFLOW_TRACKING_URI`` or ./mlflow.db)."""
-    _configure_env()
-    import mlflow
-    from mlflow.tracking import MlflowClient
-
-    uri = tracking_uri(project_root())
-    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).exists():
-        raise CheckpointError(f"no MLflow store at {uri.removeprefix('sqlite:///')}; run from the "
-                              "project root or set MLFLOW_TRACKING_URI")
-    mlflow.set_tracking_uri(uri)
-    return MlflowClient(tracking_uri=uri), uri
-
-
-def download_model(model_uri: str, dst: str | Path) -> Path:
-    """The checkpoint of the MLflow model at ``model_uri`` (``models:/gptcore@champion``,
-    ``models:/gptcore/3``, ``models:/<logged model id>``), copied into ``dst``."""
-    if not model_uri.startswith("models:/"):
-        raise CheckpointError(f"--model {model_uri!r}: allowed: models:/gptcore@ALIAS, models:/gptcore/VERSION "
-                              "or models:/<logged model id> (a directory: use --checkpoint)")
-    _, uri = _client()
-    try:
-        return registry.download_checkpoint(model_uri, dst)
-    except CheckpointError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - MLflow, SQLAlchemy and requests errors alike
-        text = " ".join(str(exc).split())
-        if "not found" in text.lower() or "RESOURCE_DOES_NOT_EXIST" in text or "does not exist" in text:
-            raise CheckpointError(f"--model {model_uri!r}: not found in {uri} ({text[:160]}); "
-                                  "`mlflow ui` lists the registered models, versions and aliases") from None
-        raise CheckpointError(f"--model {model_uri!r}: MLflow store {uri} could not be read "
-                              f"({type(exc).__name__}: {text[:160]})") from None
-
-
-def promote_model(version: str | None = None, run_id: str | None = None) -> str:
-    """Point the ``champion`` alias at a version (or at the one ``run_id`` registered)."""
-    client, uri = _client()
-    try:
-        return registry.promote(client, version, run_id)
-    except CheckpointError:
-        raise
-    except Exception as exc:  # noqa: BLE001
-        what = f"run {run_id!r}" if run_id else f"version {version!r}"
-        raise CheckpointError(f"promote {what}: {' '.join(str(exc).split())[:200]} (store {uri})") from None
-
-
-def _store_problem(exc: Exception, run_id: str, uri: str) -> str:
-    """One line for why a store could not answer: the run is not there, the store can't
-    be reached, or its database is not one MLflow can read."""
-    code = getattr(exc, "error_code", "")
-    text = " ".join(str(exc).split())
-    if code == "RESOURCE_DOES_NOT_EXIST" or "not found" in text.lower() and "run" in text.lower():
-        return f"run {run_id!r}: not found in {uri}; `mlflow ui` or metrics/mlflow_run.json lists the run ids"
-    if any(k in text for k in ("Connection", "connect", "Max retries", "timed out", "Name or service")):
-        return (f"MLflow store {uri} is unreachable ({type(exc).__name__}); start the tracking server or "
-                "unset MLFLOW_TRACKING_URI to read ./mlflow.db")
-    if any(k in text.lower() for k in ("not a database", "malformed", "database disk image", "no such table",
-                                       "databaseerror", "file is encrypted")):
-        reason = re.search(r"\(sqlite3\.\w+\) ([^\[]+)", text)
-        return (f"MLflow store {uri} is corrupt or not an MLflow database "
-                f"({(reason.group(1) if reason else text[:100]).strip()}); restore mlflow.db from a backup, "
-                "or load the checkpoint with --checkpoint models/best")
-    return f"MLflow store {uri} could not be read ({type(exc).__name__}: {text[:160]})"
 
 
 def write_run_file(run_id: str | None, path: str | Path = RUN_FILE) -> None:

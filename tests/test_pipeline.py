@@ -165,11 +165,14 @@ def test_mlflow_ui_shows_both_runs_with_dataset_and_model(project):
     (see `make ui-check`)."""
     import urllib.request
 
-    from ui_check import api, mlflow_ui
+    from ui_check import api, mlflow_ui, registry_facts, registry_problems, training_view_problems
 
     root, env = project
     with mlflow_ui(root / "mlflow.db", env=env) as base:
         exp = api(base, "/api/2.0/mlflow/experiments/get-by-name?experiment_name=gptcore")["experiment"]
+        # the saved view the README links (loss columns, loss charts), the champion and its eval tags
+        assert training_view_problems(exp) == []
+        assert registry_problems(*registry_facts(base)) == []
         runs = api(base, "/api/2.0/mlflow/runs/search", {"experiment_ids": [exp["experiment_id"]]})["runs"]
         assert len(runs) >= 2
         for run in runs:

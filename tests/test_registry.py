@@ -157,26 +157,48 @@ def test_mlflow_models_serve_answers_with_the_champion(project, tmp_path):
                              "--env-manager", "local", "-p", str(port), "-h", "127.0.0.1"],
                             cwd=tmp_path, env=serve_env, stdout=log, stderr=log, start_new_session=True)
     try:
-        deadline = time.monotonic() + 180
         body = json.dumps({"inputs": PROMPTS, "params": GREEDY}).encode()
-        while True:
-            try:
-                req = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", body,
-                                             {"Content-Type": "application/json"})
-                answer = json.loads(urllib.request.urlopen(req, timeout=60).read())
-                break
-            except OSError:
-                assert proc.poll() is None, (tmp_path / "serve.log").read_text()
-                assert time.monotonic() < deadline, (tmp_path / "serve.log").read_text()
-                time.sleep(1)
+        answer = _post_when_up(proc, f"http://127.0.0.1:{port}/invocations", body, tmp_path / "serve.log")
         assert answer == {"predictions": expected}
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
+        _stop(proc)
         log.close()
+
+
+def test_gptcore_serve_takes_a_model_uri(project, tmp_path):
+    root, env = project
+    expected = cli_completion(root, env, "--model", "models:/gptcore@champion", prompt="ROMEO:")
+    port = _free_port()
+    log = open(tmp_path / "serve.log", "wb")
+    proc = subprocess.Popen([str(VENV_BIN / "gptcore"), "serve", "--model", "models:/gptcore@champion",
+                             "--port", str(port)], cwd=root, env=env, stdout=log, stderr=log, start_new_session=True)
+    try:
+        body = json.dumps({"prompt": "ROMEO:", "temperature": 0, "max_tokens": GREEDY["max_new_tokens"]}).encode()
+        answer = _post_when_up(proc, f"http://127.0.0.1:{port}/v1/completions", body, tmp_path / "serve.log")
+        assert answer["choices"][0]["text"] == expected
+    finally:
+        _stop(proc)
+        log.close()
+
+
+def _post_when_up(proc, url: str, body: bytes, log: Path, timeout: float = 180) -> dict:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            req = urllib.request.Request(url, body, {"Content-Type": "application/json"})
+            return json.loads(urllib.request.urlopen(req, timeout=60).read())
+        except OSError:
+            assert proc.poll() is None, log.read_text()
+            assert time.monotonic() < deadline, log.read_text()
+            time.sleep(1)
+
+
+def _stop(proc) -> None:
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
 
 
 def test_promote_moves_the_alias_by_hand(project):

@@ -73,7 +73,7 @@ def test_datasets_and_model_are_logged_and_the_model_loads_back(store, tmp_path,
     from gptcore.errors import CheckpointError
     from gptcore.model import GPT
     from conftest import char_tokenizer
-    from gptcore.tracking import MODEL_ID_TAG, download_run_model
+    from gptcore.registry import MODEL_ID_TAG, download_run_model
 
     tok = char_tokenizer("abcdefgh")
     data = TokenData(torch.tensor(tok.encode("abcabcabc")), torch.tensor(tok.encode("cab")), {"dtype": "uint16"}, tok)
