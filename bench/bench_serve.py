@@ -386,7 +386,7 @@ def main(argv: list[str] | None = None) -> int:
     for lv in levels:
         lv["ratio_vs_base"] = lv["tokens_per_s"] / base["tokens_per_s"] if base["tokens_per_s"] else None
     info = describe()
-    threads = args.threads or f"server default (torch's here: {info['threads']})"
+    threads = args.threads or f"server default: torch's - 1 = {max(1, info['threads'] - 1)}"
     info["threads"] = args.threads or info["threads"]
     failed = sum(lv["failed"] for lv in levels)
     if args.json:
@@ -400,7 +400,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         print(f"gptcore serve under load: {source}")
         print(f"model id {model!r}; --max-batch {args.max_batch}, --threads "
-              f"{args.threads or 'not given (server default)'}; server ready in {startup_s:.1f} s")
+              f"{threads}; server ready in {startup_s:.1f} s")
         print(headline(info))
         print(f"per request: streamed (with usage), max_tokens {args.max_tokens}, ignore_eos, temperature "
               f"{SAMPLING['temperature']}, top_k {SAMPLING['top_k']}, own seed, {len(PROMPTS)} prompts in turn; "
