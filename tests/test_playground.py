@@ -14,29 +14,17 @@ Without Chromium the browser tests are skipped with a warning saying so (Debian:
 from __future__ import annotations
 
 import json
-import os
-import signal
-import socket
-import string
-import subprocess
-import sys
-import tempfile
-import time
 import urllib.error
 import urllib.request
 import warnings
-from pathlib import Path
 
 import pytest
-import torch
 
 from browser import Browser, find_chromium
-from conftest import REPO, char_tokenizer
-from gptcore.checkpoint import save_checkpoint
-from gptcore.config import GPTConfig
-from gptcore.model import GPT
+from conftest import REPO
+from test_cli import checkpoint  # noqa: F401 - the fixture: a tiny char model that never ends early
+from test_serve import running_server
 
-GPTCORE = Path(sys.executable).with_name("gptcore")  # the console script next to this Python
 PAGE = REPO / "gptcore" / "serving" / "playground.html"
 IDS = ("prompt", "generate", "stop", "output", "error", "model", "max_tokens", "temperature", "top_k",
        "top_p", "repetition_penalty", "seed", "stop_strings", "stats")
@@ -44,68 +32,11 @@ WAIT_S = 120  # upper bound for one step (server start, a generation), only to f
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory) -> Path:
-    """A random tiny char-level model that never picks end-of-text greedily (its
-    embedding is zero, so its logit is 0 while the largest logit is positive): a greedy
-    completion runs to max_tokens. (The same model as tests/test_cli.py's.)"""
-    tok = char_tokenizer(string.ascii_letters + " \n.,:;!?'-")
-    torch.manual_seed(0)
-    model = GPT(GPTConfig(vocab_size=tok.vocab_size, block_size=32, n_layer=2, n_head=2, n_embd=32))
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0.0, 0.3)
-        model.transformer.wte.weight[tok.eot_id] = 0.0
-    return save_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny", model, tok)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def server(checkpoint) -> str:
-    """A real `gptcore serve` on a free localhost port for this module; its base URL
-    once /health answers ok."""
-    assert GPTCORE.is_file(), f"console script {GPTCORE} missing: pip install -e ."
-    port = _free_port()
-    base = f"http://127.0.0.1:{port}"
-    log = tempfile.TemporaryFile()  # a file, not a pipe: the request log never blocks the server
-    # One intra-op thread: a tiny model gains nothing from more, and the cores are shared.
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "MLFLOW_DISABLE_TELEMETRY": "true", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([str(GPTCORE), "serve", "--checkpoint", str(checkpoint), "--host", "127.0.0.1",
-                             "--port", str(port), "--max-batch", "2"],
-                            stdout=log, stderr=log, env=env, start_new_session=True)
-
-    def output() -> str:
-        log.seek(0)
-        return log.read().decode(errors="replace")[-3000:]
-
-    try:
-        deadline = time.monotonic() + WAIT_S
-        while True:
-            try:
-                status, body = get(base, "/health")
-                if status == 200 and json.loads(body).get("status") == "ok":
-                    break
-            except OSError:
-                pass
-            if proc.poll() is not None:
-                pytest.fail(f"gptcore serve exited with status {proc.returncode}:\n{output()}")
-            if time.monotonic() > deadline:
-                pytest.fail(f"gptcore serve did not answer /health within {WAIT_S} s:\n{output()}")
-            time.sleep(0.2)
-        yield base
-    finally:
-        # Its own process group: anything it started goes too.
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=30)
-        log.close()
+def server(checkpoint, tmp_path_factory) -> str:
+    """A real `gptcore serve` on a free localhost port for this module (test_serve's
+    helper); its base URL once /health answers ok."""
+    with running_server(checkpoint, tmp_path_factory.mktemp("serve"), "--max-batch", "2") as s:
+        yield s.base
 
 
 @pytest.fixture(scope="module")
