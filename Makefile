@@ -42,8 +42,10 @@ exps: setup
 	$(BIN)/dvc exp show --no-pager --only-changed --md \
 		--drop '.*_time_s|.*tokens_per_s|resumed_from_step|stopped_early|val_tokens|val_bytes|models|.*mlflow_run.*|(gptcore|stages|data)/.*'
 
-# mlflow ui shows every run with its name, datasets and model (rendered in headless
-# Chromium when installed, else through the REST API); screenshot: docs/mlflow_run.png.
+# mlflow ui shows every run with its name, datasets and model, the training view (loss
+# columns, sorted), and the registry's gptcore model with its champion alias and version
+# tags (rendered in headless Chromium when installed, else through the REST API);
+# screenshot: docs/mlflow_run.png.
 ui-check: setup
 	$(BIN)/python tests/ui_check.py
 
