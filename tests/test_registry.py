@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,6 +20,7 @@ import pytest
 
 from project_copy import git_project
 from test_pipeline import TINY, VENV_BIN, _mlflow_client, _run
+from test_serve import _free_port
 
 PROMPTS = ["ROMEO:", "HAMLET:"]
 GREEDY = {"temperature": 0.0, "max_new_tokens": 12}
@@ -138,12 +138,6 @@ def test_the_champion_loads_in_a_fresh_process_with_generate_s_completions(proje
     fresh = {**env, "MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}"}
     out = _run([sys.executable, "-c", code], root.parent, fresh).stdout
     assert json.loads(out.strip().splitlines()[-1]) == expected
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_mlflow_models_serve_answers_with_the_champion(project, tmp_path):

@@ -17,7 +17,6 @@ Servers and anything with its own scheduling use :class:`~.engine.Engine` direct
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Iterator, Sequence
 
 from ..model.gpt import GPT
@@ -103,7 +102,7 @@ def stream_batch(model: GPT, tokenizer, prompt: str | Sequence[int] = "", num_sa
     engine = _engine(model, tokenizer, min(num_samples, MAX_BATCH_ROWS), device, use_cache, crop_to)
     texts, parts = [], []
     for i in range(num_samples):
-        engine.submit(ids, cfg if cfg.seed is None else dataclasses.replace(cfg, seed=cfg.seed + i), tag=i)
+        engine.submit(ids, cfg.for_sample(i), tag=i)
         texts.append(TextPieces(tokenizer, cfg.stop))
         parts.append([])
     if cfg.max_new_tokens == 0:

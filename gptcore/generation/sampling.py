@@ -9,7 +9,7 @@ sample stage. Kept free of torch so ``gptcore --help`` and validation are instan
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 
 from ..config import Params
 from ..errors import ConfigError
@@ -76,6 +76,11 @@ class SamplingConfig:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+    def for_sample(self, i: int) -> "SamplingConfig":
+        """The settings of sample ``i`` of several: seed + i (so it is what a lone decode
+        with that seed gives), or a fresh random seed when ``seed`` is None."""
+        return self if self.seed is None else replace(self, seed=self.seed + i)
 
     def describe(self) -> str:
         return " ".join(f"{f.name}={getattr(self, f.name)!r}" for f in fields(self))

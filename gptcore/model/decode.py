@@ -165,15 +165,16 @@ class CachedDecoder:
         # Screening pays when a few candidates survive (with most of the vocabulary in play,
         # a tiny char vocabulary or a huge top_k, the plain fp32 head is as fast) and when
         # this machine multiplies bf16 faster than fp32.
-        if top is not None and 0 < top <= self.limit // 8 and (
-                self.screen if self.screen is not None else self._bf16_pays()):
-            return self._screened_logits(x, top)
+        if top is not None and 0 < top <= self.limit // 8:
+            if self.screen is None:  # decided once per decoder (the weights do not change under it)
+                self.screen = self._bf16_pays()
+            if self.screen:
+                return self._screened_logits(x, top)
         if not self.fast:
             return F.linear(x, self.head).float()
         # The LM head dominates a step: x @ W^T through a transposed view takes a slow
         # strided path (measured 3x slower on an AMD EPYC); a (C, V) copy does not.
-        head_t = _derived(self.model, "head_t", self.limit, lambda: self.head.t().contiguous())
-        return torch.mm(x, head_t).float()
+        return torch.mm(x, self._head_t()).float()
 
     @torch.inference_mode()
     def step(self, tokens: list[int], top: int | None = None) -> torch.Tensor:
@@ -221,6 +222,9 @@ class CachedDecoder:
         self.lengths[slot] = cache.length
         return self._logits(h, top)
 
+    def _head_t(self) -> torch.Tensor:
+        return _derived(self.model, "head_t", self.limit, lambda: self.head.t().contiguous())
+
     def _bf16_pays(self) -> bool:
         """Whether the bf16 head is faster than the fp32 one here, timed once per model.
         CPUs with bf16 instructions (AMX, AVX-512 BF16) and GPUs stream half the bytes;
@@ -229,7 +233,7 @@ class CachedDecoder:
         top ids are exact, so the choice changes speed, never tokens."""
         def measure():
             x = torch.randn(4, self.C, device=self.device, dtype=self.head.dtype)
-            head_t = _derived(self.model, "head_t", self.limit, lambda: self.head.t().contiguous())
+            head_t = self._head_t()
             head_bf16 = _derived(self.model, "screen", self.limit, self._screen_weights)[0]
             runs = {"fp32": lambda: torch.mm(x, head_t), "bf16": lambda: F.linear(x.to(torch.bfloat16), head_bf16)}
             best = {}

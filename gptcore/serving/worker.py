@@ -15,7 +15,6 @@ with a server error and gives the engine a fresh start; the thread keeps serving
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import queue
 import sys
 import threading
@@ -120,7 +119,7 @@ class Worker:
         if kind == "submit":
             for p, ids in enumerate(job.prompts):
                 for i in range(job.n):
-                    cfg = job.cfg if job.cfg.seed is None else dataclasses.replace(job.cfg, seed=job.cfg.seed + i)
+                    cfg = job.cfg.for_sample(i)
                     row = self.engine.submit(ids, cfg, tag=(job, p * job.n + i, TextPieces(self.tokenizer, cfg.stop)))
                     job.rows.append(row)
                     job.open_rows += 1
