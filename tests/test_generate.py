@@ -463,6 +463,9 @@ def test_decoder_rows_at_different_positions_equal_full_forwards(tok, fast):
     gen = torch.Generator().manual_seed(7)
     seqs = torch.randint(0, tok.vocab_size, (3, BLOCK), generator=gen).tolist()
     decoder = CachedDecoder(model, max_rows=3)
+    # The fast multi-row steps below run the LM head through oneDNN's packed linear
+    # (torch's CPU wheel has it); one-row prefills through torch.mm.
+    assert decoder.packable
     windows = [seqs[0][:2], seqs[1][:5], seqs[2][:9]]
 
     def expect(window):
