@@ -11,6 +11,12 @@ batches; tokens/s is the median over timed steps after warm-up. Rows:
                      on CPU, the glibc allocator tuning (gptcore.training.device), as `dvc repro` runs it
 
     python bench/bench_train.py [--device cpu|cuda] [--batch-size 8] [--steps 6] [--json]
+    python bench/bench_train.py --variants [--dtype float32]   # model.* variants' step cost
+
+``--variants`` times the gptcore default row once per architecture variant of
+``GPTConfig`` (rotary positions, QK-norm, ReLU², RMSNorm, zero-initialised projections),
+side by side, each against the plain default row of the same run (``--dtype float32``
+runs them without bf16 autocast, for CPUs without bf16 instructions).
 
 Each row runs in its own process, so no row inherits another's heap, caches or
 allocator settings; peak memory is that process's peak RSS (CPU) or peak allocated
@@ -32,6 +38,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 CPU_ROWS = ("hf fp32", "hf bf16 autocast", "gptcore fp32", "gptcore default")
 GPU_ROWS = ("hf fp32", "hf bf16 autocast", "hf compiled", "gptcore fp32", "gptcore default")
+VARIANTS = ("position=rope", "qk_norm=true", "mlp_activation=relu2", "norm=rmsnorm", "zero_init_proj=true")
+VARIANT_ROWS = ("gptcore default", *(f"gptcore default +{v}" for v in VARIANTS))
+
+
+def overrides(row: str) -> dict:
+    """``gptcore default +position=rope`` -> {"position": "rope"}."""
+    if "+" not in row:
+        return {}
+    key, value = row.split("+", 1)[1].split("=")
+    return {key: {"true": True, "false": False}.get(value, value)}
 
 
 def time_steps(step, n_warmup: int, n_steps: int, sync) -> float:
@@ -47,7 +63,7 @@ def time_steps(step, n_warmup: int, n_steps: int, sync) -> float:
     return statistics.median(times)
 
 
-def measure(row: str, device: str, batch_size: int, warmup: int, steps: int) -> dict:
+def measure(row: str, device: str, batch_size: int, warmup: int, steps: int, dtype: str = "bfloat16") -> dict:
     """One row, in this (fresh) process: tokens/s and peak memory."""
     import contextlib
 
@@ -56,13 +72,13 @@ def measure(row: str, device: str, batch_size: int, warmup: int, steps: int) -> 
     from gptcore.config import GPTConfig
 
     dev = torch.device(device)
-    cfg = GPTConfig()
+    cfg = GPTConfig(**overrides(row))
     B, T = batch_size, cfg.block_size
     g = torch.Generator().manual_seed(0)
     x = torch.randint(cfg.vocab_size, (B, T), generator=g).to(dev)
     y = torch.randint(cfg.vocab_size, (B, T), generator=g).to(dev)
     torch.manual_seed(0)
-    low = "bf16" in row or "default" in row or "compiled" in row
+    low = "bf16" in row or ("default" in row and dtype == "bfloat16") or "compiled" in row
     amp = (lambda: torch.autocast(dev.type, dtype=torch.bfloat16)) if low else contextlib.nullcontext
     if row.startswith("hf"):
         from transformers import GPT2Config, GPT2LMHeadModel
@@ -79,7 +95,7 @@ def measure(row: str, device: str, batch_size: int, warmup: int, steps: int) -> 
         from gptcore.model import GPT
 
         model = GPT(cfg).to(dev).train()
-        fused = row == "gptcore default"
+        fused = row.startswith("gptcore default")
         if fused and dev.type == "cpu":
             keep_freed_memory()
 
@@ -109,36 +125,48 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    ap.add_argument("--variants", action="store_true", help="the default row per model.* variant, vs the default")
+    ap.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"),
+                    help="autocast dtype of the gptcore default rows (default: %(default)s)")
     ap.add_argument("--row", help=argparse.SUPPRESS)  # internal: one row, print its JSON
     args = ap.parse_args()
     if args.row:
-        print(json.dumps(measure(args.row, args.device, args.batch_size, args.warmup, args.steps)))
+        print(json.dumps(measure(args.row, args.device, args.batch_size, args.warmup, args.steps, args.dtype)))
         return
     from machine import describe, headline
 
-    rows = GPU_ROWS if args.device.startswith("cuda") else CPU_ROWS
+    rows = VARIANT_ROWS if args.variants else GPU_ROWS if args.device.startswith("cuda") else CPU_ROWS
     results = {}
-    for row in rows:
+    # Variants differ by a few percent, less than a shared machine drifts over a minute:
+    # their rows run twice, forward then reversed, and report the mean of the two.
+    order = [*rows, *reversed(rows)] if args.variants else rows
+    for row in order:
         out = subprocess.run([sys.executable, __file__, "--row", row, "--device", args.device,
                               "--batch-size", str(args.batch_size), "--steps", str(args.steps),
-                              "--warmup", str(args.warmup)], capture_output=True, text=True)
+                              "--warmup", str(args.warmup), "--dtype", args.dtype], capture_output=True, text=True)
         if out.returncode != 0:
             sys.exit(f"row {row!r} failed:\n{out.stderr}")
-        results[row] = json.loads(out.stdout.strip().splitlines()[-1])
-    base = results["hf fp32"]["tokens_per_s"]
+        got = json.loads(out.stdout.strip().splitlines()[-1])
+        if row in results:
+            got = {k: (v + results[row][k]) / 2 for k, v in got.items()}
+        results[row] = got
+    base_row = "gptcore default" if args.variants else "hf fp32"
+    base = results[base_row]["tokens_per_s"]
     for r in results.values():
-        r["ratio_vs_hf"] = r["tokens_per_s"] / base
+        r["ratio_vs_hf" if not args.variants else "ratio_vs_default"] = r["tokens_per_s"] / base
     info = describe(args.device)
     if args.json:
         print(json.dumps({"benchmark": "train_step", "batch_size": args.batch_size,
                           "block_size": 256, "machine": info, "rows": results}, indent=2))
         return
     mem = "peak MB (GPU)" if args.device.startswith("cuda") else "peak RSS MB"
-    print(f"train step, batch {args.batch_size} x 256 tokens; {headline(info)}")
-    print(f"{'':20s} {'tokens/s':>10s} {'vs hf fp32':>11s} {mem:>14s}")
+    key = "ratio_vs_default" if args.variants else "ratio_vs_hf"
+    print(f"train step, batch {args.batch_size} x 256 tokens; {headline(info)}"
+          + (f"; gptcore default rows: {args.dtype}" if args.dtype != "bfloat16" else ""))
+    print(f"{'':42s} {'tokens/s':>10s} {'vs ' + base_row:>17s} {mem:>14s}")
     for name, r in results.items():
         peak = r.get("peak_rss_mb", r.get("peak_mem_mb"))
-        print(f"{name:20s} {r['tokens_per_s']:10,.0f} {r['ratio_vs_hf']:10.2f}x {peak:14,.0f}")
+        print(f"{name:42s} {r['tokens_per_s']:10,.0f} {r[key]:16.2f}x {peak:14,.0f}")
 
 
 if __name__ == "__main__":

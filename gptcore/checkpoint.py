@@ -171,18 +171,26 @@ def _header_shapes(data: bytes) -> dict[str, tuple]:
         raise ValueError("header entries without a tensor shape") from None
 
 
+# With rotary positions no weight holds block_size, so a corrupt config.json's value is
+# bounded here instead (KV caches are allocated to it).
+MAX_ROPE_BLOCK = 1 << 20
+
+
 def _check_shapes(config: GPTConfig, shapes: dict[str, tuple], directory: Path) -> None:
     """config.json's sizes must be the weights' own, checked on the file's header before
     anything is allocated: a corrupt or hand-edited ``block_size: 10**12`` is one error,
     not an allocator failure. (Every tensor's name and shape is checked once the model
     is built.)"""
     wte, wpe = shapes.get("transformer.wte.weight"), shapes.get("transformer.wpe.weight")
-    if wte is None or wpe is None or len(wte) != 2 or len(wpe) != 2:
+    learned = config.position == "learned"  # rotary positions have no weights (nor a size to check)
+    if wte is None or len(wte) != 2 or (learned and (wpe is None or len(wpe) != 2)):
         raise CheckpointError(f"{directory / 'model.safetensors'}: no token/position embedding tensors; "
                               "not a gptcore checkpoint's weights")
     layers = len({name.split(".")[2] for name in shapes if name.startswith("transformer.h.")})
-    held = {"vocab_size": wte[0], "n_embd": wte[1], "block_size": wpe[0], "n_layer": layers}
+    held = {"vocab_size": wte[0], "n_embd": wte[1], "n_layer": layers, **({"block_size": wpe[0]} if learned else {})}
     wrong = [f"{k}={getattr(config, k)} (the weights hold {v})" for k, v in held.items() if getattr(config, k) != v]
+    if not learned and config.block_size > MAX_ROPE_BLOCK:  # decoding allocates block_size cache slots
+        wrong.append(f"block_size={config.block_size} (position: rope; at most {MAX_ROPE_BLOCK:,})")
     if wrong:
         raise CheckpointError(f"{directory / 'config.json'}: {', '.join(wrong)}; config.json and "
                               "model.safetensors disagree (a corrupt or hand-edited checkpoint): restore it "

@@ -44,6 +44,12 @@ class GPTConfig:
     bias: bool = True
     attn_impl: str = "sdpa"  # "sdpa" (fast, default) or "math" (the explicit equations)
     layer_norm_eps: float = 1e-5
+    # Architecture variants (GPT-2's choice first; each stays off until a sweep shows it wins).
+    position: str = "learned"     # learned (GPT-2's wpe table) | rope (rotary, no position weights)
+    qk_norm: bool = False         # RMS-normalise each head's queries and keys (no weights)
+    mlp_activation: str = "gelu"  # gelu (tanh approximation) | relu2 (relu(x)^2)
+    norm: str = "layernorm"       # layernorm | rmsnorm (weight only)
+    zero_init_proj: bool = False  # start each block's output projections at zero
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
@@ -59,6 +65,14 @@ class GPTConfig:
                "layer_norm_eps", self.layer_norm_eps, "a number > 0")
         _check(isinstance(self.bias, bool), "bias", self.bias, "true | false")
         _check_choice("attn_impl", self.attn_impl, ("sdpa", "math"))
+        _check_choice("position", self.position, ("learned", "rope"))
+        _check_choice("mlp_activation", self.mlp_activation, ("gelu", "relu2"))
+        _check_choice("norm", self.norm, ("layernorm", "rmsnorm"))
+        for name in ("qk_norm", "zero_init_proj"):
+            _check(isinstance(getattr(self, name), bool), name, getattr(self, name), "true | false")
+        if self.position == "rope":  # rotary pairs up each head's dimensions
+            _check((self.n_embd // self.n_head) % 2 == 0, "n_embd", self.n_embd,
+                   f"n_embd / n_head even with position: rope (head size {self.n_embd // self.n_head})")
 
     @classmethod
     def from_dict(cls, data: dict) -> "GPTConfig":

@@ -18,6 +18,7 @@ from gptcore.generation.text import TextPieces
 from gptcore.model import GPT, KVCache
 from gptcore.model.decode import CachedDecoder
 from conftest import char_tokenizer
+from test_variants import VARIANTS
 from gptcore.data.tokenizer import CharTokenizer, GPT2Tokenizer
 
 TEXT = "First Citizen:\nBefore we proceed any further, hear me speak.\nAll: Speak, speak!\n"
@@ -452,12 +453,15 @@ def test_sampling_reads_only_ids_the_tokenizer_has():
 SAMPLED = SamplingConfig(temperature=1.0, top_k=10, top_p=0.9, repetition_penalty=1.3, seed=11, stop_at_eot=False)
 
 
+@pytest.mark.parametrize("variant", ["gpt2", *VARIANTS])
 @pytest.mark.parametrize("fast", [True, False], ids=["fast-step", "module-step"])
-def test_decoder_rows_at_different_positions_equal_full_forwards(tok, fast):
+def test_decoder_rows_at_different_positions_equal_full_forwards(tok, fast, variant):
     """Rows prefilled with windows of different lengths step side by side, each at its
-    own position (a masked step), a row is moved to another slot, one is re-prefilled:
-    at every step each row's logits are the full forward pass over its own window."""
-    model = tiny_model(tok.vocab_size)
+    own position (a masked step), a row is moved to another slot, one is re-prefilled,
+    rows at one position step unmasked: at every step each row's logits are the full
+    forward pass over its own window. The fast step restates the block equations, so
+    this runs for every architecture variant (test_variants.py) too."""
+    model = tiny_model(tok.vocab_size, **VARIANTS.get(variant, {}))
     if not fast:
         model.train()  # dropout is 0: same numbers, but steps go through GPT.hidden_states
     gen = torch.Generator().manual_seed(7)
@@ -493,6 +497,12 @@ def test_decoder_rows_at_different_positions_equal_full_forwards(tok, fast):
             torch.testing.assert_close(got[r], expect(windows[r]), atol=1e-4, rtol=0)
     with pytest.raises(ValueError, match="full|block_size"):
         decoder.step([1, 1])  # row 0 holds block_size positions: no room for another
+    twin = CachedDecoder(model, max_rows=2)  # rows at one position: the unmasked step
+    for slot in range(2):
+        twin.prefill(slot, seqs[slot][:6])
+    got = twin.step([seqs[0][6], seqs[1][6]])
+    for r in range(2):
+        torch.testing.assert_close(got[r], expect(seqs[r][:7]), atol=1e-4, rtol=0)
 
 
 @pytest.mark.parametrize("top", [1, 5])

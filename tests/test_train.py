@@ -456,6 +456,17 @@ def test_muon_resume_after_sigint_is_bit_exact(tmp_path, shakespeare_dir):
     assert set(state["optimizer"]) == {"adamw", "muon"}
 
 
+VARIANT_PARAMS = make_params(model={"dropout": 0.2, "position": "rope", "qk_norm": True, "mlp_activation": "relu2",
+                                    "norm": "rmsnorm", "zero_init_proj": True},
+                             train={**asdict(RESUME_PARAMS.train), "optimizer": "muon"}, vocab_size=66)
+
+
+def test_architecture_variants_resume_after_sigint_is_bit_exact(tmp_path, shakespeare_dir):
+    """Every model.* variant on at once (rotary positions, QK-norm, ReLU², RMSNorm, zero
+    output projections), with Muon: the resumed run still ends bit-identical."""
+    _sigint_at_13_then_resume(tmp_path, shakespeare_dir, VARIANT_PARAMS)
+
+
 def test_val_split_shorter_than_block_size_fails_before_training(tmp_path):
     data = synthetic("abcdefgh" * 50, "hgfedcba")  # 8 val tokens, block_size 16
     with pytest.raises(DataError, match=r"val split has 8 tokens, fewer than block_size \+ 1 = 17"):

@@ -22,7 +22,7 @@ import weakref
 import torch
 import torch.nn.functional as F
 
-from .gpt import GPT, KVCache
+from .gpt import GPT, KVCache, apply_rope, relu2, rope_angles
 
 # Relative error bound of one bf16 rounding (8 significant bits), doubled for safety
 # margin over fp32 accumulation error in both the screening and the exact products.
@@ -138,12 +138,18 @@ class CachedDecoder:
             def t(weight):  # (in, out) row-major: a vector-matrix product streams it in order
                 return weight.t().contiguous()
 
-            self.layers = [(b.ln_1.weight, b.ln_1.bias, t(b.attn.c_attn.weight), bias(b.attn.c_attn),
-                            t(b.attn.c_proj.weight), bias(b.attn.c_proj), b.ln_2.weight, b.ln_2.bias,
+            def norm(ln):  # (weight, bias); RMSNorm has no bias
+                return ln.weight, getattr(ln, "bias", None)
+
+            self.layers = [(*norm(b.ln_1), t(b.attn.c_attn.weight), bias(b.attn.c_attn),
+                            t(b.attn.c_proj.weight), bias(b.attn.c_proj), *norm(b.ln_2),
                             t(b.mlp.c_fc.weight), bias(b.mlp.c_fc), t(b.mlp.c_proj.weight), bias(b.mlp.c_proj))
                            for b in tr.h]
-            self.wte, self.wpe = tr.wte.weight, tr.wpe.weight
-            self.ln_f = (tr.ln_f.weight, tr.ln_f.bias)
+            self.wte = tr.wte.weight
+            self.wpe = tr.wpe.weight if "wpe" in tr else None  # None: rotary positions
+            self.ln_f = norm(tr.ln_f)
+            self.rms, self.qk_norm = cfg.norm == "rmsnorm", cfg.qk_norm
+            self.act = relu2 if cfg.mlp_activation == "relu2" else (lambda h: F.gelu(h, approximate="tanh"))
         self.head = w[:self.limit]
         self.packable = _packable(w)
 
@@ -204,33 +210,48 @@ class CachedDecoder:
         if not self.fast:
             return torch.cat([self._module_step(b, token, top) for b, token in enumerate(tokens)])
         C, nh, hs, eps, shape = self.C, self.nh, self.hs, self.eps, (self.C,)
-        layer_norm, addmm, gelu, sdpa = F.layer_norm, torch.addmm, F.gelu, F.scaled_dot_product_attention
+        addmm, act, sdpa = torch.addmm, self.act, F.scaled_dot_product_attention
+
+        def norm(h, w, b):
+            return F.rms_norm(h, shape, w, eps) if self.rms else F.layer_norm(h, shape, w, b, eps)
+
         uniform = min(lengths) == max(lengths)
         if uniform:  # every row at one position: slices, no mask (one row: the single-sequence path)
             pos = lengths[0]
             span, mask = pos + 1, None
-            x = (self.wte[tokens[0] if B == 1 else torch.tensor(tokens, device=self.device)]
-                 + self.wpe[pos]).view(B, C)
+            x = self.wte[tokens[0] if B == 1 else torch.tensor(tokens, device=self.device)].view(B, C)
         else:
             at = torch.tensor(lengths, device=self.device)
             span = max(lengths) + 1
             rows = torch.arange(B, device=self.device)
             mask = (torch.arange(span, device=self.device) <= at[:, None]).view(B, 1, 1, span)
-            x = self.wte[torch.tensor(tokens, device=self.device)] + self.wpe[at]
+            x = self.wte[torch.tensor(tokens, device=self.device)]
+        if self.wpe is not None:
+            x = x + (self.wpe[pos] if uniform else self.wpe[at])
+        else:  # rotary: each row's angles, broadcast over heads
+            where = torch.tensor([pos], device=self.device) if uniform else at
+            cos, sin = (a.view(-1, 1, 1, hs // 2) for a in rope_angles(where, hs))
         for (ln1w, ln1b, attn_w, attn_b, proj_w, proj_b, ln2w, ln2b, fc_w, fc_b, mlp_w, mlp_b), kv in zip(
                 self.layers, self.kv):
-            qkv = addmm(attn_b, layer_norm(x, shape, ln1w, ln1b, eps), attn_w).view(B, 3, nh, 1, hs)
+            qkv = addmm(attn_b, norm(x, ln1w, ln1b), attn_w).view(B, 3, nh, 1, hs)
+            q, kv_new = qkv[:, 0], qkv[:, 1:, :, 0]  # (B, nh, 1, hs), (B, 2, nh, hs)
+            if self.qk_norm or self.wpe is None:  # the key changes before it is cached
+                k = qkv[:, 1]
+                if self.qk_norm:
+                    q, k = F.rms_norm(q, (hs,), eps=eps), F.rms_norm(k, (hs,), eps=eps)
+                if self.wpe is None:
+                    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+                kv_new = torch.stack((k[:, :, 0], qkv[:, 2, :, 0]), 1)
             if uniform:
-                kv[:B, :, :, pos] = qkv[:, 1:, :, 0]  # K and V of this position, one write
+                kv[:B, :, :, pos] = kv_new  # K and V of this position, one write
             else:
-                kv[rows, :, :, at] = qkv[:, 1:, :, 0]  # each row's own position
-            y = sdpa(qkv[:, 0], kv[:B, 0, :, :span], kv[:B, 1, :, :span], attn_mask=mask)  # (B, nh, 1, hs)
+                kv[rows, :, :, at] = kv_new  # each row's own position
+            y = sdpa(q, kv[:B, 0, :, :span], kv[:B, 1, :, :span], attn_mask=mask)  # (B, nh, 1, hs)
             x = x + addmm(proj_b, y.reshape(B, C), proj_w)
-            x = x + addmm(mlp_b, gelu(addmm(fc_b, layer_norm(x, shape, ln2w, ln2b, eps), fc_w),
-                                      approximate="tanh"), mlp_w)
+            x = x + addmm(mlp_b, act(addmm(fc_b, norm(x, ln2w, ln2b), fc_w)), mlp_w)
         for b in range(B):
             self.lengths[b] += 1
-        return self._logits(layer_norm(x, shape, self.ln_f[0], self.ln_f[1], eps), top)
+        return self._logits(norm(x, *self.ln_f), top)
 
     def _module_step(self, slot: int, token: int, top: int | None) -> torch.Tensor:
         """One row through ``nn.Module`` calls (training mode: dropout as in training)."""

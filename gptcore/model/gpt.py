@@ -2,6 +2,10 @@
 
 Names follow GPT-2's own (``wte``, ``wpe``, ``c_attn``, ``c_proj``, ``ln_f``, ``lm_head``)
 so that importing or exporting GPT-2 weights is a table, not a puzzle (see ``hf.py``).
+
+``GPTConfig``'s variants (rotary positions, QK-norm, ReLU² MLPs, RMSNorm, zero-initialised
+output projections) change single equations below; every one is off by default, which
+is GPT-2 exactly. ``decode.py`` restates the same equations for fast decoding.
 """
 
 from __future__ import annotations
@@ -15,6 +19,38 @@ import torch.nn.functional as F
 
 from ..config import GPTConfig
 from .loss import linear_cross_entropy
+
+
+ROPE_BASE = 10000.0  # RoFormer's base wavelength
+
+
+def rope_angles(positions: torch.Tensor, head_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of the rotary angles at integer ``positions``: (*positions.shape,
+    head_size // 2). Computed per call (a few hundred numbers), so there is no table to
+    size, save or move between devices."""
+    inv = ROPE_BASE ** -(torch.arange(0, head_size, 2, device=positions.device, dtype=torch.float32) / head_size)
+    angles = positions.to(torch.float32)[..., None] * inv
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate each head's dimension pairs (i, i + head_size/2) of ``x`` (..., head_size)
+    by the angles of its position; ``cos``/``sin`` broadcast against (..., head_size/2).
+    A rotated key keeps only its own absolute position, so a cached one stays valid."""
+    half = x.size(-1) // 2
+    x1, x2 = x[..., :half], x[..., half:]
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
+
+
+def relu2(x: torch.Tensor) -> torch.Tensor:
+    return F.relu(x).square()
+
+
+def make_norm(config: GPTConfig) -> nn.Module:
+    if config.norm == "rmsnorm":
+        return nn.RMSNorm(config.n_embd, eps=config.layer_norm_eps)
+    return nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps, bias=config.bias)
 
 
 @dataclass
@@ -37,6 +73,7 @@ class CausalSelfAttention(nn.Module):
         self.n_embd = config.n_embd
         self.impl = config.attn_impl
         self.dropout = config.dropout
+        self.rope, self.qk_norm, self.eps = config.position == "rope", config.qk_norm, config.layer_norm_eps
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)  # fused Q, K, V
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.attn_dropout = nn.Dropout(config.dropout)
@@ -49,10 +86,14 @@ class CausalSelfAttention(nn.Module):
         q = q.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
         k = k.view(B, T, self.n_head, hs).transpose(1, 2)
         v = v.view(B, T, self.n_head, hs).transpose(1, 2)
+        past = cache.length if cache is not None else 0
+        if self.qk_norm:
+            q, k = F.rms_norm(q, (hs,), eps=self.eps), F.rms_norm(k, (hs,), eps=self.eps)
+        if self.rope:
+            cos, sin = rope_angles(torch.arange(past, past + T, device=x.device), hs)
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
 
-        past = 0
         if cache is not None:
-            past = cache.length
             cache.k[layer][:, :, past:past + T] = k
             cache.v[layer][:, :, past:past + T] = v
             k = cache.k[layer][:, :, :past + T]  # (B, nh, past+T, hs)
@@ -91,22 +132,23 @@ class MLP(nn.Module):
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
         self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
-        self.gelu = nn.GELU(approximate="tanh")  # GPT-2's "gelu_new"
+        # GPT-2's "gelu_new" (tanh approximation), or relu(x)^2
+        self.act = nn.GELU(approximate="tanh") if config.mlp_activation == "gelu" else relu2
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
+        return self.dropout(self.c_proj(self.act(self.c_fc(x))))
 
 
 class Block(nn.Module):
-    """Pre-LayerNorm transformer block."""
+    """Pre-norm transformer block."""
 
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
-        self.ln_1 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps, bias=config.bias)
+        self.ln_1 = make_norm(config)
         self.attn = CausalSelfAttention(config)
-        self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps, bias=config.bias)
+        self.ln_2 = make_norm(config)
         self.mlp = MLP(config)
 
     def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
@@ -119,12 +161,14 @@ class GPT(nn.Module):
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
         self.config = config
+        modules = dict(wte=nn.Embedding(config.vocab_size, config.n_embd))
+        if config.position == "learned":  # rope: positions live in the attention's rotation
+            modules["wpe"] = nn.Embedding(config.block_size, config.n_embd)
         self.transformer = nn.ModuleDict(dict(
-            wte=nn.Embedding(config.vocab_size, config.n_embd),
-            wpe=nn.Embedding(config.block_size, config.n_embd),
+            **modules,
             drop=nn.Dropout(config.dropout),
             h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
-            ln_f=nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps, bias=config.bias),
+            ln_f=make_norm(config),
         ))
         # Tied embeddings: the head's own (vocab x n_embd) matrix is never allocated.
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False, device="meta")
@@ -134,7 +178,10 @@ class GPT(nn.Module):
         # two contributions to the residual stream.
         for name, p in self.named_parameters():
             if name.endswith("c_proj.weight"):
-                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+                if config.zero_init_proj:  # each block starts as the identity (modded-nanogpt)
+                    nn.init.zeros_(p)
+                else:
+                    nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
@@ -157,8 +204,10 @@ class GPT(nn.Module):
             raise ValueError(
                 f"sequence of {past + T} tokens exceeds block_size={self.config.block_size}; "
                 "crop the input to the last block_size tokens")
-        pos = torch.arange(past, past + T, dtype=torch.long, device=idx.device)
-        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
+        x = self.transformer.wte(idx)
+        if "wpe" in self.transformer:
+            x = x + self.transformer.wpe(torch.arange(past, past + T, dtype=torch.long, device=idx.device))
+        x = self.transformer.drop(x)
         for i, block in enumerate(self.transformer.h):
             x = block(x, cache, i)
         if cache is not None:

@@ -112,6 +112,13 @@ def export_hf(model: GPT, directory: str | Path, eot_id: int | None = None) -> P
     ``eot_id``: the tokenizer's end-of-text id (``tokenizer.eot_id``); see :func:`hf_config_dict`."""
     if not model.config.bias:
         raise ValueError("GPT-2 layout needs bias=True")
+    c = model.config
+    beyond = [f"{name}={value}" for name, value, gpt2 in (
+        ("position", c.position, "learned"), ("qk_norm", c.qk_norm, False),
+        ("mlp_activation", c.mlp_activation, "gelu"), ("norm", c.norm, "layernorm")) if value != gpt2]
+    if beyond:  # zero_init_proj only changes where training started: it exports
+        raise ValueError(f"GPT-2's layout (GPT2LMHeadModel) cannot express {', '.join(beyond)}; only a model "
+                         "with position=learned, qk_norm=false, mlp_activation=gelu, norm=layernorm exports")
     with atomic_dir(directory) as tmp:
         (tmp / "config.json").write_text(json.dumps(hf_config_dict(model.config, eot_id), indent=2))
         save_file(to_hf_state_dict(model), str(tmp / "model.safetensors"), metadata={"format": "pt"})

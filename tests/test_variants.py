@@ -1,0 +1,176 @@
+"""Architecture variants (``model.position``, ``qk_norm``, ``mlp_activation``, ``norm``,
+``zero_init_proj``): sizes, the equations they change, and that every path the default
+model keeps (math == sdpa, causality, the KV cache, checkpoints) holds for them too. The
+fast decoder with each variant is in test_generate.py, exact resume in test_train.py."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+import torch
+
+from conftest import char_tokenizer
+from gptcore.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from gptcore.config import GPTConfig
+from gptcore.errors import ConfigError
+from gptcore.model import GPT, KVCache, export_hf
+from gptcore.model.gpt import apply_rope, rope_angles
+from test_model import empty_cache, twins
+
+SMALL = GPTConfig(vocab_size=97, block_size=32, n_layer=2, n_head=4, n_embd=32)
+VARIANTS = {
+    "rope": dict(position="rope"),
+    "qk_norm": dict(qk_norm=True),
+    "relu2": dict(mlp_activation="relu2"),
+    "rmsnorm": dict(norm="rmsnorm"),
+    "all": dict(position="rope", qk_norm=True, mlp_activation="relu2", norm="rmsnorm", zero_init_proj=True),
+}
+
+
+def variant(name: str, base: GPTConfig = SMALL) -> GPTConfig:
+    return dataclasses.replace(base, **VARIANTS[name])
+
+
+def nonzero_projections(model: GPT, seed: int = 1) -> GPT:
+    """zero_init_proj starts the blocks as the identity, which would hide an attention bug."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("c_proj.weight"):
+                p.copy_(0.05 * torch.randn(p.shape, generator=g))
+    return model
+
+
+def test_parameter_counts_stay_within_the_reference():
+    counts = {name: GPT(variant(name, GPTConfig())).num_parameters() for name in VARIANTS}
+    assert GPT(GPTConfig()).num_parameters() == 7_259_008
+    # rope drops wpe (256 x 128); RMSNorm has no bias (9 norms x 128); the rest add nothing.
+    assert counts == {"rope": 7_259_008 - 32_768, "qk_norm": 7_259_008, "relu2": 7_259_008,
+                      "rmsnorm": 7_259_008 - 1_152, "all": 7_259_008 - 32_768 - 1_152}
+
+
+def test_defaults_are_gpt2_and_each_variant_changes_the_function():
+    assert "wpe" in GPT(SMALL).transformer
+    assert "wpe" not in GPT(variant("rope")).transformer
+    idx = torch.randint(0, 97, (1, 12), generator=torch.Generator().manual_seed(0))
+    torch.manual_seed(0)
+    base, _ = nonzero_projections(GPT(SMALL)).eval()(idx)
+    for name in VARIANTS:
+        torch.manual_seed(0)
+        out, _ = nonzero_projections(GPT(variant(name))).eval()(idx)
+        assert (out - base).abs().max() > 1e-4, name
+
+
+def test_rotary_scores_depend_only_on_the_distance():
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(2, 16, generator=g).unbind(0)
+
+    def score(m: int, n: int) -> float:
+        (cq, sq), (ck, sk) = rope_angles(torch.tensor(m), 16), rope_angles(torch.tensor(n), 16)
+        return float(apply_rope(q, cq, sq) @ apply_rope(k, ck, sk))
+
+    assert score(7, 3) == pytest.approx(score(107, 103), abs=1e-4)
+    assert score(7, 3) == pytest.approx(score(4, 0), abs=1e-4)
+    assert max(abs(score(7, 3) - score(7, n)) for n in range(7)) > 0.1  # ...and the distance does matter
+    assert float(apply_rope(q, *rope_angles(torch.tensor(0), 16)) @ k) == pytest.approx(float(q @ k), abs=1e-6)
+
+
+def test_zero_init_proj_starts_every_block_as_the_identity():
+    model = GPT(dataclasses.replace(SMALL, zero_init_proj=True, dropout=0.0)).eval()
+    assert all(p.abs().max() == 0 for n, p in model.named_parameters() if n.endswith("c_proj.weight"))
+    idx = torch.randint(0, 97, (1, 8), generator=torch.Generator().manual_seed(1))
+    tr = model.transformer
+    expect = tr.ln_f(tr.wte(idx) + tr.wpe(torch.arange(8)))  # biases start at zero too
+    torch.testing.assert_close(model.hidden_states(idx), expect)
+
+
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_math_and_sdpa_agree_with_each_variant(name):
+    math_model, sdpa_model = (nonzero_projections(m) for m in twins(variant(name), seed=2))
+    idx = torch.randint(0, 97, (2, 20), generator=torch.Generator().manual_seed(2))
+    targets = torch.randint(0, 97, (2, 20), generator=torch.Generator().manual_seed(3))
+    outs = []
+    for m in (math_model, sdpa_model):
+        m.zero_grad()
+        logits, loss = m(idx, targets)
+        loss.backward()
+        outs.append((logits, {n: p.grad.clone() for n, p in m.named_parameters()}))
+    torch.testing.assert_close(outs[1][0], outs[0][0], atol=1e-5, rtol=0)
+    for n, grad in outs[0][1].items():
+        torch.testing.assert_close(outs[1][1][n], grad, atol=1e-5, rtol=1e-4, msg=n)
+
+
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_each_variant_is_causal(name):
+    torch.manual_seed(4)
+    model = nonzero_projections(GPT(variant(name))).eval()
+    idx = torch.randint(0, 97, (1, 16), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        base, _ = model(idx)
+        changed = idx.clone()
+        changed[:, 9:] = (changed[:, 9:] + 1) % 97
+        out, _ = model(changed)
+    torch.testing.assert_close(out[:, :9], base[:, :9], atol=1e-6, rtol=0)
+    assert (out[:, 9:] - base[:, 9:]).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_kv_cache_equals_the_full_forward_with_each_variant(name):
+    torch.manual_seed(5)
+    config = variant(name)
+    model = nonzero_projections(GPT(config)).eval()
+    idx = torch.randint(0, 97, (2, 20), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        full, _ = model(idx)
+        cache: KVCache = empty_cache(config, 2)
+        parts = [model(idx[:, :12], cache=cache)[0], model(idx[:, 12:15], cache=cache)[0]]
+        parts += [model(idx[:, t:t + 1], cache=cache)[0] for t in range(15, 20)]
+    torch.testing.assert_close(torch.cat(parts, dim=1), full, atol=1e-5, rtol=0)
+
+
+def test_checkpoints_round_trip_every_variant(tmp_path):
+    tok = char_tokenizer("hello world, a small corpus of text\n")
+    config = dataclasses.replace(variant("all"), vocab_size=tok.vocab_size)
+    torch.manual_seed(7)
+    model = nonzero_projections(GPT(config)).eval()
+    save_checkpoint(tmp_path / "ckpt", model, tok)
+    loaded, _, _ = load_checkpoint(tmp_path / "ckpt")
+    assert loaded.config == config
+    idx = torch.randint(0, tok.vocab_size, (1, 10), generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        assert torch.equal(loaded(idx)[0], model(idx)[0])
+    # No weight holds a rotary model's block_size: a corrupt config.json is bounded instead
+    # of allocating its KV caches.
+    cfg_path = tmp_path / "ckpt" / "config.json"
+    raw = json.loads(cfg_path.read_text())
+    raw["model"]["block_size"] = 10 ** 12
+    cfg_path.write_text(json.dumps(raw))
+    with pytest.raises(CheckpointError, match=r"block_size=1000000000000 \(position: rope; at most 1,048,576\)"):
+        load_checkpoint(tmp_path / "ckpt")
+
+
+@pytest.mark.parametrize("name, shown", [("rope", "position=rope"), ("qk_norm", "qk_norm=True"),
+                                         ("relu2", "mlp_activation=relu2"), ("rmsnorm", "norm=rmsnorm")])
+def test_hf_export_refuses_what_gpt2_cannot_express(tmp_path, name, shown):
+    with pytest.raises(ValueError, match=f"cannot express {shown}"):
+        export_hf(GPT(variant(name)), tmp_path / "hf")
+    assert not (tmp_path / "hf").exists()
+    # Zero-initialised projections only change the start: such a model exports.
+    assert (export_hf(GPT(dataclasses.replace(SMALL, zero_init_proj=True)), tmp_path / "ok") / "config.json").exists()
+
+
+@pytest.mark.parametrize("field, value, allowed", [
+    ("position", "alibi", "learned | rope"), ("mlp_activation", "swiglu", "gelu | relu2"),
+    ("norm", "batchnorm", "layernorm | rmsnorm"), ("qk_norm", "yes", "true | false"),
+    ("zero_init_proj", 1, "true | false")])
+def test_bad_variant_values_name_what_is_allowed(field, value, allowed):
+    with pytest.raises(ConfigError, match=f"{field}={value!r} is invalid; allowed: {allowed}"):
+        GPTConfig.from_dict({field: value})
+
+
+def test_rope_needs_an_even_head_size():
+    with pytest.raises(ConfigError, match="even with position: rope"):
+        GPTConfig(n_embd=12, n_head=4, position="rope")
+    GPTConfig(n_embd=12, n_head=4)  # learned positions take any head size
