@@ -209,6 +209,13 @@ class TrainConfig:
     beta2: float = 0.99
     muon_lr_scale: float = 3.0  # Muon's rate = this x the scheduled learning_rate (optimizer: muon)
     muon_momentum: float = 0.95
+    # Muon's momentum rises linearly from min(0.85, muon_momentum) to muon_momentum over
+    # this many steps (modded-nanogpt's warm-up); 0 = constant.
+    muon_momentum_warmup: int = 0
+    # cosine: warmup, then cosine decay to min_lr | wsd: warmup, constant, then a linear
+    # cooldown to min_lr over the last cooldown_fraction of max_steps.
+    schedule: str = "cosine"
+    cooldown_fraction: float = 0.2
     grad_clip: float = 1.0  # 0 disables clipping
     eval_interval: int = 100
     eval_batches: int = 10
@@ -221,7 +228,7 @@ class TrainConfig:
         for name in ("batch_size", "grad_accum_steps", "max_steps", "eval_interval",
                      "eval_batches", "checkpoint_interval", "log_interval"):
             _check(getattr(self, name) > 0, name, getattr(self, name), "a positive integer")
-        for name in ("warmup_steps", "patience", "threads", "seed"):
+        for name in ("warmup_steps", "patience", "threads", "seed", "muon_momentum_warmup"):
             _check(getattr(self, name) >= 0, name, getattr(self, name), ">= 0 (0 disables patience)")
         _check(self.learning_rate > 0, "learning_rate", self.learning_rate, "> 0")
         _check(0 <= self.min_lr <= self.learning_rate, "min_lr", self.min_lr, f"0 <= min_lr <= learning_rate ({self.learning_rate})")
@@ -237,6 +244,9 @@ class TrainConfig:
         _check_choice("optimizer", self.optimizer, ("adamw", "muon"))
         _check(self.muon_lr_scale > 0, "muon_lr_scale", self.muon_lr_scale, "> 0")
         _check(0 <= self.muon_momentum < 1, "muon_momentum", self.muon_momentum, "0 <= muon_momentum < 1")
+        _check_choice("schedule", self.schedule, ("cosine", "wsd"))
+        _check(0 < self.cooldown_fraction <= 1, "cooldown_fraction", self.cooldown_fraction,
+               "0 < cooldown_fraction <= 1")
 
 
 @dataclass(frozen=True)

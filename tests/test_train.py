@@ -23,7 +23,7 @@ from gptcore.data.corpus import tokenize_corpus
 from gptcore.data.dataset import TokenData
 from gptcore.errors import DataError
 from gptcore.training.metrics import write_train_outputs
-from gptcore.training.optim import lr_at, make_optimizer
+from gptcore.training.optim import lr_at, make_optimizer, momentum_at
 from gptcore.training.resume import fingerprint
 from conftest import char_tokenizer
 from gptcore.data.tokenizer import CharTokenizer
@@ -458,12 +458,14 @@ def test_muon_resume_after_sigint_is_bit_exact(tmp_path, shakespeare_dir):
 
 VARIANT_PARAMS = make_params(model={"dropout": 0.2, "position": "rope", "qk_norm": True, "mlp_activation": "relu2",
                                     "norm": "rmsnorm", "zero_init_proj": True},
-                             train={**asdict(RESUME_PARAMS.train), "optimizer": "muon"}, vocab_size=66)
+                             train={**asdict(RESUME_PARAMS.train), "optimizer": "muon", "schedule": "wsd",
+                                    "cooldown_fraction": 0.5, "muon_momentum_warmup": 20}, vocab_size=66)
 
 
 def test_architecture_variants_resume_after_sigint_is_bit_exact(tmp_path, shakespeare_dir):
     """Every model.* variant on at once (rotary positions, QK-norm, ReLU², RMSNorm, zero
-    output projections), with Muon: the resumed run still ends bit-identical."""
+    output projections), with Muon, its momentum warm-up and the WSD schedule (interrupted
+    in the warm-up, resumed into the cooldown): the resumed run still ends bit-identical."""
     _sigint_at_13_then_resume(tmp_path, shakespeare_dir, VARIANT_PARAMS)
 
 
@@ -647,3 +649,29 @@ def test_deferred_loss_reads_still_stop_a_diverging_run_at_its_step(tmp_path, mo
                                                  r"no model was published; lower train.learning_rate"):
         trainer.train()
     assert trainer.state.step == 4 and [r[0] for r in trainer.state.train_log] == [1]  # read at the step-4 flush
+
+
+def test_wsd_schedule_holds_the_rate_then_cools_down_linearly():
+    cfg = make_params(train={"schedule": "wsd", "cooldown_fraction": 0.25, "max_steps": 100, "warmup_steps": 10,
+                             "learning_rate": 1e-3, "min_lr": 1e-4}).train
+    assert lr_at(0, cfg) == pytest.approx(1e-4) and lr_at(9, cfg) == pytest.approx(1e-3)  # warmup
+    assert all(lr_at(s, cfg) == 1e-3 for s in range(10, 76))  # stable until the last 25 steps
+    assert lr_at(85, cfg) == pytest.approx(1e-3 - 0.4 * 9e-4)  # 10 of 25 cooldown steps done
+    assert lr_at(100, cfg) == pytest.approx(1e-4) and lr_at(150, cfg) == pytest.approx(1e-4)
+    cosine = make_params(train={"max_steps": 100, "warmup_steps": 10}).train
+    assert lr_at(50, cosine) < lr_at(10, cosine)  # the default still decays from the start
+
+
+def test_muon_momentum_warms_up_and_reaches_the_optimizer(tmp_path):
+    p = make_params(train={"optimizer": "muon", "muon_momentum": 0.95, "muon_momentum_warmup": 4,
+                           "max_steps": 6, "eval_interval": 6})
+    assert [momentum_at(s, p.train) for s in range(6)] == pytest.approx([0.85, 0.875, 0.9, 0.925, 0.95, 0.95])
+    assert momentum_at(0, make_params(train={"muon_momentum": 0.5, "muon_momentum_warmup": 4}).train) == 0.5
+    data = synthetic(REPEATED, REPEATED[:400])
+    trainer = Trainer(p, data, tmp_path / "best", tmp_path / "last", progress=False)
+    muon = trainer.optimizer.optimizers["muon"]
+    seen = []
+    muon.register_step_pre_hook(lambda opt, args, kwargs: seen.append(opt.param_groups[0]["momentum"]))
+    trainer.train()
+    assert seen == pytest.approx([0.85, 0.875, 0.9, 0.925, 0.95, 0.95])
+    assert trainer.optimizer.optimizers["adamw"].param_groups[0]["betas"] == (p.train.beta1, p.train.beta2)

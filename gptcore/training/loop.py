@@ -36,7 +36,7 @@ from ..model import GPT
 from . import distributed, resume
 from .device import autocast, keep_freed_memory, resolve_precision
 from .metrics import TrainResult
-from .optim import lr_at, make_optimizer, set_lr
+from .optim import lr_at, make_optimizer, momentum_at, set_lr
 
 __all__ = ["Trainer", "TrainResult", "TrainingInterrupted"]
 
@@ -228,7 +228,7 @@ class Trainer:
     def _train_step(self, lr: float) -> float | torch.Tensor:
         """One optimizer step over ``grad_accum_steps`` micro-batches; returns the mean loss
         (a float, or with ``defer_sync`` a device tensor that :meth:`_flush` reads later)."""
-        set_lr(self.optimizer, lr)
+        set_lr(self.optimizer, lr, momentum_at(self.state.step, self.cfg))
         accum = self.cfg.grad_accum_steps
         total = 0.0
         for micro in range(accum):

@@ -18,18 +18,36 @@ from ..config import TrainConfig
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
-    """Linear warmup to ``learning_rate``, then cosine decay to ``min_lr`` at ``max_steps``."""
+    """Linear warmup to ``learning_rate``, then (``schedule: cosine``) cosine decay to
+    ``min_lr`` at ``max_steps``, or (``wsd``: warmup-stable-decay) ``learning_rate`` until
+    the last ``cooldown_fraction`` of ``max_steps`` and a linear cooldown to ``min_lr``."""
     if step < cfg.warmup_steps:
         return cfg.learning_rate * (step + 1) / cfg.warmup_steps
+    if cfg.schedule == "wsd":
+        cooldown = max(1.0, cfg.cooldown_fraction * cfg.max_steps)
+        progress = min(1.0, max(0.0, (step - (cfg.max_steps - cooldown)) / cooldown))
+        return cfg.learning_rate - progress * (cfg.learning_rate - cfg.min_lr)
     span = max(1, cfg.max_steps - cfg.warmup_steps)
     progress = min(1.0, (step - cfg.warmup_steps) / span)
     return cfg.min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (cfg.learning_rate - cfg.min_lr)
 
 
-def set_lr(optimizer, lr: float) -> None:
-    """Set the scheduled rate on every group (Muon's groups scale it by ``lr_scale``)."""
+def momentum_at(step: int, cfg: TrainConfig) -> float:
+    """Muon's momentum at ``step``: rising linearly over ``muon_momentum_warmup`` steps."""
+    if step >= cfg.muon_momentum_warmup:
+        return cfg.muon_momentum
+    start = min(0.85, cfg.muon_momentum)
+    return start + (cfg.muon_momentum - start) * step / cfg.muon_momentum_warmup
+
+
+def set_lr(optimizer, lr: float, momentum: float | None = None) -> None:
+    """Set the scheduled rate on every group (Muon's groups scale it by ``lr_scale``) and,
+    given, Muon's momentum. Both are functions of the step, so a resumed run sets the
+    same values an uninterrupted one does."""
     for group in optimizer.param_groups:
         group["lr"] = lr * group.get("lr_scale", 1.0)
+        if momentum is not None and "lr_scale" in group:  # the Muon groups
+            group["momentum"] = momentum
 
 
 class Chained:
