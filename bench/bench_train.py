@@ -14,7 +14,8 @@ batches; tokens/s is the median over timed steps after warm-up. Rows:
     python bench/bench_train.py --variants [--dtype float32]   # model.* variants' step cost
 
 ``--variants`` times the gptcore default row once per architecture variant of
-``GPTConfig`` (rotary positions, QK-norm, ReLU², RMSNorm, zero-initialised projections),
+``GPTConfig`` (rotary positions, QK-norm, ReLU², RMSNorm, zero-initialised projections,
+logit soft-capping),
 side by side, each against the plain default row of the same run (``--dtype float32``
 runs them without bf16 autocast, for CPUs without bf16 instructions).
 
@@ -38,7 +39,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 CPU_ROWS = ("hf fp32", "hf bf16 autocast", "gptcore fp32", "gptcore default")
 GPU_ROWS = ("hf fp32", "hf bf16 autocast", "hf compiled", "gptcore fp32", "gptcore default")
-VARIANTS = ("position=rope", "qk_norm=true", "mlp_activation=relu2", "norm=rmsnorm", "zero_init_proj=true")
+VARIANTS = ("position=rope", "qk_norm=true", "mlp_activation=relu2", "norm=rmsnorm", "zero_init_proj=true",
+            "logit_softcap=15")
 VARIANT_ROWS = ("gptcore default", *(f"gptcore default +{v}" for v in VARIANTS))
 
 
@@ -47,7 +49,9 @@ def overrides(row: str) -> dict:
     if "+" not in row:
         return {}
     key, value = row.split("+", 1)[1].split("=")
-    return {key: {"true": True, "false": False}.get(value, value)}
+    if value in ("true", "false"):
+        return {key: value == "true"}
+    return {key: float(value) if value.replace(".", "", 1).isdigit() else value}
 
 
 def time_steps(step, n_warmup: int, n_steps: int, sync) -> float:

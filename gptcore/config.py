@@ -50,6 +50,7 @@ class GPTConfig:
     mlp_activation: str = "gelu"  # gelu (tanh approximation) | relu2 (relu(x)^2)
     norm: str = "layernorm"       # layernorm | rmsnorm (weight only)
     zero_init_proj: bool = False  # start each block's output projections at zero
+    logit_softcap: float = 0.0    # > 0: logits pass through cap * tanh(logits / cap); 0 = off
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
@@ -70,6 +71,8 @@ class GPTConfig:
         _check_choice("norm", self.norm, ("layernorm", "rmsnorm"))
         for name in ("qk_norm", "zero_init_proj"):
             _check(isinstance(getattr(self, name), bool), name, getattr(self, name), "true | false")
+        _check(isinstance(self.logit_softcap, (int, float)) and not isinstance(self.logit_softcap, bool)
+               and self.logit_softcap >= 0, "logit_softcap", self.logit_softcap, "a number >= 0 (0 = off)")
         if self.position == "rope":  # rotary pairs up each head's dimensions
             _check((self.n_embd // self.n_head) % 2 == 0, "n_embd", self.n_embd,
                    f"n_embd / n_head even with position: rope (head size {self.n_embd // self.n_head})")

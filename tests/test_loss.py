@@ -22,8 +22,11 @@ def _case(seed: int = 0, ignored: bool = True):
     return x, w, t
 
 
-def _reference(x, w, t):
-    loss = F.cross_entropy(x @ w.t(), t, ignore_index=-1, reduction="sum")
+def _reference(x, w, t, softcap: float = 0.0):
+    logits = x @ w.t()
+    if softcap:
+        logits = softcap * torch.tanh(logits / softcap)
+    loss = F.cross_entropy(logits, t, ignore_index=-1, reduction="sum")
     gx, gw = torch.autograd.grad(loss, (x, w))
     return loss.detach(), gx, gw
 
@@ -66,3 +69,27 @@ def test_without_gradient_the_loss_is_exact_for_the_bf16_logits():
     logits = (x.detach().bfloat16() @ w.detach().bfloat16().t()).float()
     ref = F.cross_entropy(logits, t, ignore_index=-1, reduction="sum")
     torch.testing.assert_close(loss, ref, rtol=1e-6, atol=1e-3)
+
+
+@pytest.mark.parametrize("chunk, group", [(16, 16), (32, 1000)])
+def test_soft_capped_loss_and_gradients_match_cross_entropy_of_capped_logits(chunk, group):
+    """With ``softcap`` the fused path's loss and gradients are those of
+    cross_entropy(cap * tanh(logits / cap)): exact in fp32, close under bf16 autocast."""
+    x, w, t = _case(seed=3)
+    cap = 2.0  # logits reach ~8 here: the cap binds
+    ref, ref_gx, ref_gw = _reference(x, w, t, softcap=cap)
+    assert abs(ref.item() - _reference(x, w, t)[0].item()) > 1.0  # ...so the cap changes the loss
+    loss = linear_cross_entropy(x, w, t, chunk_size=chunk, group_size=group, softcap=cap)
+    gx, gw = torch.autograd.grad(loss, (x, w))
+    torch.testing.assert_close(loss, ref, rtol=1e-6, atol=1e-4)
+    torch.testing.assert_close(gx, ref_gx, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(gw, ref_gw, rtol=1e-5, atol=1e-6)
+    with torch.no_grad():
+        torch.testing.assert_close(linear_cross_entropy(x, w, t, chunk_size=chunk, softcap=cap), ref,
+                                   rtol=1e-6, atol=1e-4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = linear_cross_entropy(x, w, t, chunk_size=chunk, group_size=group, softcap=cap)
+    gx, gw = torch.autograd.grad(loss, (x, w))
+    assert abs(loss.item() - ref.item()) < 1e-3 * ref.item()
+    assert float((gx - ref_gx).norm() / ref_gx.norm()) < 0.02
+    assert float((gw - ref_gw).norm() / ref_gw.norm()) < 0.02

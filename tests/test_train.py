@@ -457,14 +457,14 @@ def test_muon_resume_after_sigint_is_bit_exact(tmp_path, shakespeare_dir):
 
 
 VARIANT_PARAMS = make_params(model={"dropout": 0.2, "position": "rope", "qk_norm": True, "mlp_activation": "relu2",
-                                    "norm": "rmsnorm", "zero_init_proj": True},
+                                    "norm": "rmsnorm", "zero_init_proj": True, "logit_softcap": 15.0},
                              train={**asdict(RESUME_PARAMS.train), "optimizer": "muon", "schedule": "wsd",
                                     "cooldown_fraction": 0.5, "muon_momentum_warmup": 20}, vocab_size=66)
 
 
 def test_architecture_variants_resume_after_sigint_is_bit_exact(tmp_path, shakespeare_dir):
     """Every model.* variant on at once (rotary positions, QK-norm, ReLU², RMSNorm, zero
-    output projections), with Muon, its momentum warm-up and the WSD schedule (interrupted
+    output projections, logit soft-capping), with Muon, its momentum warm-up and the WSD schedule (interrupted
     in the warm-up, resumed into the cooldown): the resumed run still ends bit-identical."""
     _sigint_at_13_then_resume(tmp_path, shakespeare_dir, VARIANT_PARAMS)
 

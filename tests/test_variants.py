@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 
 import pytest
 import torch
@@ -16,6 +17,7 @@ from gptcore.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from gptcore.config import GPTConfig
 from gptcore.errors import ConfigError
 from gptcore.model import GPT, KVCache, export_hf
+from gptcore.model.decode import CachedDecoder
 from gptcore.model.gpt import apply_rope, rope_angles
 from test_model import empty_cache, twins
 
@@ -25,7 +27,9 @@ VARIANTS = {
     "qk_norm": dict(qk_norm=True),
     "relu2": dict(mlp_activation="relu2"),
     "rmsnorm": dict(norm="rmsnorm"),
-    "all": dict(position="rope", qk_norm=True, mlp_activation="relu2", norm="rmsnorm", zero_init_proj=True),
+    "softcap": dict(logit_softcap=1.0),  # a low cap, so that small test logits feel it
+    "all": dict(position="rope", qk_norm=True, mlp_activation="relu2", norm="rmsnorm", zero_init_proj=True,
+                logit_softcap=1.0),
 }
 
 
@@ -48,7 +52,7 @@ def test_parameter_counts_stay_within_the_reference():
     assert GPT(GPTConfig()).num_parameters() == 7_259_008
     # rope drops wpe (256 x 128); RMSNorm has no bias (9 norms x 128); the rest add nothing.
     assert counts == {"rope": 7_259_008 - 32_768, "qk_norm": 7_259_008, "relu2": 7_259_008,
-                      "rmsnorm": 7_259_008 - 1_152, "all": 7_259_008 - 32_768 - 1_152}
+                      "rmsnorm": 7_259_008 - 1_152, "softcap": 7_259_008, "all": 7_259_008 - 32_768 - 1_152}
 
 
 def test_defaults_are_gpt2_and_each_variant_changes_the_function():
@@ -152,7 +156,8 @@ def test_checkpoints_round_trip_every_variant(tmp_path):
 
 
 @pytest.mark.parametrize("name, shown", [("rope", "position=rope"), ("qk_norm", "qk_norm=True"),
-                                         ("relu2", "mlp_activation=relu2"), ("rmsnorm", "norm=rmsnorm")])
+                                         ("relu2", "mlp_activation=relu2"), ("rmsnorm", "norm=rmsnorm"),
+                                         ("softcap", "logit_softcap=1.0")])
 def test_hf_export_refuses_what_gpt2_cannot_express(tmp_path, name, shown):
     with pytest.raises(ValueError, match=f"cannot express {shown}"):
         export_hf(GPT(variant(name)), tmp_path / "hf")
@@ -161,12 +166,15 @@ def test_hf_export_refuses_what_gpt2_cannot_express(tmp_path, name, shown):
     assert (export_hf(GPT(dataclasses.replace(SMALL, zero_init_proj=True)), tmp_path / "ok") / "config.json").exists()
 
 
-@pytest.mark.parametrize("field, value, allowed", [
-    ("position", "alibi", "learned | rope"), ("mlp_activation", "swiglu", "gelu | relu2"),
-    ("norm", "batchnorm", "layernorm | rmsnorm"), ("qk_norm", "yes", "true | false"),
-    ("zero_init_proj", 1, "true | false")])
-def test_bad_variant_values_name_what_is_allowed(field, value, allowed):
-    with pytest.raises(ConfigError, match=f"{field}={value!r} is invalid; allowed: {allowed}"):
+@pytest.mark.parametrize("field, value, message", [
+    ("position", "alibi", "position='alibi' is invalid; allowed: learned | rope"),
+    ("mlp_activation", "swiglu", "mlp_activation='swiglu' is invalid; allowed: gelu | relu2"),
+    ("norm", "batchnorm", "norm='batchnorm' is invalid; allowed: layernorm | rmsnorm"),
+    ("qk_norm", "yes", "qk_norm must be true or false, got 'yes'"),
+    ("zero_init_proj", 1, "zero_init_proj must be true or false, got 1"),
+    ("logit_softcap", -1.0, "logit_softcap=-1.0 is invalid; allowed: a number >= 0 (0 = off)")])
+def test_bad_variant_values_name_what_is_allowed(field, value, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
         GPTConfig.from_dict({field: value})
 
 
@@ -174,3 +182,38 @@ def test_rope_needs_an_even_head_size():
     with pytest.raises(ConfigError, match="even with position: rope"):
         GPTConfig(n_embd=12, n_head=4, position="rope")
     GPTConfig(n_embd=12, n_head=4)  # learned positions take any head size
+
+
+def test_soft_capped_logits_stay_within_the_cap_in_every_path():
+    torch.manual_seed(8)
+    model = nonzero_projections(GPT(dataclasses.replace(SMALL, logit_softcap=0.05))).eval()
+    idx = torch.randint(0, 97, (2, 12), generator=torch.Generator().manual_seed(8))
+    targets = torch.randint(0, 97, (2, 12), generator=torch.Generator().manual_seed(9))
+    with torch.no_grad():
+        logits, loss = model(idx, targets)
+        raw = model.lm_head(model.hidden_states(idx))
+    assert logits.abs().max() <= 0.05 < raw.abs().max()  # the cap binds here
+    torch.testing.assert_close(logits, 0.05 * torch.tanh(raw / 0.05))
+    # The fused loss (training, evaluation) sees the same capped logits.
+    torch.testing.assert_close(model(idx, targets, return_logits=False)[1], loss, rtol=1e-5, atol=1e-6)
+
+
+def test_screened_head_with_a_soft_cap_keeps_the_exact_top_k():
+    """Screening bounds the raw logits; the cap keeps their order, so the screened top-k
+    are still exactly the full head's, capped, and the rest stay -inf."""
+    torch.manual_seed(10)
+    model = GPT(dataclasses.replace(SMALL, vocab_size=4000, logit_softcap=3.0)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.3)
+    seqs = torch.randint(0, 4000, (2, 8), generator=torch.Generator().manual_seed(10)).tolist()
+    screened, full = CachedDecoder(model, max_rows=2, screen=True), CachedDecoder(model, max_rows=2)
+    for slot in range(2):
+        screened.prefill(slot, seqs[slot][:5], 5), full.prefill(slot, seqs[slot][:5])
+    got, ref = screened.step([seqs[0][5], seqs[1][5]], 5), full.step([seqs[0][5], seqs[1][5]])
+    assert ref.abs().max() <= 3.0
+    for g, r in zip(got, ref):
+        finite = torch.isfinite(g)
+        assert finite.sum() < 4000 and torch.isneginf(g[~finite]).all()
+        torch.testing.assert_close(g[finite], r[finite], atol=1e-6, rtol=0)
+        assert g.topk(5).indices.tolist() == r.topk(5).indices.tolist()

@@ -22,7 +22,7 @@ import weakref
 import torch
 import torch.nn.functional as F
 
-from .gpt import GPT, KVCache, apply_rope, relu2, rope_angles
+from .gpt import GPT, KVCache, apply_rope, relu2, rope_angles, softcap
 
 # Relative error bound of one bf16 rounding (8 significant bits), doubled for safety
 # margin over fp32 accumulation error in both the screening and the exact products.
@@ -177,7 +177,15 @@ class CachedDecoder:
         self.lengths[dst] = n
 
     def _logits(self, x: torch.Tensor, top: int | None) -> torch.Tensor:
-        """Next-token logits (rows, limit) from the final-LayerNorm output ``x`` (rows, C)."""
+        """Next-token logits (rows, limit) from the final-LayerNorm output ``x`` (rows, C),
+        soft-capped when the model caps them (order-preserving, so screening is unchanged)."""
+        cap = self.model.config.logit_softcap
+        logits = self._raw_logits(x, top)
+        if not cap:
+            return logits
+        return torch.where(torch.isfinite(logits), softcap(logits, cap), logits)  # screened-out ids stay -inf
+
+    def _raw_logits(self, x: torch.Tensor, top: int | None) -> torch.Tensor:
         # Screening pays when a few candidates survive (with most of the vocabulary in play,
         # a tiny char vocabulary or a huge top_k, the plain fp32 head is as fast) and when
         # this machine multiplies bf16 faster than fp32.

@@ -4,7 +4,7 @@ Names follow GPT-2's own (``wte``, ``wpe``, ``c_attn``, ``c_proj``, ``ln_f``, ``
 so that importing or exporting GPT-2 weights is a table, not a puzzle (see ``hf.py``).
 
 ``GPTConfig``'s variants (rotary positions, QK-norm, ReLU² MLPs, RMSNorm, zero-initialised
-output projections) change single equations below; every one is off by default, which
+output projections, logit soft-capping) change single equations below; every one is off by default, which
 is GPT-2 exactly. ``decode.py`` restates the same equations for fast decoding.
 """
 
@@ -45,6 +45,11 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 def relu2(x: torch.Tensor) -> torch.Tensor:
     return F.relu(x).square()
+
+
+def softcap(logits: torch.Tensor, cap: float) -> torch.Tensor:
+    """``cap * tanh(logits / cap)``: every logit within (-cap, cap), order kept; 0 = off."""
+    return cap * torch.tanh(logits / cap) if cap else logits
 
 
 def make_norm(config: GPTConfig) -> nn.Module:
@@ -227,7 +232,7 @@ class GPT(nn.Module):
         x = self.hidden_states(idx, cache)
         if targets is not None and not return_logits:
             return None, self._fused_loss(x, targets, "mean")
-        logits = self.lm_head(x)
+        logits = softcap(self.lm_head(x), self.config.logit_softcap)
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1),
@@ -239,7 +244,8 @@ class GPT(nn.Module):
         return self._fused_loss(self.hidden_states(idx), targets, reduction)
 
     def _fused_loss(self, x: torch.Tensor, targets: torch.Tensor, reduction: str) -> torch.Tensor:
-        total = linear_cross_entropy(x.reshape(-1, self.config.n_embd), self.lm_head.weight, targets)
+        total = linear_cross_entropy(x.reshape(-1, self.config.n_embd), self.lm_head.weight, targets,
+                                     softcap=self.config.logit_softcap)
         if reduction == "sum":
             return total
         return total / (targets != -1).sum().clamp(min=1)

@@ -115,10 +115,12 @@ def export_hf(model: GPT, directory: str | Path, eot_id: int | None = None) -> P
     c = model.config
     beyond = [f"{name}={value}" for name, value, gpt2 in (
         ("position", c.position, "learned"), ("qk_norm", c.qk_norm, False),
-        ("mlp_activation", c.mlp_activation, "gelu"), ("norm", c.norm, "layernorm")) if value != gpt2]
+        ("mlp_activation", c.mlp_activation, "gelu"), ("norm", c.norm, "layernorm"),
+        ("logit_softcap", c.logit_softcap, 0.0)) if value != gpt2]
     if beyond:  # zero_init_proj only changes where training started: it exports
         raise ValueError(f"GPT-2's layout (GPT2LMHeadModel) cannot express {', '.join(beyond)}; only a model "
-                         "with position=learned, qk_norm=false, mlp_activation=gelu, norm=layernorm exports")
+                         "with position=learned, qk_norm=false, mlp_activation=gelu, norm=layernorm, logit_softcap=0 "
+                         "exports")
     with atomic_dir(directory) as tmp:
         (tmp / "config.json").write_text(json.dumps(hf_config_dict(model.config, eot_id), indent=2))
         save_file(to_hf_state_dict(model), str(tmp / "model.safetensors"), metadata={"format": "pt"})

@@ -21,6 +21,10 @@ Two precisions:
   loss is ``-log p_target`` from those probabilities: rounding p to bf16 moves
   ``log p`` by at most 2^-8 nats per token, and the errors average out over a batch
   (the test bounds the difference from the exact loss).
+
+Logit soft-capping (``softcap`` > 0): the loss sees ``cap * tanh(logits / cap)``, and
+each chunk's gradient is scaled by that function's derivative ``1 - tanh²`` before it
+becomes the input and weight gradients.
 """
 
 from __future__ import annotations
@@ -39,7 +43,7 @@ class LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                 chunk_size: int, group_size: int, compute_dtype: torch.dtype,
-                need_grad: bool) -> torch.Tensor:
+                need_grad: bool, softcap: float = 0.0) -> torch.Tensor:
         # x: (N, C) hidden states, weight: (V, C) LM head, targets: (N,) with -1 = ignore
         N, V = x.size(0), weight.size(0)
         w = weight.to(compute_dtype)
@@ -51,6 +55,8 @@ class LinearCrossEntropy(torch.autograd.Function):
             for start in range(0, N, chunk_size):
                 ts = targets[start:start + chunk_size]
                 logits = (x[start:start + chunk_size].to(compute_dtype) @ w.t()).float()
+                if softcap:
+                    logits = softcap * torch.tanh(logits / softcap)
                 nats = torch.logsumexp(logits, dim=-1) - logits.gather(1, ts.clamp(min=0)[:, None]).squeeze(1)
                 total += (nats * (ts != -1)).sum() if any_ignored else nats.sum()
             ctx.save_for_backward(None, None)
@@ -70,6 +76,9 @@ class LinearCrossEntropy(torch.autograd.Function):
                 safe_t = ts.clamp(min=0)
                 gs = g[start - g_start:end - g_start]
                 logits = torch.mm(xc[start:end], w.t(), out=gs)  # (n, V), then turned into d/dlogits
+                if softcap:  # fp32 tanh, kept for the derivative below
+                    tanh = torch.tanh(logits.float() / softcap)
+                    torch.mul(tanh, softcap, out=gs)
                 if compute_dtype != torch.float32:
                     torch.softmax(logits, dim=-1, out=gs)  # in place; fp32 inside, compute_dtype out
                     p_t = gs[rows, safe_t].float()
@@ -81,6 +90,8 @@ class LinearCrossEntropy(torch.autograd.Function):
                     p_t = gs[rows, safe_t]
                 # d loss / d logits = softmax - one_hot (zero for ignored rows)
                 gs[rows, safe_t] = (p_t - 1).to(compute_dtype)
+                if softcap:  # through the cap: times d(cap tanh(l / cap))/dl = 1 - tanh²
+                    gs.mul_(tanh.square_().neg_().add_(1))
                 if any_ignored:
                     valid = ts != -1
                     gs.mul_(valid[:, None].to(compute_dtype))
@@ -100,12 +111,14 @@ class LinearCrossEntropy(torch.autograd.Function):
         # the step's peak memory by its size.
         grad_x.mul_(grad_out)
         grad_w = grad_w.mul_(grad_out).to(ctx.weight_dtype)
-        return grad_x, grad_w, None, None, None, None, None
+        return grad_x, grad_w, None, None, None, None, None, None
 
 
 def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                         chunk_size: int = CHUNK_SIZE, group_size: int = GROUP_SIZE) -> torch.Tensor:
-    """Summed cross-entropy of ``x @ weight.T`` against ``targets`` (-1 ignored).
+                         chunk_size: int = CHUNK_SIZE, group_size: int = GROUP_SIZE,
+                         softcap: float = 0.0) -> torch.Tensor:
+    """Summed cross-entropy of ``x @ weight.T`` (soft-capped at ``softcap`` when > 0)
+    against ``targets`` (-1 ignored).
 
     ``chunk_size`` tokens' logits exist at a time; ``group_size`` tokens' logit gradients
     (rounded up to whole chunks) are kept for one weight-gradient matmul."""
@@ -116,4 +129,4 @@ def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.T
     need_grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
     with torch.autocast(x.device.type, enabled=False):
         return LinearCrossEntropy.apply(x, weight, targets.reshape(-1), chunk_size, group_size, dtype,
-                                        need_grad)
+                                        need_grad, float(softcap))
