@@ -3,12 +3,16 @@ and report the whole-split val loss (as the evaluate stage measures it) as mean 
 
     python bench/recipe_sweep.py bench/recipes.yaml [--only NAME ...] [--seeds 1337 1338 1339]
                                  [--jobs 1] [--device auto] [--out sweep.jsonl]
+                                 [--set train.dtype=float32 ...]
 
 The recipes file maps a name to dotted overrides of params.yaml, like
 ``dvc exp run --set-param``::
 
     default: {}
     steps2000: {train.max_steps: 2000}
+
+``--set KEY=VALUE`` (YAML value) applies to every recipe, after its own overrides: e.g.
+``--set train.dtype=float32`` on a CPU without bf16 instructions.
 
 This is for screening many variants quickly (several runs share a GPU with ``--jobs``);
 a recipe that becomes the default is confirmed with the pipeline itself, e.g.
@@ -101,6 +105,8 @@ def main() -> None:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--threads", type=int, default=0, help="torch threads per run (0: torch's default)")
     ap.add_argument("--out", type=Path, default=Path("sweep.jsonl"))
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="an override for every recipe (repeatable), e.g. train.dtype=float32")
     ap.add_argument("--one", help=argparse.SUPPRESS)  # internal: one run, JSON in, JSON out
     args = ap.parse_args()
     if args.one:
@@ -113,6 +119,13 @@ def main() -> None:
 
     import yaml
     recipes = yaml.safe_load(args.recipes.read_text())
+    common = {}
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--set {item!r}: expected KEY=VALUE, e.g. train.dtype=float32")
+        common[key] = yaml.safe_load(value)
+    recipes = {name: {**(over or {}), **common} for name, over in recipes.items()}
     names = args.only or list(recipes)
     unknown = [n for n in names if n not in recipes]
     if unknown:

@@ -353,7 +353,10 @@ def test_readers_never_see_a_half_written_or_mixed_checkpoint(tmp_path):
     while any(r.poll() is None for r in readers):
         n += 1
         save(n)
-        time.sleep(0.005)
+        # Saves far more often than training's, yet spaced so that a load slowed by a busy
+        # 2-core machine still fits between two of them within the loader's retries
+        # (every 5 ms failed there: "replaced 10 times while being read").
+        time.sleep(0.05)
     for r in readers:
         out, err = r.communicate()
         assert r.returncode == 0, err
