@@ -10,8 +10,9 @@ One sample, ``--num-samples N``, the sample stage and the HTTP server are all ro
 Context policy
 --------------
 A row's prompt is run once ("prefill") to fill its KV cache, then every step feeds the
-one new token at the row's next position. Positions are learned embeddings, so a cached
-key is only valid at the position it was computed for. When a row would outgrow
+one new token at the row's next position. Positions are absolute (learned embeddings, or
+rotary angles of the absolute position), so a cached key is only valid at the position it
+was computed for, and a window past ``block_size`` was never trained. When a row would outgrow
 ``block_size``, its context is cropped to its most recent ``crop_to`` tokens (default
 ``block_size // 2``, so the rebuild is paid once every ``block_size // 2`` tokens) and its
 cache is rebuilt by prefilling that window from position 0; the other rows are not
