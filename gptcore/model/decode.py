@@ -22,7 +22,8 @@ import weakref
 import torch
 import torch.nn.functional as F
 
-from .gpt import GPT, KVCache, apply_rope, relu2, rope_angles, softcap
+from .gpt import GPT, KVCache, apply_rope, relu2, rope_angles
+from .loss import soft_cap
 
 # Relative error bound of one bf16 rounding (8 significant bits), doubled for safety
 # margin over fp32 accumulation error in both the screening and the exact products.
@@ -183,7 +184,7 @@ class CachedDecoder:
         logits = self._raw_logits(x, top)
         if not cap:
             return logits
-        return torch.where(torch.isfinite(logits), softcap(logits, cap), logits)  # screened-out ids stay -inf
+        return torch.where(torch.isfinite(logits), soft_cap(logits, cap), logits)  # screened-out ids stay -inf
 
     def _raw_logits(self, x: torch.Tensor, top: int | None) -> torch.Tensor:
         # Screening pays when a few candidates survive (with most of the vocabulary in play,

@@ -18,7 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..config import GPTConfig
-from .loss import linear_cross_entropy
+from .loss import linear_cross_entropy, soft_cap
 
 
 ROPE_BASE = 10000.0  # RoFormer's base wavelength
@@ -45,11 +45,6 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 def relu2(x: torch.Tensor) -> torch.Tensor:
     return F.relu(x).square()
-
-
-def softcap(logits: torch.Tensor, cap: float) -> torch.Tensor:
-    """``cap * tanh(logits / cap)``: every logit within (-cap, cap), order kept; 0 = off."""
-    return cap * torch.tanh(logits / cap) if cap else logits
 
 
 def make_norm(config: GPTConfig) -> nn.Module:
@@ -232,7 +227,7 @@ class GPT(nn.Module):
         x = self.hidden_states(idx, cache)
         if targets is not None and not return_logits:
             return None, self._fused_loss(x, targets, "mean")
-        logits = softcap(self.lm_head(x), self.config.logit_softcap)
+        logits = soft_cap(self.lm_head(x), self.config.logit_softcap)
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1),

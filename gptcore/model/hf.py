@@ -112,15 +112,14 @@ def export_hf(model: GPT, directory: str | Path, eot_id: int | None = None) -> P
     ``eot_id``: the tokenizer's end-of-text id (``tokenizer.eot_id``); see :func:`hf_config_dict`."""
     if not model.config.bias:
         raise ValueError("GPT-2 layout needs bias=True")
-    c = model.config
-    beyond = [f"{name}={value}" for name, value, gpt2 in (
-        ("position", c.position, "learned"), ("qk_norm", c.qk_norm, False),
-        ("mlp_activation", c.mlp_activation, "gelu"), ("norm", c.norm, "layernorm"),
-        ("logit_softcap", c.logit_softcap, 0.0)) if value != gpt2]
-    if beyond:  # zero_init_proj only changes where training started: it exports
+    # GPTConfig's defaults are GPT-2's choices; zero_init_proj only changes where training
+    # started, so such a model exports.
+    gpt2, c = GPTConfig(), model.config
+    names = ("position", "qk_norm", "mlp_activation", "norm", "logit_softcap")
+    beyond = [f"{n}={getattr(c, n)}" for n in names if getattr(c, n) != getattr(gpt2, n)]
+    if beyond:
         raise ValueError(f"GPT-2's layout (GPT2LMHeadModel) cannot express {', '.join(beyond)}; only a model "
-                         "with position=learned, qk_norm=false, mlp_activation=gelu, norm=layernorm, logit_softcap=0 "
-                         "exports")
+                         f"with {', '.join(f'{n}={getattr(gpt2, n)}' for n in names)} exports")
     with atomic_dir(directory) as tmp:
         (tmp / "config.json").write_text(json.dumps(hf_config_dict(model.config, eot_id), indent=2))
         save_file(to_hf_state_dict(model), str(tmp / "model.safetensors"), metadata={"format": "pt"})

@@ -39,6 +39,11 @@ CHUNK_SIZE = 128
 GROUP_SIZE = 256
 
 
+def soft_cap(logits: torch.Tensor, cap: float) -> torch.Tensor:
+    """``cap * tanh(logits / cap)``: every logit within (-cap, cap), order kept; 0 = off."""
+    return cap * torch.tanh(logits / cap) if cap else logits
+
+
 class LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
@@ -55,8 +60,7 @@ class LinearCrossEntropy(torch.autograd.Function):
             for start in range(0, N, chunk_size):
                 ts = targets[start:start + chunk_size]
                 logits = (x[start:start + chunk_size].to(compute_dtype) @ w.t()).float()
-                if softcap:
-                    logits = softcap * torch.tanh(logits / softcap)
+                logits = soft_cap(logits, softcap)
                 nats = torch.logsumexp(logits, dim=-1) - logits.gather(1, ts.clamp(min=0)[:, None]).squeeze(1)
                 total += (nats * (ts != -1)).sum() if any_ignored else nats.sum()
             ctx.save_for_backward(None, None)
