@@ -31,6 +31,9 @@ def _check_choice(name: str, value: Any, choices: tuple) -> None:
     _check(value in choices, name, value, " | ".join(map(str, choices)))
 
 
+DROPOUT_SITES = ("embed", "attn", "resid")
+
+
 @dataclass(frozen=True)
 class GPTConfig:
     """Architecture of the GPT. Defaults are the reference model (7,259,008 parameters)."""
@@ -41,6 +44,9 @@ class GPTConfig:
     n_head: int = 4
     n_embd: int = 128
     dropout: float = 0.0
+    # Where ``dropout`` applies: comma-separated sites among embed (token + position
+    # embeddings), attn (attention probabilities), resid (each block's two outputs).
+    dropout_at: str = "embed,attn,resid"
     bias: bool = True
     attn_impl: str = "sdpa"  # "sdpa" (fast, default) or "math" (the explicit equations)
     layer_norm_eps: float = 1e-5
@@ -61,6 +67,9 @@ class GPTConfig:
                f"a multiple of n_head={self.n_head}")
         _check(isinstance(self.dropout, (int, float)) and 0.0 <= self.dropout < 1.0,
                "dropout", self.dropout, "0 <= dropout < 1")
+        sites = self.dropout_at.split(",") if isinstance(self.dropout_at, str) else [None]
+        _check(len(set(sites)) == len(sites) and set(sites) <= set(DROPOUT_SITES), "dropout_at",
+               self.dropout_at, "comma-separated sites, each at most once, among " + ", ".join(DROPOUT_SITES))
         # Type checks here too: GPTConfig(...) is also built directly, without from_dict.
         _check(isinstance(self.layer_norm_eps, (int, float)) and self.layer_norm_eps > 0,
                "layer_norm_eps", self.layer_norm_eps, "a number > 0")
@@ -80,6 +89,10 @@ class GPTConfig:
     @classmethod
     def from_dict(cls, data: dict) -> "GPTConfig":
         return from_dict(cls, data)
+
+    def dropout_p(self, site: str) -> float:
+        """The dropout rate at ``site`` (one of DROPOUT_SITES): ``dropout`` there, else 0."""
+        return float(self.dropout) if site in self.dropout_at.split(",") else 0.0
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -219,6 +232,9 @@ class TrainConfig:
     # cooldown to min_lr over the last cooldown_fraction of max_steps.
     schedule: str = "cosine"
     cooldown_fraction: float = 0.2
+    # > 0: keep an exponential moving average of the weights (this decay per step, warmed
+    # up as (1 + n) / (10 + n)); validation measures it and the best checkpoint is it. 0 = off.
+    ema_decay: float = 0.0
     grad_clip: float = 1.0  # 0 disables clipping
     eval_interval: int = 100
     eval_batches: int = 10
@@ -248,6 +264,7 @@ class TrainConfig:
         _check(self.muon_lr_scale > 0, "muon_lr_scale", self.muon_lr_scale, "> 0")
         _check(0 <= self.muon_momentum < 1, "muon_momentum", self.muon_momentum, "0 <= muon_momentum < 1")
         _check_choice("schedule", self.schedule, ("cosine", "wsd"))
+        _check(0 <= self.ema_decay < 1, "ema_decay", self.ema_decay, "0 <= ema_decay < 1 (0 = off)")
         _check(0 < self.cooldown_fraction <= 1, "cooldown_fraction", self.cooldown_fraction,
                "0 < cooldown_fraction <= 1")
 

@@ -21,7 +21,8 @@ from gptcore.checkpoint import load_checkpoint, load_trainer_state
 from gptcore.config import CorpusSource, DataConfig, Params
 from gptcore.data.corpus import tokenize_corpus
 from gptcore.data.dataset import TokenData
-from gptcore.errors import DataError
+from gptcore.errors import ConfigError, DataError
+from gptcore.training.averaging import WeightAverage
 from gptcore.training.metrics import write_train_outputs
 from gptcore.training.optim import lr_at, make_optimizer, momentum_at
 from gptcore.training.resume import fingerprint
@@ -459,14 +460,64 @@ def test_muon_resume_after_sigint_is_bit_exact(tmp_path, shakespeare_dir):
 VARIANT_PARAMS = make_params(model={"dropout": 0.2, "position": "rope", "qk_norm": True, "mlp_activation": "relu2",
                                     "norm": "rmsnorm", "zero_init_proj": True, "logit_softcap": 15.0},
                              train={**asdict(RESUME_PARAMS.train), "optimizer": "muon", "schedule": "wsd",
-                                    "cooldown_fraction": 0.5, "muon_momentum_warmup": 20}, vocab_size=66)
+                                    "cooldown_fraction": 0.5, "muon_momentum_warmup": 20, "ema_decay": 0.9},
+                             vocab_size=66)
 
 
 def test_architecture_variants_resume_after_sigint_is_bit_exact(tmp_path, shakespeare_dir):
     """Every model.* variant on at once (rotary positions, QK-norm, ReLU², RMSNorm, zero
-    output projections, logit soft-capping), with Muon, its momentum warm-up and the WSD schedule (interrupted
-    in the warm-up, resumed into the cooldown): the resumed run still ends bit-identical."""
-    _sigint_at_13_then_resume(tmp_path, shakespeare_dir, VARIANT_PARAMS)
+    output projections, logit soft-capping), with Muon, its momentum warm-up, the WSD schedule (interrupted
+    in the warm-up, resumed into the cooldown) and a weight average: the resumed run still ends
+    bit-identical, the published (averaged) best checkpoint included."""
+    state = _sigint_at_13_then_resume(tmp_path, shakespeare_dir, VARIANT_PARAMS)
+    assert state["average"]["updates"] == 13
+
+
+def test_weight_average_is_an_ema_swapped_in_exactly():
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2)
+    average = WeightAverage(model, decay=0.5)
+    start = [p.detach().clone() for p in model.parameters()]
+    expected = [t.clone() for t in start]
+    for n in range(1, 5):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p))
+        average.update()
+        decay = min(0.5, (1 + n) / (10 + n))  # warming up: 0.18, 0.25, 0.31, 0.36 (the cap binds from n = 8)
+        expected = [decay * e + (1 - decay) * p.detach() for e, p in zip(expected, model.parameters())]
+    assert all(torch.allclose(a, e) for a, e in zip(average.average, expected))
+    trained = [p.detach().clone() for p in model.parameters()]
+    with average.applied():
+        assert all(torch.equal(p, a) for p, a in zip(model.parameters(), average.average))
+    assert all(torch.equal(p, t) for p, t in zip(model.parameters(), trained))  # restored bit for bit
+    again = WeightAverage(model, decay=0.5)
+    again.load_state_dict(average.state_dict())
+    assert again.updates == 4 and all(torch.equal(a, b) for a, b in zip(again.average, average.average))
+    with pytest.raises(ValueError, match="holds 1 tensors, the model 2"):
+        again.load_state_dict({"updates": 1, "average": [start[0]]})
+
+
+def test_ema_is_what_validation_measures_and_the_best_checkpoint_publishes(tmp_path):
+    data = synthetic(REPEATED, REPEATED[:400])
+    p = make_params(train={"ema_decay": 0.8, "max_steps": 20, "eval_interval": 10})
+    trainer = Trainer(p, data, tmp_path / "best", tmp_path / "last", progress=False)
+    result = trainer.train()
+    raw = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    best, _, meta = load_checkpoint(tmp_path / "best")
+    assert meta["step"] == result.best_step == 20
+    with trainer.average.applied():
+        averaged = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    assert all(torch.equal(best.state_dict()[k], averaged[k]) for k in averaged)
+    assert not all(torch.equal(averaged[k], raw[k]) for k in raw)  # the average, not the last step
+    trainer.model.load_state_dict(best.state_dict())
+    assert trainer.estimate_val_loss() == result.best_val_loss == result.val_log[-1][1]
+    trainer.model.load_state_dict(raw)
+    assert trainer.estimate_val_loss() != result.best_val_loss
+    off = make_params(train={"max_steps": 20, "eval_interval": 10})
+    assert fingerprint(off, {}) != fingerprint(p, {})  # a different run: never resumed into
+    with pytest.raises(ConfigError, match=r"ema_decay.*0 <= ema_decay < 1"):
+        make_params(train={"ema_decay": 1.0})
 
 
 def test_val_split_shorter_than_block_size_fails_before_training(tmp_path):

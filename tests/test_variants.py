@@ -217,3 +217,31 @@ def test_screened_head_with_a_soft_cap_keeps_the_exact_top_k():
         assert finite.sum() < 4000 and torch.isneginf(g[~finite]).all()
         torch.testing.assert_close(g[finite], r[finite], atol=1e-6, rtol=0)
         assert g.topk(5).indices.tolist() == r.topk(5).indices.tolist()
+
+
+@pytest.mark.parametrize("value", ["embed,attn,resid", "resid", "attn,embed"])
+def test_dropout_applies_only_at_the_named_sites(value, tmp_path):
+    model = GPT(dataclasses.replace(SMALL, dropout=0.3, dropout_at=value))
+    sites = set(value.split(","))
+    assert model.transformer.drop.p == (0.3 if "embed" in sites else 0.0)
+    for block in model.transformer.h:
+        assert block.attn.dropout == block.attn.attn_dropout.p == (0.3 if "attn" in sites else 0.0)
+        assert block.attn.resid_dropout.p == block.mlp.dropout.p == (0.3 if "resid" in sites else 0.0)
+    # In training mode the sites that are off change nothing: with every site off but one,
+    # the output still differs from eval mode (dropout really runs where it is on).
+    x = torch.randint(0, SMALL.vocab_size, (2, 8))
+    torch.manual_seed(0)
+    assert not torch.equal(model.train()(x)[0], model.eval()(x)[0])
+    config = json.loads((export_hf(GPT(dataclasses.replace(SMALL, dropout=0.3, dropout_at=value)),
+                                   tmp_path / "hf") / "config.json").read_text())
+    assert (config["embd_pdrop"], config["attn_pdrop"], config["resid_pdrop"]) == tuple(
+        0.3 if s in sites else 0.0 for s in ("embed", "attn", "resid"))
+
+
+@pytest.mark.parametrize("value", ["", "resid,resid", "mlp", "embed, attn"])
+def test_bad_dropout_sites_name_what_is_allowed(value):
+    with pytest.raises(ConfigError, match=r"dropout_at=.* is invalid; allowed: comma-separated sites, each at "
+                                          r"most once, among embed, attn, resid"):
+        GPTConfig.from_dict({"dropout_at": value})
+    with pytest.raises(ConfigError, match=re.escape("dropout_at must be a string, got ['resid']")):
+        GPTConfig.from_dict({"dropout_at": ["resid"]})  # YAML's list form: the params.yaml comment says commas

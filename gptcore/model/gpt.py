@@ -72,12 +72,12 @@ class CausalSelfAttention(nn.Module):
         self.n_head = config.n_head
         self.n_embd = config.n_embd
         self.impl = config.attn_impl
-        self.dropout = config.dropout
+        self.dropout = config.dropout_p("attn")
         self.rope, self.qk_norm, self.eps = config.position == "rope", config.qk_norm, config.layer_norm_eps
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)  # fused Q, K, V
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
-        self.attn_dropout = nn.Dropout(config.dropout)
-        self.resid_dropout = nn.Dropout(config.dropout)
+        self.attn_dropout = nn.Dropout(config.dropout_p("attn"))
+        self.resid_dropout = nn.Dropout(config.dropout_p("resid"))
 
     def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
         B, T, C = x.shape
@@ -135,7 +135,7 @@ class MLP(nn.Module):
         # GPT-2's "gelu_new" (tanh approximation), or relu(x)^2
         self.act = nn.GELU(approximate="tanh") if config.mlp_activation == "gelu" else relu2
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
-        self.dropout = nn.Dropout(config.dropout)
+        self.dropout = nn.Dropout(config.dropout_p("resid"))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.dropout(self.c_proj(self.act(self.c_fc(x))))
@@ -166,7 +166,7 @@ class GPT(nn.Module):
             modules["wpe"] = nn.Embedding(config.block_size, config.n_embd)
         self.transformer = nn.ModuleDict(dict(
             **modules,
-            drop=nn.Dropout(config.dropout),
+            drop=nn.Dropout(config.dropout_p("embed")),
             h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
             ln_f=make_norm(config),
         ))

@@ -1,10 +1,11 @@
 """Training: the loop. Muon + AdamW (or AdamW alone) with warmup + cosine LR, gradient accumulation and clipping,
-periodic validation, early stopping, keeping the best checkpoint, and bit-exact resume.
+periodic validation (of the weight average, where one is kept), early stopping, keeping the best
+checkpoint, and bit-exact resume.
 
 The pieces it composes live beside it: the optimizer and schedule in
 :mod:`gptcore.training.optim`, batches in :mod:`gptcore.data.dataset`, device and precision in
 :mod:`gptcore.training.device`, torchrun in :mod:`gptcore.training.distributed`, the resume state in
-:mod:`gptcore.training.resume`. :meth:`Trainer.train` reads top to bottom: batch, forward,
+:mod:`gptcore.training.resume`, the weight average in :mod:`gptcore.training.averaging`. :meth:`Trainer.train` reads top to bottom: batch, forward,
 backward, clip, step, log, evaluate, checkpoint.
 
 The whole training state (model, optimizer, step, data position, RNG, early-stopping
@@ -34,8 +35,9 @@ from ..errors import CheckpointError, ConfigError, TrainingInterrupted, first_li
 from ..io import current_dir
 from ..model import GPT
 from . import distributed, resume
+from .averaging import WeightAverage
 from .device import autocast, keep_freed_memory, resolve_precision
-from .metrics import TrainResult
+from .metrics import TrainResult, check_finite
 from .optim import lr_at, make_optimizer, momentum_at, set_lr
 
 __all__ = ["Trainer", "TrainResult", "TrainingInterrupted"]
@@ -99,6 +101,7 @@ class Trainer:
         if self.dist.enabled:  # ...but each rank its own dropout masks
             torch.manual_seed(self.cfg.seed + self.dist.rank)
         self.optimizer = make_optimizer(self.model, self.cfg)
+        self.average = WeightAverage(self.model, self.cfg.ema_decay) if self.cfg.ema_decay > 0 else None
         self.dtype, note = resolve_precision(self.device, self.cfg.dtype)
         if note:
             self._say(note)
@@ -119,6 +122,7 @@ class Trainer:
         return {"fingerprint": self.fingerprint, "world_size": self.dist.world_size,
                 "optimizer": self.optimizer.state_dict(),
                 "scaler": self.scaler.state_dict(),  # {} unless float16: the loss scale and its growth count
+                "average": self.average.state_dict() if self.average is not None else None,
                 **progress}
 
     def _wall_now(self) -> float:
@@ -139,6 +143,8 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         if state.get("scaler"):  # without it a float16 run would restart at the initial scale
             self.scaler.load_state_dict(state["scaler"])
+        if self.average is not None:  # ema_decay is in the fingerprint: the state has one
+            self.average.load_state_dict(state["average"])
         # The fingerprint fixes the world size, so there is one entry per rank.
         resume.load_rank_state(state["ranks"][self.dist.rank], self.sampler, self.device)
         self.state = RunState(**{f.name: state[f.name] for f in fields(RunState)})
@@ -173,16 +179,18 @@ class Trainer:
                             seed=self.cfg.seed + 10_000, name="val split")
 
     def _evaluate(self) -> bool:
-        """Validate, keep the best model, update patience. Returns True to stop early."""
-        val = self.estimate_val_loss()
-        self.state.last_val = val
-        self.state.val_log.append([self.state.step, val])
-        improved = val < self.state.best_val
-        if improved:
-            self.state.best_val, self.state.best_step, self.state.bad_evals = val, self.state.step, 0
-            save_checkpoint(self.best_dir, self.model, self.data.tokenizer,
-                            meta={"step": self.state.step, "val_loss": val, "fingerprint": self.fingerprint})
-        else:
+        """Validate, keep the best model, update patience. Returns True to stop early.
+        With a weight average, the average is what is validated and published."""
+        with self.average.applied() if self.average is not None else contextlib.nullcontext():
+            val = self.estimate_val_loss()
+            self.state.last_val = val
+            self.state.val_log.append([self.state.step, val])
+            improved = val < self.state.best_val
+            if improved:
+                self.state.best_val, self.state.best_step, self.state.bad_evals = val, self.state.step, 0
+                save_checkpoint(self.best_dir, self.model, self.data.tokenizer,
+                                meta={"step": self.state.step, "val_loss": val, "fingerprint": self.fingerprint})
+        if not improved:
             self.state.bad_evals += 1
         if self.tracker is not None:
             self.tracker.log_metrics({"val_loss": val, "best_val_loss": self.state.best_val}, step=self.state.step)
@@ -248,6 +256,8 @@ class Trainer:
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
+        if self.average is not None:
+            self.average.update()
         return total / accum
 
     def _compiling_step(self, lr: float) -> float | torch.Tensor:
@@ -300,7 +310,7 @@ class Trainer:
                         self._flush(bar, tokens_per_step)
                 else:
                     st.train_time += dt
-                    self._check_finite(st.step, loss)
+                    check_finite(st.step, loss, st.best_step, self.best_dir, self.cfg)
                     self._log_step(bar, loss, lr, tokens_per_step / dt)
                 if evaluating and distributed.any_rank(self.is_main and self._evaluate(), self.dist, self.device):
                     stopped_early = True
@@ -358,17 +368,6 @@ class Trainer:
             resumed_from_step=self.resumed_from, num_parameters=self.model.num_parameters(),
             train_log=st.train_log, val_log=st.val_log)
 
-    def _check_finite(self, step: int, loss: float) -> None:
-        if not math.isfinite(loss):
-            kept = (f"the best model so far (step {self.state.best_step}) is in {self.best_dir}"
-                    if self.state.best_step >= 0 else "no model was published")
-            # Advise only what is not already set: clipping that is on cannot be "enabled".
-            advice = f"lower train.learning_rate (now {self.cfg.learning_rate:g})"
-            if self.cfg.grad_clip <= 0:
-                advice += " or enable train.grad_clip (e.g. 1.0)"
-            raise FloatingPointError(f"training loss is {loss} at step {step}: the run diverged; "
-                                     f"{kept}; {advice}")
-
     def _flush(self, bar, tokens_per_step: int) -> None:
         """Read the deferred step losses in one transfer, then check and log each step as
         the undeferred loop does. Throughput is the window's: steps x tokens / its time."""
@@ -380,7 +379,7 @@ class Trainer:
         rate = tokens_per_step * len(losses) / dt
         pending, self._pending = self._pending, []
         for (step, _, lr), loss in zip(pending, losses):
-            self._check_finite(step, loss)
+            check_finite(step, loss, self.state.best_step, self.best_dir, self.cfg)
             self._log_step(bar, loss, lr, rate, step)
 
     def _log_step(self, bar, loss: float, lr: float, tokens_per_s: float, step: int | None = None) -> None:

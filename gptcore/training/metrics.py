@@ -1,5 +1,5 @@
-"""What a training run reports (:class:`TrainResult`) and the metric files the train stage
-publishes from it (DVC metrics and plots).
+"""What a training run reports (:class:`TrainResult`), the metric files the train stage
+publishes from it (DVC metrics and plots), and the divergence check on its losses.
 
 ``train.json`` is the run's summary; ``train_log.csv`` and ``val_log.csv`` are the
 per-step curves that ``dvc plots`` draws.
@@ -7,6 +7,7 @@ per-step curves that ``dvc plots`` draws.
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -34,6 +35,19 @@ class TrainResult:
         d.pop("train_log")
         d.pop("val_log")
         return d
+
+
+def check_finite(step: int, loss: float, best_step: int, best_dir: Path, cfg) -> None:
+    """A non-finite training loss ends the run with what was kept and what to change."""
+    if math.isfinite(loss):
+        return
+    kept = (f"the best model so far (step {best_step}) is in {best_dir}" if best_step >= 0
+            else "no model was published")
+    # Advise only what is not already set: clipping that is on cannot be "enabled".
+    advice = f"lower train.learning_rate (now {cfg.learning_rate:g})"
+    if cfg.grad_clip <= 0:
+        advice += " or enable train.grad_clip (e.g. 1.0)"
+    raise FloatingPointError(f"training loss is {loss} at step {step}: the run diverged; {kept}; {advice}")
 
 
 def write_train_outputs(result: TrainResult, metrics_dir: str | Path) -> None:
