@@ -224,6 +224,8 @@ class TrainConfig:
     beta1: float = 0.9
     beta2: float = 0.99
     muon_lr_scale: float = 3.0  # Muon's rate = this x the scheduled learning_rate (optimizer: muon)
+    embed_lr_scale: float = 1.0  # the embedding tables' (and tied head's) AdamW rate = this x learning_rate
+    scalar_lr_scale: float = 1.0  # norm gains' and biases' AdamW rate = this x learning_rate
     muon_momentum: float = 0.95
     # Muon's momentum rises linearly from min(0.85, muon_momentum) to muon_momentum over
     # this many steps (modded-nanogpt's warm-up); 0 = constant.
@@ -261,7 +263,8 @@ class TrainConfig:
         _check(self.compile == "auto" or isinstance(self.compile, bool), "compile", self.compile,
                "auto | true | false")
         _check_choice("optimizer", self.optimizer, ("adamw", "muon"))
-        _check(self.muon_lr_scale > 0, "muon_lr_scale", self.muon_lr_scale, "> 0")
+        for name in ("muon_lr_scale", "embed_lr_scale", "scalar_lr_scale"):
+            _check(getattr(self, name) > 0, name, getattr(self, name), "> 0")
         _check(0 <= self.muon_momentum < 1, "muon_momentum", self.muon_momentum, "0 <= muon_momentum < 1")
         _check_choice("schedule", self.schedule, ("cosine", "wsd"))
         _check(0 <= self.ema_decay < 1, "ema_decay", self.ema_decay, "0 <= ema_decay < 1 (0 = off)")

@@ -94,16 +94,16 @@ def test_optimizer_decays_only_matrices():
     p = make_params(train={"weight_decay": 0.25, "optimizer": "adamw"})
     model = GPT(p.model)
     opt = make_optimizer(model, p.train)
-    decay, no_decay = opt.param_groups
-    assert decay["weight_decay"] == 0.25 and no_decay["weight_decay"] == 0.0
-    assert decay["params"] and all(t.dim() == 2 for t in decay["params"])
+    matrices, embed, no_decay = opt.param_groups
+    assert matrices["weight_decay"] == embed["weight_decay"] == 0.25 and no_decay["weight_decay"] == 0.0
+    assert matrices["params"] and all(t.dim() == 2 for t in matrices["params"])
     assert no_decay["params"] and all(t.dim() == 1 for t in no_decay["params"])
     ids = lambda ts: {id(t) for t in ts}  # noqa: E731
-    assert ids(decay["params"]) | ids(no_decay["params"]) == ids(model.parameters())
-    assert not ids(decay["params"]) & ids(no_decay["params"])
+    every = [id(t) for g in opt.param_groups for t in g["params"]]
+    assert sorted(every) == sorted(id(t) for t in model.parameters())  # each exactly once
     names = {id(t): n for n, t in model.named_parameters()}
-    decayed = {names[id(t)] for t in decay["params"]}
-    assert "transformer.wte.weight" in decayed and "transformer.wpe.weight" in decayed
+    assert {names[i] for i in ids(embed["params"])} == {"transformer.wte.weight", "transformer.wpe.weight"}
+    decayed = {names[id(t)] for t in matrices["params"] + embed["params"]}
     assert not any(n.endswith(".bias") or ".ln_" in n for n in decayed)
     # The tied LM head is the embedding: one tensor, decayed once.
     assert model.lm_head.weight is model.transformer.wte.weight
@@ -112,11 +112,12 @@ def test_optimizer_decays_only_matrices():
 def test_muon_takes_the_blocks_matrices_and_adamw_the_rest():
     from gptcore.model import GPT
 
-    p = make_params(train={"optimizer": "muon", "weight_decay": 0.25, "muon_lr_scale": 2.0})
+    p = make_params(train={"optimizer": "muon", "weight_decay": 0.25, "muon_lr_scale": 2.0,
+                           "embed_lr_scale": 5.0, "scalar_lr_scale": 0.5})
     model = GPT(p.model)
     opt = make_optimizer(model, p.train)
     names = {id(t): n for n, t in model.named_parameters()}
-    adam_decay, adam_no_decay, muon = opt.param_groups
+    adam_decay, adam_no_decay, muon = opt.param_groups  # no AdamW matrices group: Muon has them all
     muon_names = {names[id(t)] for t in muon["params"]}
     assert muon_names == {n for n, t in model.named_parameters() if t.dim() == 2 and ".h." in n}
     assert any("attn.c_attn" in n for n in muon_names) and any("mlp.c_proj" in n for n in muon_names)
@@ -126,8 +127,12 @@ def test_muon_takes_the_blocks_matrices_and_adamw_the_rest():
     every = [id(t) for g in opt.param_groups for t in g["params"]]
     assert sorted(every) == sorted(id(t) for t in model.parameters())  # each exactly once
     from gptcore.training.optim import set_lr
-    set_lr(opt, 1e-3)
-    assert adam_decay["lr"] == 1e-3 and muon["lr"] == pytest.approx(2e-3)
+    set_lr(opt, 1e-3, momentum=0.9)
+    assert muon["lr"] == pytest.approx(2e-3) and muon["momentum"] == 0.9
+    assert adam_decay["lr"] == pytest.approx(5e-3) and adam_no_decay["lr"] == pytest.approx(5e-4)
+    assert "momentum" not in adam_decay and adam_decay["betas"] == (p.train.beta1, p.train.beta2)
+    with pytest.raises(ConfigError, match=r"train.embed_lr_scale=0.0 is invalid; allowed: > 0"):
+        make_params(train={"embed_lr_scale": 0})
 
 
 def test_muon_trains(tmp_path):

@@ -194,7 +194,8 @@ class Trainer:
             self.state.bad_evals += 1
         if self.tracker is not None:
             self.tracker.log_metrics({"val_loss": val, "best_val_loss": self.state.best_val}, step=self.state.step)
-        self._say(f"step {self.state.step}: val_loss {val:.4f}{' (best)' if improved else ''}")
+        kind = "val_loss (weight average)" if self.average is not None else "val_loss"
+        self._say(f"step {self.state.step}: {kind} {val:.4f}{' (best)' if improved else ''}")
         return self.cfg.patience > 0 and self.state.bad_evals >= self.cfg.patience
 
     # -- the loop ---------------------------------------------------------------------

@@ -41,12 +41,12 @@ def momentum_at(step: int, cfg: TrainConfig) -> float:
 
 
 def set_lr(optimizer, lr: float, momentum: float | None = None) -> None:
-    """Set the scheduled rate on every group (Muon's groups scale it by ``lr_scale``) and,
+    """Set the scheduled rate on every group (scaled by the group's ``lr_scale``) and,
     given, Muon's momentum. Both are functions of the step, so a resumed run sets the
     same values an uninterrupted one does."""
     for group in optimizer.param_groups:
         group["lr"] = lr * group.get("lr_scale", 1.0)
-        if momentum is not None and "lr_scale" in group:  # the Muon groups
+        if momentum is not None and group.get("muon"):
             group["momentum"] = momentum
 
 
@@ -88,18 +88,26 @@ def _adamw(groups: list[dict], cfg: TrainConfig, device_type: str) -> torch.opti
 
 def make_optimizer(model: torch.nn.Module, cfg: TrainConfig):
     """AdamW with weight decay on matrices (incl. embeddings) only, not on biases or norms;
-    or, for ``optimizer: muon``, Muon on the blocks' matrices chained with that AdamW."""
+    or, for ``optimizer: muon``, Muon on the blocks' matrices chained with that AdamW.
+
+    AdamW's groups, each at its ``lr_scale`` x the scheduled rate: the blocks' matrices
+    (``adamw`` only; 1), the embedding tables, the tied head among them (``embed_lr_scale``),
+    and the vectors: norm gains and biases (``scalar_lr_scale``, no decay)."""
     device_type = next(model.parameters()).device.type
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     hidden = [p for n, p in named if p.dim() == 2 and ".h." in f".{n}"] if cfg.optimizer == "muon" else []
     taken = {id(p) for p in hidden}
-    decay = [p for _, p in named if p.dim() >= 2 and id(p) not in taken]
-    no_decay = [p for _, p in named if p.dim() < 2]
-    adamw = _adamw([{"params": decay, "weight_decay": cfg.weight_decay},
-                    {"params": no_decay, "weight_decay": 0.0}], cfg, device_type)
+    embed = [p for n, p in named if n.startswith(("transformer.wte.", "transformer.wpe."))]
+    taken |= {id(p) for p in embed}
+    matrices = [p for _, p in named if p.dim() >= 2 and id(p) not in taken]
+    vectors = [p for _, p in named if p.dim() < 2]
+    groups = [{"params": matrices, "weight_decay": cfg.weight_decay},
+              {"params": embed, "weight_decay": cfg.weight_decay, "lr_scale": cfg.embed_lr_scale},
+              {"params": vectors, "weight_decay": 0.0, "lr_scale": cfg.scalar_lr_scale}]
+    adamw = _adamw([g for g in groups if g["params"]], cfg, device_type)
     if not hidden:
         return adamw
-    muon = torch.optim.Muon([{"params": hidden, "lr_scale": cfg.muon_lr_scale}],
+    muon = torch.optim.Muon([{"params": hidden, "lr_scale": cfg.muon_lr_scale, "muon": True}],
                             lr=cfg.learning_rate * cfg.muon_lr_scale, weight_decay=cfg.weight_decay,
                             momentum=cfg.muon_momentum, adjust_lr_fn="match_rms_adamw")
     return Chained(adamw=adamw, muon=muon)
