@@ -44,9 +44,10 @@ class GPTConfig:
     n_head: int = 4
     n_embd: int = 128
     dropout: float = 0.0
-    # Where ``dropout`` applies: comma-separated sites among embed (token + position
-    # embeddings), attn (attention probabilities), resid (each block's two outputs).
-    dropout_at: str = "embed,attn,resid"
+    # Where ``dropout`` applies: sites joined by "+" among embed (token + position
+    # embeddings), attn (attention probabilities), resid (each block's two outputs). Not
+    # commas: `dvc exp run -S model.dropout_at=a,b` would read them as a sweep of two runs.
+    dropout_at: str = "embed+attn+resid"
     bias: bool = True
     attn_impl: str = "sdpa"  # "sdpa" (fast, default) or "math" (the explicit equations)
     layer_norm_eps: float = 1e-5
@@ -67,9 +68,9 @@ class GPTConfig:
                f"a multiple of n_head={self.n_head}")
         _check(isinstance(self.dropout, (int, float)) and 0.0 <= self.dropout < 1.0,
                "dropout", self.dropout, "0 <= dropout < 1")
-        sites = self.dropout_at.split(",") if isinstance(self.dropout_at, str) else [None]
+        sites = self.dropout_at.split("+") if isinstance(self.dropout_at, str) else [None]
         _check(len(set(sites)) == len(sites) and set(sites) <= set(DROPOUT_SITES), "dropout_at",
-               self.dropout_at, "comma-separated sites, each at most once, among " + ", ".join(DROPOUT_SITES))
+               self.dropout_at, "sites joined by '+', each at most once, among " + ", ".join(DROPOUT_SITES))
         # Type checks here too: GPTConfig(...) is also built directly, without from_dict.
         _check(isinstance(self.layer_norm_eps, (int, float)) and self.layer_norm_eps > 0,
                "layer_norm_eps", self.layer_norm_eps, "a number > 0")
@@ -92,7 +93,7 @@ class GPTConfig:
 
     def dropout_p(self, site: str) -> float:
         """The dropout rate at ``site`` (one of DROPOUT_SITES): ``dropout`` there, else 0."""
-        return float(self.dropout) if site in self.dropout_at.split(",") else 0.0
+        return float(self.dropout) if site in self.dropout_at.split("+") else 0.0
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -19,7 +19,8 @@ import torch
 
 
 class WeightAverage:
-    """EMA of ``model``'s parameters (float32, on the model's device)."""
+    """EMA of ``model``'s parameters, in their dtype (float32: autocast leaves the weights
+    float32) and on their device."""
 
     def __init__(self, model: torch.nn.Module, decay: float) -> None:
         # parameters() yields a tied weight once: the embedding and head share one average.
@@ -51,9 +52,10 @@ class WeightAverage:
         return {"updates": self.updates, "average": [a.detach().cpu() for a in self.average]}
 
     def load_state_dict(self, state: dict) -> None:
-        if len(state["average"]) != len(self.average):
-            raise ValueError(f"weight average holds {len(state['average'])} tensors, the model "
-                             f"{len(self.average)}")
+        shapes = [tuple(t.shape) for t in state["average"]]
+        if shapes != [tuple(a.shape) for a in self.average]:
+            raise ValueError(f"weight average holds {len(shapes)} tensors of other shapes than the "
+                             f"model's {len(self.average)}")
         self.updates = state["updates"]
         for mine, saved in zip(self.average, state["average"]):
             mine.copy_(saved)

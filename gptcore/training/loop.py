@@ -4,12 +4,13 @@ checkpoint, and bit-exact resume.
 
 The pieces it composes live beside it: the optimizer and schedule in
 :mod:`gptcore.training.optim`, batches in :mod:`gptcore.data.dataset`, device and precision in
-:mod:`gptcore.training.device`, torchrun in :mod:`gptcore.training.distributed`, the resume state in
-:mod:`gptcore.training.resume`, the weight average in :mod:`gptcore.training.averaging`. :meth:`Trainer.train` reads top to bottom: batch, forward,
-backward, clip, step, log, evaluate, checkpoint.
+:mod:`gptcore.training.device`, torchrun in :mod:`gptcore.training.distributed`, the resume
+state in :mod:`gptcore.training.resume`, the weight average in :mod:`gptcore.training.averaging`.
+:meth:`Trainer.train` reads top to bottom: batch, forward, backward, clip, step, log,
+evaluate, checkpoint.
 
-The whole training state (model, optimizer, step, data position, RNG, early-stopping
-counters, logs, MLflow run id) is saved together, so a run interrupted at any point
+The whole training state (model, optimizer, weight average, step, data position, RNG,
+early-stopping counters, logs, MLflow run id) is saved together, so a run interrupted at any point
 continues exactly as if it had never stopped: same batches, same weights, bit for bit
 (on the same machine and thread count). Under ``torchrun`` each rank draws its own
 batches (seed + rank) and rank 0 alone evaluates and writes; gradients are averaged by

@@ -2,7 +2,8 @@
 resumed run continue bit for bit.
 
 A resume checkpoint is an ordinary checkpoint directory (:mod:`gptcore.checkpoint`) with
-``trainer_state.pt``: the trainer's counters and logs, the optimizer, and under
+``trainer_state.pt``: the trainer's counters and logs, the optimizer, the weight average
+(``train.ema_decay``), and under
 ``"ranks"`` each process's data position (its batch sampler's generator) and RNG
 (dropout). It is only ever reused by the run with the same :func:`fingerprint`. SIGINT/SIGTERM
 become a request (:func:`stop_requests`) that the trainer answers by saving this state.
