@@ -20,7 +20,8 @@ a recipe that becomes the default is confirmed with the pipeline itself, e.g.
 Needs data/raw (``dvc repro download``); a recipe whose ``data.processed_dir`` does not
 exist yet (e.g. a char-level variant) is tokenized into it first. Each finished run is appended to
 ``--out`` as one JSON line, so an interrupted sweep keeps what it measured; runs already
-in ``--out`` are not repeated.
+in ``--out`` are not repeated. While a run trains, its validation lines go to
+``<out>.logs/<recipe>-<seed>.log``.
 """
 
 from __future__ import annotations
@@ -47,12 +48,12 @@ def with_overrides(overrides: dict, seed: int, device: str):
     for dotted, value in {**overrides, "train.seed": seed, "train.device": device}.items():
         section, key = dotted.split(".", 1)
         if section not in d or key not in d[section]:
-            raise SystemExit(f"unknown param {dotted!r}")
+            raise SystemExit(f"unknown param {dotted!r}; the keys are params.yaml's, e.g. train.max_steps")
         d[section][key] = value
     return Params.from_dict(d)
 
 
-def run_one(name: str, overrides: dict, seed: int, device: str) -> dict:
+def run_one(name: str, overrides: dict, seed: int, device: str, progress: bool = False) -> dict:
     """Train, then evaluate the best checkpoint on the whole val split (like the stages)."""
     from gptcore.checkpoint import load_checkpoint
     from gptcore.data.dataset import TokenData
@@ -64,7 +65,7 @@ def run_one(name: str, overrides: dict, seed: int, device: str) -> dict:
     data = TokenData.load(ROOT / params.data.processed_dir)
     t0 = time.monotonic()
     with tempfile.TemporaryDirectory() as d:
-        r = Trainer(params, data, Path(d) / "best", Path(d) / "last", progress=False).train()
+        r = Trainer(params, data, Path(d) / "best", Path(d) / "last", progress=progress).train()
         dev = resolve_device(params.train.device)
         model, _, _ = load_checkpoint(Path(d) / "best", device=dev)
         ev = evaluate_tokens(model, data.val, data.tokenizer.eot_id, data.meta["val_bytes"],
@@ -114,7 +115,7 @@ def main() -> None:
         if args.threads:
             import torch
             torch.set_num_threads(args.threads)
-        print(json.dumps(run_one(job["name"], job["overrides"], job["seed"], args.device)))
+        print(json.dumps(run_one(job["name"], job["overrides"], job["seed"], args.device, progress=True)))
         return
 
     import yaml
@@ -130,8 +131,12 @@ def main() -> None:
     unknown = [n for n in names if n not in recipes]
     if unknown:
         raise SystemExit(f"unknown recipe(s) {unknown}; the file has {list(recipes)}")
+    from gptcore.errors import ConfigError
     for name in names:  # fail on a bad override before any training...
-        params = with_overrides(recipes[name] or {}, args.seeds[0], args.device)
+        try:
+            params = with_overrides(recipes[name] or {}, args.seeds[0], args.device)
+        except ConfigError as e:
+            raise SystemExit(f"recipe {name!r}: {e}") from None
         processed = ROOT / params.data.processed_dir
         if not (processed / "meta.json").exists():  # ...and tokenize a variant's data once
             from gptcore.data.corpus import tokenize_corpus
@@ -143,14 +148,22 @@ def main() -> None:
     have = {(r["name"], r["seed"]) for r in done if "val_loss" in r}
     jobs = [{"name": n, "overrides": recipes[n] or {}, "seed": s}
             for n in names for s in args.seeds if (n, s) not in have]
-    print(f"{len(jobs)} runs ({len(have)} already in {args.out}), {args.jobs} at a time", file=sys.stderr)
+    # A CPU run can take an hour: each run's progress bar and validation lines go to its
+    # own log (several runs at once would garble one terminal), named here up front.
+    logs = args.out.with_name(args.out.stem + ".logs")
+    print(f"{len(jobs)} runs ({len(have)} already in {args.out}), {args.jobs} at a time; "
+          f"progress: {logs}/<recipe>-<seed>.log", file=sys.stderr)
 
     def launch(job: dict) -> dict:
         cmd = [sys.executable, __file__, str(args.recipes), "--one", json.dumps(job),
                "--device", args.device, "--threads", str(args.threads)]
-        p = subprocess.run(cmd, capture_output=True, text=True)
+        logs.mkdir(parents=True, exist_ok=True)
+        log = logs / f"{job['name']}-{job['seed']}.log"
+        with log.open("w") as err:
+            p = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=err, text=True)
         if p.returncode != 0:
-            return {**job, "error": p.stderr.strip().splitlines()[-1:] or [f"exit {p.returncode}"]}
+            last = [line for line in log.read_text().splitlines() if line.strip()][-1:]
+            return {**job, "error": last or [f"exit {p.returncode}"], "log": str(log)}
         return json.loads(p.stdout.strip().splitlines()[-1])
 
     with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool, args.out.open("a") as out:
