@@ -238,6 +238,10 @@ class TrainConfig:
     # > 0: keep an exponential moving average of the weights (this decay per step, warmed
     # up as (1 + n) / (10 + n)); validation measures it and the best checkpoint is it. 0 = off.
     ema_decay: float = 0.0
+    # > 0: train against (1 - e) one-hot + e uniform targets (additive smoothing: tokens
+    # the training text never contains keep about e / vocab of probability). Validation
+    # and evaluation always measure the plain cross-entropy. 0 = off.
+    label_smoothing: float = 0.0
     grad_clip: float = 1.0  # 0 disables clipping
     eval_interval: int = 100
     eval_batches: int = 10
@@ -269,6 +273,8 @@ class TrainConfig:
         _check(0 <= self.muon_momentum < 1, "muon_momentum", self.muon_momentum, "0 <= muon_momentum < 1")
         _check_choice("schedule", self.schedule, ("cosine", "wsd"))
         _check(0 <= self.ema_decay < 1, "ema_decay", self.ema_decay, "0 <= ema_decay < 1 (0 = off)")
+        _check(0 <= self.label_smoothing < 1, "label_smoothing", self.label_smoothing,
+               "0 <= label_smoothing < 1 (0 = off)")
         _check(0 < self.cooldown_fraction <= 1, "cooldown_fraction", self.cooldown_fraction,
                "0 < cooldown_fraction <= 1")
 

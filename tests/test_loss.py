@@ -22,11 +22,11 @@ def _case(seed: int = 0, ignored: bool = True):
     return x, w, t
 
 
-def _reference(x, w, t, softcap: float = 0.0):
+def _reference(x, w, t, softcap: float = 0.0, smoothing: float = 0.0):
     logits = x @ w.t()
     if softcap:
         logits = softcap * torch.tanh(logits / softcap)
-    loss = F.cross_entropy(logits, t, ignore_index=-1, reduction="sum")
+    loss = F.cross_entropy(logits, t, ignore_index=-1, reduction="sum", label_smoothing=smoothing)
     gx, gw = torch.autograd.grad(loss, (x, w))
     return loss.detach(), gx, gw
 
@@ -93,3 +93,31 @@ def test_soft_capped_loss_and_gradients_match_cross_entropy_of_capped_logits(chu
     assert abs(loss.item() - ref.item()) < 1e-3 * ref.item()
     assert float((gx - ref_gx).norm() / ref_gx.norm()) < 0.02
     assert float((gw - ref_gw).norm() / ref_gw.norm()) < 0.02
+
+
+@pytest.mark.parametrize("cap", [0.0, 2.0])
+@pytest.mark.parametrize("chunk, group", [(16, 16), (32, 1000)])
+def test_label_smoothed_loss_and_gradients_match_cross_entropy(cap, chunk, group):
+    """``smoothing`` is F.cross_entropy's ``label_smoothing`` (also through a soft cap):
+    exact in fp32 with and without a gradient, close under bf16 autocast; ignored rows
+    still get no gradient."""
+    x, w, t = _case(seed=4)
+    e = 0.1
+    ref, ref_gx, ref_gw = _reference(x, w, t, softcap=cap, smoothing=e)
+    assert abs(ref.item() - _reference(x, w, t, softcap=cap)[0].item()) > 1.0  # smoothing matters here
+    loss = linear_cross_entropy(x, w, t, chunk_size=chunk, group_size=group, softcap=cap, smoothing=e)
+    gx, gw = torch.autograd.grad(loss, (x, w))
+    torch.testing.assert_close(loss, ref, rtol=1e-6, atol=1e-4)
+    torch.testing.assert_close(gx, ref_gx, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(gw, ref_gw, rtol=1e-5, atol=1e-6)
+    assert torch.all(gx[10:17] == 0)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            linear_cross_entropy(x, w, t, chunk_size=chunk, softcap=cap, smoothing=e), ref, rtol=1e-6, atol=1e-4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = linear_cross_entropy(x, w, t, chunk_size=chunk, group_size=group, softcap=cap, smoothing=e)
+    gx, gw = torch.autograd.grad(loss, (x, w))
+    assert abs(loss.item() - ref.item()) < 1e-3 * ref.item()
+    assert float((gx - ref_gx).norm() / ref_gx.norm()) < 0.02
+    assert float((gw - ref_gw).norm() / ref_gw.norm()) < 0.02
+    assert torch.all(gx[10:17] == 0)

@@ -465,14 +465,15 @@ def test_muon_resume_after_sigint_is_bit_exact(tmp_path, shakespeare_dir):
 VARIANT_PARAMS = make_params(model={"dropout": 0.2, "position": "rope", "qk_norm": True, "mlp_activation": "relu2",
                                     "norm": "rmsnorm", "zero_init_proj": True, "logit_softcap": 15.0},
                              train={**asdict(RESUME_PARAMS.train), "optimizer": "muon", "schedule": "wsd",
-                                    "cooldown_fraction": 0.5, "muon_momentum_warmup": 20, "ema_decay": 0.9},
+                                    "cooldown_fraction": 0.5, "muon_momentum_warmup": 20, "ema_decay": 0.9,
+                                    "label_smoothing": 0.05},
                              vocab_size=66)
 
 
 def test_architecture_variants_resume_after_sigint_is_bit_exact(tmp_path, shakespeare_dir):
     """Every model.* variant on at once (rotary positions, QK-norm, ReLU², RMSNorm, zero
     output projections, logit soft-capping), with Muon, its momentum warm-up, the WSD schedule (interrupted
-    in the warm-up, resumed into the cooldown) and a weight average: the resumed run still ends
+    in the warm-up, resumed into the cooldown), a weight average and label smoothing: the resumed run still ends
     bit-identical, the published (averaged) best checkpoint included."""
     state = _sigint_at_13_then_resume(tmp_path, shakespeare_dir, VARIANT_PARAMS)
     assert state["average"]["updates"] == 13
@@ -523,6 +524,48 @@ def test_ema_is_what_validation_measures_and_the_best_checkpoint_publishes(tmp_p
     assert fingerprint(off, {}) != fingerprint(p, {})  # a different run: never resumed into
     with pytest.raises(ConfigError, match=r"ema_decay.*0 <= ema_decay < 1"):
         make_params(train={"ema_decay": 1.0})
+
+
+def _unused_mass(model: torch.nn.Module, data: TokenData, used: int) -> float:
+    """Mean probability the model puts on the vocabulary rows no text contains (ids >= used)."""
+    with torch.no_grad():
+        logits, _ = model(torch.as_tensor(data.val[:16], dtype=torch.long)[None])
+    return float(torch.softmax(logits.float(), dim=-1)[..., used:].sum(-1).mean())
+
+
+def test_label_smoothing_trains_smoothed_targets_and_validates_plain_cross_entropy(tmp_path):
+    """``train.label_smoothing`` changes the training loss only: the first step's loss is
+    the smoothed one, validation still measures the plain cross-entropy (the best checkpoint
+    scores exactly the logged val loss), and rows of tokens no training text contains keep
+    probability instead of being driven towards zero."""
+    data = synthetic(REPEATED, REPEATED[:400])
+    used = data.tokenizer.vocab_size
+    runs = {}
+    for e in (0.0, 0.1):
+        p = make_params(train={"label_smoothing": e, "max_steps": 100, "eval_interval": 50,
+                               "learning_rate": 1e-2, "min_lr": 1e-3})
+        trainer = Trainer(p, data, tmp_path / f"best{e}", tmp_path / f"last{e}", progress=False)
+        runs[e] = (trainer, trainer.train())
+    plain, smoothed = runs[0.0][1], runs[0.1][1]
+    # Same seed, same initial weights and batch: only the loss differs at the first step.
+    tokens = torch.as_tensor(data.train[:17], dtype=torch.long)
+    x, y = tokens[None, :16], tokens[None, 1:]
+    model = runs[0.0][0].model
+    assert smoothed.train_log[0][1] != plain.train_log[0][1]
+    best, _, _ = load_checkpoint(tmp_path / "best0.1")
+    runs[0.1][0].model.load_state_dict(best.state_dict())
+    assert runs[0.1][0].estimate_val_loss() == smoothed.best_val_loss  # plain CE, not smoothed
+    assert used < 128
+    # At equilibrium the unused rows hold e * (128 - used) / 128 = 0.077 of each prediction.
+    assert _unused_mass(best, data, used) > 0.05 > 10 * _unused_mass(load_checkpoint(tmp_path / "best0.0")[0],
+                                                                       data, used)
+    with torch.no_grad():  # the model's own unfused path agrees with the fused one
+        _, fused = model(x, y, return_logits=False, label_smoothing=0.1)
+        _, reference = model(x, y, label_smoothing=0.1)
+    torch.testing.assert_close(fused, reference, rtol=1e-5, atol=1e-5)
+    assert fingerprint(make_params(train={"label_smoothing": 0.1}), {}) != fingerprint(make_params(), {})
+    with pytest.raises(ConfigError, match=r"label_smoothing.*0 <= label_smoothing < 1"):
+        make_params(train={"label_smoothing": 1.0})
 
 
 def test_val_split_shorter_than_block_size_fails_before_training(tmp_path):

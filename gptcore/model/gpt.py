@@ -215,32 +215,34 @@ class GPT(nn.Module):
         return self.transformer.ln_f(x)
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
-                cache: KVCache | None = None, return_logits: bool = True
-                ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+                cache: KVCache | None = None, return_logits: bool = True,
+                label_smoothing: float = 0.0) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """Logits (B, T, vocab) and, given ``targets`` (B, T), the mean cross-entropy.
 
         Targets equal to -1 are ignored. With ``return_logits=False`` the loss goes
         through the fused LM-head + cross-entropy (see ``loss.py``): same value and
         gradients, without materialising (B*T, vocab) logits; logits come back None.
-        Training uses that path (through ``forward``, so DDP's hooks see it).
+        Training uses that path (through ``forward``, so DDP's hooks see it), with its
+        ``label_smoothing`` (``train.label_smoothing``; evaluation never smooths).
         """
         x = self.hidden_states(idx, cache)
         if targets is not None and not return_logits:
-            return None, self._fused_loss(x, targets, "mean")
+            return None, self._fused_loss(x, targets, "mean", label_smoothing)
         logits = soft_cap(self.lm_head(x), self.config.logit_softcap)
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1),
-                                   ignore_index=-1)
+                                   ignore_index=-1, label_smoothing=label_smoothing)
         return logits, loss
 
     def loss(self, idx: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
         """Cross-entropy through the fused path; ``reduction`` is "mean" or "sum"."""
         return self._fused_loss(self.hidden_states(idx), targets, reduction)
 
-    def _fused_loss(self, x: torch.Tensor, targets: torch.Tensor, reduction: str) -> torch.Tensor:
+    def _fused_loss(self, x: torch.Tensor, targets: torch.Tensor, reduction: str,
+                    label_smoothing: float = 0.0) -> torch.Tensor:
         total = linear_cross_entropy(x.reshape(-1, self.config.n_embd), self.lm_head.weight, targets,
-                                     softcap=self.config.logit_softcap)
+                                     softcap=self.config.logit_softcap, smoothing=label_smoothing)
         if reduction == "sum":
             return total
         return total / (targets != -1).sum().clamp(min=1)

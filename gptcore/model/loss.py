@@ -25,6 +25,13 @@ Two precisions:
 Logit soft-capping (``softcap`` > 0): the loss sees ``cap * tanh(logits / cap)``, and
 each chunk's gradient is scaled by that function's derivative ``1 - tanh²`` before it
 becomes the input and weight gradients.
+
+Label smoothing (``smoothing`` = e > 0, training only): the target is (1 - e) one-hot +
+e uniform, so the loss is ``(1 - e) (lse - z_t) + e (lse - mean(z))``, as
+``F.cross_entropy(label_smoothing=e)`` defines it, and the logits' gradient is
+``softmax - (1 - e) one_hot - e / vocab``. It is additive smoothing for the LM: every
+token keeps about e / vocab of probability, so a token the training text never contains
+is not driven towards zero probability.
 """
 
 from __future__ import annotations
@@ -48,7 +55,7 @@ class LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                 chunk_size: int, group_size: int, compute_dtype: torch.dtype,
-                need_grad: bool, softcap: float = 0.0) -> torch.Tensor:
+                need_grad: bool, softcap: float = 0.0, smoothing: float = 0.0) -> torch.Tensor:
         # x: (N, C) hidden states, weight: (V, C) LM head, targets: (N,) with -1 = ignore
         N, V = x.size(0), weight.size(0)
         w = weight.to(compute_dtype)
@@ -61,7 +68,10 @@ class LinearCrossEntropy(torch.autograd.Function):
                 ts = targets[start:start + chunk_size]
                 logits = (x[start:start + chunk_size].to(compute_dtype) @ w.t()).float()
                 logits = soft_cap(logits, softcap)
-                nats = torch.logsumexp(logits, dim=-1) - logits.gather(1, ts.clamp(min=0)[:, None]).squeeze(1)
+                lse = torch.logsumexp(logits, dim=-1)
+                nats = lse - logits.gather(1, ts.clamp(min=0)[:, None]).squeeze(1)
+                if smoothing:
+                    nats = (1 - smoothing) * nats + smoothing * (lse - logits.mean(dim=-1))
                 total += (nats * (ts != -1)).sum() if any_ignored else nats.sum()
             ctx.save_for_backward(None, None)
             return total
@@ -83,6 +93,8 @@ class LinearCrossEntropy(torch.autograd.Function):
                 if softcap:  # fp32 tanh, kept for the derivative below
                     tanh = torch.tanh(logits.float() / softcap)
                     torch.mul(tanh, softcap, out=gs)
+                if smoothing:  # read before the softmax overwrites the logits
+                    z_t, z_mean = logits[rows, safe_t].float(), logits.mean(dim=-1, dtype=torch.float32)
                 if compute_dtype != torch.float32:
                     torch.softmax(logits, dim=-1, out=gs)  # in place; fp32 inside, compute_dtype out
                     p_t = gs[rows, safe_t].float()
@@ -92,8 +104,12 @@ class LinearCrossEntropy(torch.autograd.Function):
                     nats = lse - logits[rows, safe_t]
                     torch.exp(logits.sub_(lse[:, None]), out=gs)
                     p_t = gs[rows, safe_t]
-                # d loss / d logits = softmax - one_hot (zero for ignored rows)
-                gs[rows, safe_t] = (p_t - 1).to(compute_dtype)
+                if smoothing:
+                    # lse - mean(z) = (z_t - log p_t) - mean(z): no second pass for lse
+                    nats = (1 - smoothing) * nats + smoothing * (z_t + nats - z_mean)
+                    gs.sub_(smoothing / V)
+                # d loss / d logits = softmax - target (zero for ignored rows)
+                gs[rows, safe_t] = (p_t - (1 - smoothing) - smoothing / V).to(compute_dtype)
                 if softcap:  # through the cap: times d(cap tanh(l / cap))/dl = 1 - tanh²
                     gs.mul_(tanh.square_().neg_().add_(1))
                 if any_ignored:
@@ -115,14 +131,14 @@ class LinearCrossEntropy(torch.autograd.Function):
         # the step's peak memory by its size.
         grad_x.mul_(grad_out)
         grad_w = grad_w.mul_(grad_out).to(ctx.weight_dtype)
-        return grad_x, grad_w, None, None, None, None, None, None
+        return grad_x, grad_w, None, None, None, None, None, None, None
 
 
 def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                          chunk_size: int = CHUNK_SIZE, group_size: int = GROUP_SIZE,
-                         softcap: float = 0.0) -> torch.Tensor:
+                         softcap: float = 0.0, smoothing: float = 0.0) -> torch.Tensor:
     """Summed cross-entropy of ``x @ weight.T`` (soft-capped at ``softcap`` when > 0)
-    against ``targets`` (-1 ignored).
+    against ``targets`` (-1 ignored), label-smoothed by ``smoothing`` when > 0.
 
     ``chunk_size`` tokens' logits exist at a time; ``group_size`` tokens' logit gradients
     (rounded up to whole chunks) are kept for one weight-gradient matmul."""
@@ -133,4 +149,4 @@ def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.T
     need_grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
     with torch.autocast(x.device.type, enabled=False):
         return LinearCrossEntropy.apply(x, weight, targets.reshape(-1), chunk_size, group_size, dtype,
-                                        need_grad, float(softcap))
+                                        need_grad, float(softcap), float(smoothing))

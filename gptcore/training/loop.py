@@ -230,7 +230,7 @@ class Trainer:
         through DDP under torchrun (it averages the gradients), else the model itself."""
         # `is not None`, not `or`: a module's truth value would ask it for its len().
         module = self._compiled if self._compiled is not None else self._plain_step_module()
-        return module(x, y, return_logits=False)
+        return module(x, y, return_logits=False, label_smoothing=self.cfg.label_smoothing)
 
     def _plain_step_module(self) -> torch.nn.Module:
         return self._ddp if self._ddp is not None else self.model
