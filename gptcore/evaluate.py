@@ -21,6 +21,26 @@ from .model import GPT
 from .training.device import autocast
 
 
+def windows(tokens, block_size: int, eot_id: int, batch_size: int):
+    """The evaluation's batches ``(x, y)``, each (rows, block_size): over [eot] + tokens,
+    consecutive non-overlapping windows; ``y`` is -1 past the split's end. Every token of
+    ``tokens`` is a target exactly once, in order."""
+    T, n = block_size, len(tokens)
+    starts = list(range(0, n, T))
+    for i in range(0, len(starts), batch_size):
+        group = starts[i:i + batch_size]
+        x = torch.full((len(group), T), eot_id, dtype=torch.long)
+        y = torch.full((len(group), T), -1, dtype=torch.long)  # -1: padding, ignored
+        for row, s in enumerate(group):
+            # Over seq = [eot] + tokens: x = seq[s:s+length], y = seq[s+1:s+1+length],
+            # read from the (memory-mapped) split one window at a time, never whole.
+            length = min(T, n - s)
+            y[row, :length] = torch.from_numpy(np.asarray(tokens[s:s + length], dtype=np.int64))
+            x[row, 1:length] = y[row, :length - 1]
+            x[row, 0] = eot_id if s == 0 else int(tokens[s - 1])
+        yield x, y
+
+
 @torch.no_grad()
 def evaluate_tokens(model: GPT, tokens, eot_id: int, n_bytes: int,
                     batch_size: int = 8, dtype: str = "float32",
@@ -28,25 +48,13 @@ def evaluate_tokens(model: GPT, tokens, eot_id: int, n_bytes: int,
     """``val_loss`` (mean nats/token), ``perplexity`` and ``bits_per_byte`` of ``tokens``."""
     device = torch.device(device)
     model.eval()
-    T = model.config.block_size
     tokens = tokens.numpy() if isinstance(tokens, torch.Tensor) else tokens  # or a memory map
     n = len(tokens)
-    starts = list(range(0, n, T))
     total_nats = 0.0
     counted = 0
     with tqdm(total=n, desc="evaluate", unit="tok", file=sys.stderr,
               disable=not progress or None, unit_scale=True) as bar:
-        for i in range(0, len(starts), batch_size):
-            group = starts[i:i + batch_size]
-            x = torch.full((len(group), T), eot_id, dtype=torch.long)
-            y = torch.full((len(group), T), -1, dtype=torch.long)  # -1: padding, ignored
-            for row, s in enumerate(group):
-                # Over seq = [eot] + tokens: x = seq[s:s+length], y = seq[s+1:s+1+length],
-                # read from the (memory-mapped) split one window at a time, never whole.
-                length = min(T, n - s)
-                y[row, :length] = torch.from_numpy(np.asarray(tokens[s:s + length], dtype=np.int64))
-                x[row, 1:length] = y[row, :length - 1]
-                x[row, 0] = eot_id if s == 0 else int(tokens[s - 1])
+        for x, y in windows(tokens, model.config.block_size, eot_id, batch_size):
             with autocast(device, dtype):
                 nats = model.loss(x.to(device), y.to(device), reduction="sum")
             total_nats += nats.item()
