@@ -22,7 +22,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 BANDS = [("never", 0, 0), ("once", 1, 1), ("2-5", 2, 5), ("6-50", 6, 50), ("51+", 51, None)]
-FLOORS = (0.005, 0.01, 0.02, 0.03, 0.05)
+FLOORS = (0.0, 0.005, 0.01, 0.02, 0.03, 0.05)
 
 
 @torch.no_grad()
