@@ -28,7 +28,7 @@ from test_faults import ok, project, snapshot, stage, write_params  # noqa: F401
 TORCHRUN_BIN = str(Path(sys.executable).parent / "torchrun")
 TORCHRUN = [TORCHRUN_BIN, "--standalone", "--nproc-per-node", "2", "-m", "stages.train"]
 # The resumable runs: dropout on, so each rank's RNG state matters; one evaluation at the
-# end, so the published best model is the final weight average (which every rank keeps and
+# end, so the published best model is the final weight average (which rank 0 keeps and
 # the resume state carries); a resume checkpoint every 10 steps.
 RESUMABLE = {"model": {"dropout": 0.1},
              "train": {"max_steps": 100, "eval_interval": 100, "checkpoint_interval": 10, "ema_decay": 0.9}}

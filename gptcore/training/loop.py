@@ -102,7 +102,8 @@ class Trainer:
         if self.dist.enabled:  # ...but each rank its own dropout masks
             torch.manual_seed(self.cfg.seed + self.dist.rank)
         self.optimizer = make_optimizer(self.model, self.cfg)
-        self.average = WeightAverage(self.model, self.cfg.ema_decay) if self.cfg.ema_decay > 0 else None
+        # Rank 0 alone validates and publishes, so only it keeps the average.
+        self.average = WeightAverage(self.model, self.cfg.ema_decay) if self.cfg.ema_decay > 0 and self.is_main else None
         self.dtype, note = resolve_precision(self.device, self.cfg.dtype)
         if note:
             self._say(note)
@@ -144,7 +145,7 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         if state.get("scaler"):  # without it a float16 run would restart at the initial scale
             self.scaler.load_state_dict(state["scaler"])
-        if self.average is not None:  # ema_decay is in the fingerprint: the state has one
+        if self.average is not None:  # ema_decay is in the fingerprint: rank 0's state has one
             self.average.load_state_dict(state["average"])
         # The fingerprint fixes the world size, so there is one entry per rank.
         resume.load_rank_state(state["ranks"][self.dist.rank], self.sampler, self.device)
