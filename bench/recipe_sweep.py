@@ -148,8 +148,9 @@ def main() -> None:
     have = {(r["name"], r["seed"]) for r in done if "val_loss" in r}
     jobs = [{"name": n, "overrides": recipes[n] or {}, "seed": s}
             for n in names for s in args.seeds if (n, s) not in have]
-    # A CPU run can take an hour: each run's progress bar and validation lines go to its
-    # own log (several runs at once would garble one terminal), named here up front.
+    # A CPU run can take an hour: each run's validation lines go to its own log (several
+    # runs at once would garble one terminal; the progress bar stays off, stderr not being a
+    # terminal), named here up front.
     logs = args.out.with_name(args.out.stem + ".logs")
     print(f"{len(jobs)} runs ({len(have)} already in {args.out}), {args.jobs} at a time; "
           f"progress: {logs}/<recipe>-<seed>.log", file=sys.stderr)

@@ -548,9 +548,6 @@ def test_label_smoothing_trains_smoothed_targets_and_validates_plain_cross_entro
         runs[e] = (trainer, trainer.train())
     plain, smoothed = runs[0.0][1], runs[0.1][1]
     # Same seed, same initial weights and batch: only the loss differs at the first step.
-    tokens = torch.as_tensor(data.train[:17], dtype=torch.long)
-    x, y = tokens[None, :16], tokens[None, 1:]
-    model = runs[0.0][0].model
     assert smoothed.train_log[0][1] != plain.train_log[0][1]
     best, _, _ = load_checkpoint(tmp_path / "best0.1")
     runs[0.1][0].model.load_state_dict(best.state_dict())
@@ -559,6 +556,8 @@ def test_label_smoothing_trains_smoothed_targets_and_validates_plain_cross_entro
     # At equilibrium the unused rows hold e * (128 - used) / 128 = 0.077 of each prediction.
     assert _unused_mass(best, data, used) > 0.05 > 10 * _unused_mass(load_checkpoint(tmp_path / "best0.0")[0],
                                                                        data, used)
+    tokens = torch.as_tensor(data.train[:17], dtype=torch.long)
+    x, y, model = tokens[None, :16], tokens[None, 1:], runs[0.0][0].model
     with torch.no_grad():  # the model's own unfused path agrees with the fused one
         _, fused = model(x, y, return_logits=False, label_smoothing=0.1)
         _, reference = model(x, y, label_smoothing=0.1)
