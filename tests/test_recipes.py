@@ -12,20 +12,21 @@ import yaml
 
 from project_copy import REPO
 
-RECIPES = REPO / "bench" / "recipes.yaml"
+RECIPES = yaml.safe_load((REPO / "bench" / "recipes.yaml").read_text())
 
 
-def _sweep_module():
+@pytest.fixture(scope="module")
+def sweep():
     spec = importlib.util.spec_from_file_location("recipe_sweep", REPO / "bench" / "recipe_sweep.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
 
 
-@pytest.mark.parametrize("name", list(yaml.safe_load(RECIPES.read_text())))
-def test_every_recipe_is_a_valid_configuration(name):
-    over = yaml.safe_load(RECIPES.read_text())[name] or {}
-    params = _sweep_module().with_overrides(over, seed=1338, device="cpu")
+@pytest.mark.parametrize("name", list(RECIPES))
+def test_every_recipe_is_a_valid_configuration(sweep, name):
+    over = RECIPES[name] or {}
+    params = sweep.with_overrides(over, seed=1338, device="cpu")
     d = params.to_dict()
     for dotted, value in over.items():  # each override lands where it says, validated
         section, key = dotted.split(".", 1)
