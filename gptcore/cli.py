@@ -20,9 +20,10 @@ block_size tokens are used.
 
 Interactive mode reads prompts with ``input()`` (a terminal or piped stdin) and prints
 only completions. Ctrl-C stops a completion and gives a new prompt, Ctrl-C at the prompt
-gives a new prompt, Ctrl-D (end of input) or /quit exits with code 0; an empty line is
-ignored. ``/set NAME VALUE`` changes a setting for the following prompts (errors are
-reported, the loop goes on); with a seed set, every prompt is sampled with that seed.
+gives a new prompt (at a terminal, even if the program was started with SIGINT ignored),
+Ctrl-D (end of input) or /quit exits with code 0; an empty line is ignored. ``/set NAME
+VALUE`` changes a setting for the following prompts (errors are reported, the loop goes
+on); with a seed set, every prompt is sampled with that seed.
 
 Input bytes that are not valid UTF-8 become U+FFFD replacement characters (which a
 char-level vocabulary then reports as unknown), as does output the terminal cannot
@@ -34,6 +35,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import signal
 import sys
 import tempfile
 
@@ -186,11 +188,25 @@ def _set(cfg, args: str):
 
 
 def _repl(model, tokenizer, cfg) -> int:
-    if sys.stdin.isatty():
-        try:
-            import readline  # noqa: F401  (line editing and history for input(); not on every platform)
-        except ImportError:
-            pass
+    if not sys.stdin.isatty():
+        return _prompt_loop(model, tokenizer, cfg)
+    try:
+        import readline  # noqa: F401  (line editing and history for input(); not on every platform)
+    except ImportError:
+        pass
+    # A process started with SIGINT ignored (a background job of a script, some launchers)
+    # keeps it ignored: Python only installs its KeyboardInterrupt handler over the default.
+    # At a terminal, Ctrl-C is how a person stops a completion, and the terminal only sends
+    # it to the foreground job, so the loop takes SIGINT back while it runs.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        return _prompt_loop(model, tokenizer, cfg)
+    finally:
+        if previous is not None:  # None: set outside Python, cannot be put back from here
+            signal.signal(signal.SIGINT, previous)
+
+
+def _prompt_loop(model, tokenizer, cfg) -> int:
     _err("interactive mode: type a prompt and press Enter; /help for commands, Ctrl-D to exit")
     while True:
         busy = False  # True while a completion streams

@@ -320,13 +320,18 @@ class Terminal:
 
     # Runs in the child: setsid() came from start_new_session; TIOCSCTTY makes the tty
     # on fd 0 the controlling terminal (and this process group its foreground), then exec.
-    WRAPPER = "import fcntl, os, sys, termios; fcntl.ioctl(0, termios.TIOCSCTTY, 0); os.execv(sys.argv[1], sys.argv[1:])"
+    # With sigint_ignored, SIGINT is set to ignored before the exec, as a shell does for the
+    # background jobs of a script (and as the test itself may have been started).
+    WRAPPER = ("import fcntl, os, signal, sys, termios; fcntl.ioctl(0, termios.TIOCSCTTY, 0); "
+               "signal.signal(signal.SIGINT, signal.SIG_IGN if sys.argv[1] == 'ignore' else signal.SIG_DFL); "
+               "os.execv(sys.argv[2], sys.argv[2:])")
 
-    def __init__(self, argv: list[str]) -> None:
+    def __init__(self, argv: list[str], sigint_ignored: bool = False) -> None:
         import pty
 
         self.master, slave = pty.openpty()
-        self.proc = subprocess.Popen([sys.executable, "-c", self.WRAPPER, *argv], stdin=slave, stdout=slave,
+        sigint = "ignore" if sigint_ignored else "default"
+        self.proc = subprocess.Popen([sys.executable, "-c", self.WRAPPER, sigint, *argv], stdin=slave, stdout=slave,
                                      stderr=slave, env=env(), start_new_session=True, close_fds=True)
         os.close(slave)
         self.buf = b""
@@ -437,6 +442,26 @@ def test_interactive_in_a_terminal_ctrl_c_set_and_ctrl_d(checkpoint):
         term.expect(b"error:")
         term.expect(b">>> ")
         term.send(b"\x04")  # Ctrl-D at an empty prompt: end of input
+        assert term.wait() == 0
+        assert b"Traceback" not in term.buf
+    finally:
+        term.close()
+
+
+def test_interactive_ctrl_c_stops_a_completion_even_if_started_with_sigint_ignored(checkpoint):
+    """A script's background job inherits SIGINT ignored, and Python keeps it so: without
+    taking SIGINT back, Ctrl-C at that terminal would never stop a completion."""
+    term = Terminal([str(GPTCORE), "generate", "--checkpoint", str(checkpoint), "--interactive",
+                     "--temperature", "0", "--max-new-tokens", LONG], sigint_ignored=True)
+    try:
+        term.expect(b">>> ")
+        term.send(b"Hello there\r")
+        term.expect(b"Hello there\r\n")
+        term.expect_more(20)
+        term.send(b"\x03")
+        term.expect(b"[stopped]")
+        term.expect(b">>> ")
+        term.send(b"\x04")
         assert term.wait() == 0
         assert b"Traceback" not in term.buf
     finally:
