@@ -409,6 +409,17 @@ class Terminal:
         os.close(self.master)
 
 
+def interrupt_a_streaming_completion(term: Terminal) -> None:
+    """At the prompt: start a long completion, Ctrl-C once it is visibly streaming, and
+    expect it stopped and a fresh prompt."""
+    term.send(b"Hello there\r")
+    term.expect(b"Hello there\r\n")  # the terminal's echo of the line
+    term.expect_more(20)
+    term.send(b"\x03")
+    term.expect(b"[stopped]")
+    term.expect(b">>> ")
+
+
 def test_interactive_in_a_terminal_ctrl_c_set_and_ctrl_d(checkpoint):
     term = Terminal([str(GPTCORE), "generate", "--checkpoint", str(checkpoint), "--interactive",
                      "--temperature", "0", "--max-new-tokens", LONG])
@@ -423,13 +434,7 @@ def test_interactive_in_a_terminal_ctrl_c_set_and_ctrl_d(checkpoint):
         term.send(b"/set temperature 0\r")
         term.expect(b"temperature=0.0")
         term.expect(b">>> ")
-        # a long completion, interrupted once it is visibly streaming
-        term.send(b"Hello there\r")
-        term.expect(b"Hello there\r\n")  # the terminal's echo of the line
-        term.expect_more(20)
-        term.send(b"\x03")
-        term.expect(b"[stopped]")
-        term.expect(b">>> ")
+        interrupt_a_streaming_completion(term)
         # Ctrl-C at the prompt: just a fresh prompt
         term.wait_until_reading()
         term.send(b"half a line\x03")
@@ -455,12 +460,7 @@ def test_interactive_ctrl_c_stops_a_completion_even_if_started_with_sigint_ignor
                      "--temperature", "0", "--max-new-tokens", LONG], sigint_ignored=True)
     try:
         term.expect(b">>> ")
-        term.send(b"Hello there\r")
-        term.expect(b"Hello there\r\n")
-        term.expect_more(20)
-        term.send(b"\x03")
-        term.expect(b"[stopped]")
-        term.expect(b">>> ")
+        interrupt_a_streaming_completion(term)
         term.send(b"\x04")
         assert term.wait() == 0
         assert b"Traceback" not in term.buf
