@@ -6,9 +6,11 @@ and report the whole-split val loss (as the evaluate stage measures it) as mean 
                                  [--set train.dtype=float32 ...]
 
 The recipes file maps a name to dotted overrides of params.yaml, like
-``dvc exp run --set-param``::
+``dvc exp run --set-param``; an optional ``base`` entry (not a recipe) is applied under
+every recipe's own overrides::
 
-    default: {}
+    base: {train.ema_decay: 0.0}
+    muon: {}
     steps2000: {train.max_steps: 2000}
 
 ``--set KEY=VALUE`` (YAML value) applies to every recipe, after its own overrides: e.g.
@@ -51,6 +53,15 @@ def with_overrides(overrides: dict, seed: int, device: str):
             raise SystemExit(f"unknown param {dotted!r}; the keys are params.yaml's, e.g. train.max_steps")
         d[section][key] = value
     return Params.from_dict(d)
+
+
+def load_recipes(path: Path, common: dict | None = None) -> dict[str, dict]:
+    """name -> the overrides a run applies: the file's ``base``, the recipe's, then ``common``."""
+    import yaml
+
+    recipes = yaml.safe_load(Path(path).read_text()) or {}
+    base = recipes.pop("base", None) or {}
+    return {name: {**base, **(over or {}), **(common or {})} for name, over in recipes.items()}
 
 
 def run_one(name: str, overrides: dict, seed: int, device: str, progress: bool = False) -> dict:
@@ -119,14 +130,13 @@ def main() -> None:
         return
 
     import yaml
-    recipes = yaml.safe_load(args.recipes.read_text())
     common = {}
     for item in args.set:
         key, sep, value = item.partition("=")
         if not sep:
             raise SystemExit(f"--set {item!r}: expected KEY=VALUE, e.g. train.dtype=float32")
         common[key] = yaml.safe_load(value)
-    recipes = {name: {**(over or {}), **common} for name, over in recipes.items()}
+    recipes = load_recipes(args.recipes, common)
     names = args.only or list(recipes)
     unknown = [n for n in names if n not in recipes]
     if unknown:

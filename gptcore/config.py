@@ -36,7 +36,9 @@ DROPOUT_SITES = ("embed", "attn", "resid")
 
 @dataclass(frozen=True)
 class GPTConfig:
-    """Architecture of the GPT. Defaults are the reference model (7,259,008 parameters)."""
+    """Architecture of the GPT. Defaults are GPT-2's reference model (7,259,008 parameters):
+    what a checkpoint or ``GPTConfig()`` without a key means, and what HF export expresses.
+    The pipeline's model (``Params().model``, params.yaml) adds rotary positions."""
 
     vocab_size: int = 50257
     block_size: int = 256
@@ -237,11 +239,11 @@ class TrainConfig:
     cooldown_fraction: float = 0.2
     # > 0: keep an exponential moving average of the weights (this decay per step, warmed
     # up as (1 + n) / (10 + n)); validation measures it and the best checkpoint is it. 0 = off.
-    ema_decay: float = 0.0
+    ema_decay: float = 0.99
     # > 0: train against (1 - e) one-hot + e uniform targets (additive smoothing: tokens
     # the training text never contains keep about e / vocab of probability). Validation
     # and evaluation always measure the plain cross-entropy. 0 = off.
-    label_smoothing: float = 0.0
+    label_smoothing: float = 0.02
     grad_clip: float = 1.0  # 0 disables clipping
     eval_interval: int = 100
     eval_batches: int = 10
@@ -289,13 +291,19 @@ class EvaluateConfig:
         _check_choice("dtype", self.dtype, ("float32", "bfloat16"))
 
 
+# Where the pipeline's model differs from GPTConfig's defaults (GPT-2's architecture, which
+# saved checkpoints and HF export rely on): rotary positions, the winner of #21's sweep
+# (docs/results.md). The training recipe's choices are TrainConfig's own defaults.
+PIPELINE_MODEL = {"position": "rope"}
+
+
 @dataclass(frozen=True)
 class Params:
     """Everything in params.yaml."""
 
     data: DataConfig = field(default_factory=DataConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
-    model: GPTConfig = field(default_factory=GPTConfig)
+    model: GPTConfig = field(default_factory=lambda: GPTConfig(**PIPELINE_MODEL))
     train: TrainConfig = field(default_factory=TrainConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     # The sample stage's settings stay a mapping here: they are generation's, validated by
@@ -308,6 +316,10 @@ class Params:
 
     @classmethod
     def from_dict(cls, data: dict) -> "Params":
+        # A model section that omits a key means the pipeline's choice, as omitting the
+        # whole section does, not GPTConfig's (GPT-2's) default.
+        if isinstance(data, dict) and "model" in data and (data["model"] is None or isinstance(data["model"], dict)):
+            data = {**data, "model": {**PIPELINE_MODEL, **(data["model"] or {})}}
         return from_dict(cls, data)
 
     def to_dict(self) -> dict:

@@ -6,8 +6,8 @@ Each ``--run`` names a directory holding a run's ``train_log.csv`` and ``val_log
 (``metrics/`` after ``dvc repro``, or a copy of it); several runs are overlaid. The
 left panel is the loss (training loss smoothed over 50 steps, and the periodic
 validation estimates on ``train.eval_batches`` batches), the right one the learning
-rate. ``make plots`` draws the committed default run beside the reference run in
-``docs/reference_run``.
+rate. ``make plots`` draws the committed default run beside the earlier recipes' runs in
+``docs/muon_run`` and ``docs/reference_run`` (AdamW).
 """
 
 from __future__ import annotations

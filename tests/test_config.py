@@ -17,6 +17,19 @@ def test_defaults_are_the_reference_model():
     assert (c.dropout, c.bias, c.attn_impl) == (0.0, True, "sdpa")
 
 
+def test_the_pipeline_model_is_gpt2s_with_rotary_positions_however_the_section_is_written():
+    # GPTConfig() stays GPT-2's (what a checkpoint without the key and HF export mean)...
+    assert GPTConfig().position == "learned"
+    # ...while the pipeline's model, whole or partly written, has rotary positions.
+    assert Params().model == GPTConfig(position="rope")
+    for section in ({}, None, {"n_layer": 2}):
+        assert Params.from_dict({"model": section}).model.position == "rope", section
+    assert Params.from_dict({"model": {"n_layer": 2}}).model.n_layer == 2
+    assert Params.from_dict({"model": {"position": "learned"}}).model.position == "learned"
+    with pytest.raises(ConfigError, match="model must be a mapping"):
+        Params.from_dict({"model": [1]})
+
+
 def test_to_dict_from_dict_round_trip_and_frozen():
     c = GPTConfig(n_layer=2, n_embd=64, dropout=0.1, attn_impl="math")
     assert GPTConfig.from_dict(c.to_dict()) == c

@@ -3,10 +3,13 @@ exist is simulated: what is tested is the selection logic, not the hardware."""
 
 from __future__ import annotations
 
+import platform
+from pathlib import Path
+
 import pytest
 import torch
 
-from gptcore.training.device import resolve_device, resolve_precision
+from gptcore.training.device import cpu_has_kernels, resolve_device, resolve_precision
 from gptcore.errors import ConfigError
 
 
@@ -47,8 +50,34 @@ def test_asking_for_an_absent_accelerator_is_a_clear_error(machine):
 # -- precision: what the device can run ---------------------------------------------------
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
-def test_cpu_runs_every_precision_as_asked(dtype):
+def test_a_cpu_with_bf16_kernels_runs_every_precision_as_asked(monkeypatch, dtype):
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: True)
     assert resolve_precision(torch.device("cpu"), dtype) == (dtype, None)
+
+
+def test_a_cpu_without_bf16_kernels_trains_bf16_in_float32_saying_so(monkeypatch):
+    # An AVX2-only CPU (e.g. an EPYC Zen 3): torch's autocast would run reference kernels.
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)
+    got, note = resolve_precision(torch.device("cpu"), "bfloat16")
+    assert got == "float32"
+    assert note.startswith("train.dtype=bfloat16: this CPU (") and note.endswith("training in float32")
+    assert resolve_precision(torch.device("cpu"), "float32") == ("float32", None)
+    # float16 stays as asked: the CPU's way to exercise the gradient scaler.
+    assert resolve_precision(torch.device("cpu"), "float16") == ("float16", None)
+
+
+def test_the_kernel_probe_agrees_with_this_cpus_flags():
+    # oneDNN's bf16 path needs AVX-512 (BW/VL/DQ), AMX or AVX2-VNNI-2 (AVX-NE-CONVERT) on
+    # x86; an AVX2-only CPU such as an EPYC Zen 3 has none of them.
+    flags = Path("/proc/cpuinfo")
+    if platform.machine() not in ("x86_64", "AMD64") or not flags.exists():
+        pytest.skip("reads x86 CPU flags from /proc/cpuinfo")
+    have = set(next(line for line in flags.read_text().splitlines() if line.startswith("flags")).split())
+    if {"avx512f", "avx512bw", "avx512vl", "avx512dq"} <= have or "amx_bf16" in have:
+        assert cpu_has_kernels("bfloat16")
+    if not have & {"avx512f", "amx_bf16", "avx_ne_convert"}:
+        assert not cpu_has_kernels("bfloat16")
+    assert cpu_has_kernels("float32")
 
 
 def test_gpu_without_native_bf16_falls_back_to_float16_saying_so(machine, monkeypatch):

@@ -12,7 +12,8 @@ import yaml
 
 from project_copy import REPO
 
-RECIPES = yaml.safe_load((REPO / "bench" / "recipes.yaml").read_text())
+FILE = yaml.safe_load((REPO / "bench" / "recipes.yaml").read_text())
+RECIPES = [name for name in FILE if name != "base"]
 
 
 @pytest.fixture(scope="module")
@@ -23,9 +24,10 @@ def sweep():
     return module
 
 
-@pytest.mark.parametrize("name", list(RECIPES))
+@pytest.mark.parametrize("name", RECIPES)
 def test_every_recipe_is_a_valid_configuration(sweep, name):
-    over = RECIPES[name] or {}
+    over = sweep.load_recipes(REPO / "bench" / "recipes.yaml")[name]
+    assert over == {**FILE["base"], **(FILE[name] or {})}  # its own overrides on top of the base
     params = sweep.with_overrides(over, seed=1338, device="cpu")
     d = params.to_dict()
     for dotted, value in over.items():  # each override lands where it says, validated
@@ -43,3 +45,15 @@ def test_a_bad_recipe_value_is_one_line_naming_the_recipe(tmp_path):
     assert "recipe 'oops'" in p.stderr and "label_smoothing" in p.stderr
     assert "Traceback" not in p.stderr
     assert not (tmp_path / "s.jsonl").exists()  # nothing trained, nothing written
+
+
+def test_the_base_is_the_muon_recipe_and_the_winner_is_params_yaml(sweep):
+    # Rows measured before the switch stay comparable: the base undoes what params.yaml
+    # took from #21's sweep, and that sweep's winner on top of the base is params.yaml.
+    from gptcore.config import load_params
+
+    recipes = sweep.load_recipes(REPO / "bench" / "recipes.yaml")
+    muon = sweep.with_overrides(recipes["muon"], seed=1337, device="auto")
+    assert (muon.model.position, muon.train.label_smoothing, muon.train.ema_decay) == ("learned", 0.0, 0.0)
+    assert sweep.with_overrides(recipes["rope_ls0.02_ema0.99"], seed=1337, device="auto") == load_params(
+        REPO / "params.yaml")

@@ -91,7 +91,8 @@ def test_lr_warmup_then_cosine_to_min_lr():
 def test_optimizer_decays_only_matrices():
     from gptcore.model import GPT
 
-    p = make_params(train={"weight_decay": 0.25, "optimizer": "adamw"})
+    # Learned positions: their table is an embedding too (the pipeline's rotary has none).
+    p = make_params(model={"position": "learned"}, train={"weight_decay": 0.25, "optimizer": "adamw"})
     model = GPT(p.model)
     opt = make_optimizer(model, p.train)
     matrices, embed, no_decay = opt.param_groups
@@ -112,7 +113,8 @@ def test_optimizer_decays_only_matrices():
 def test_muon_takes_the_blocks_matrices_and_adamw_the_rest():
     from gptcore.model import GPT
 
-    p = make_params(train={"optimizer": "muon", "weight_decay": 0.25, "muon_lr_scale": 2.0,
+    p = make_params(model={"position": "learned"},
+                    train={"optimizer": "muon", "weight_decay": 0.25, "muon_lr_scale": 2.0,
                            "embed_lr_scale": 5.0, "scalar_lr_scale": 0.5})
     model = GPT(p.model)
     opt = make_optimizer(model, p.train)
@@ -647,7 +649,8 @@ def fresh_dynamo():
 def test_compile_trains_saves_plain_weights_and_resumes_bit_exact(tmp_path, capsys, fresh_dynamo):
     data = synthetic(REPEATED, REPEATED[:400])
     # dropout: compiled dropout draws its seeds from the global RNG the resume state restores.
-    compiled = make_params(train={"compile": True}, model={"dropout": 0.1}, vocab_size=64)
+    # No weight average: the published weights are then the live ones, compared below.
+    compiled = make_params(train={"compile": True, "ema_decay": 0.0}, model={"dropout": 0.1}, vocab_size=64)
     run = Trainer(compiled, data, tmp_path / "c/best", tmp_path / "c/last")
     assert run._compiled is not None
     result = run.train()
@@ -657,7 +660,7 @@ def test_compile_trains_saves_plain_weights_and_resumes_bit_exact(tmp_path, caps
     losses = [row[1] for row in result.train_log]
     assert all(math.isfinite(v) for v in losses) and losses[-1] < 0.8 * losses[0]
 
-    eager = Trainer(make_params(train={"compile": False}, model={"dropout": 0.1}, vocab_size=64), data,
+    eager = Trainer(make_params(train={"compile": False, "ema_decay": 0.0}, model={"dropout": 0.1}, vocab_size=64), data,
                     tmp_path / "e/best", tmp_path / "e/last", progress=False)
     assert eager._compiled is None
     eager_result = eager.train()
@@ -676,7 +679,7 @@ def test_compile_trains_saves_plain_weights_and_resumes_bit_exact(tmp_path, caps
     assert all(torch.equal(a, b) for a, b in zip(again.model.state_dict().values(),
                                                   run.model.state_dict().values()))
     # ...and compile is not part of the run's identity: an eager trainer picks the state up too.
-    plain = Trainer(make_params(train={"compile": False}, model={"dropout": 0.1}, vocab_size=64), data,
+    plain = Trainer(make_params(train={"compile": False, "ema_decay": 0.0}, model={"dropout": 0.1}, vocab_size=64), data,
                     tmp_path / "p/best", tmp_path / "c/last", progress=False)
     assert plain.try_resume() and plain.state.step == 10
 

@@ -369,6 +369,7 @@ class Trainer:
             steps=st.step, tokens_seen=st.tokens_seen, tokens_per_s=st.tokens_seen / max(st.train_time, 1e-9),
             train_time_s=st.train_time, wall_time_s=self._wall_now(), stopped_early=stopped_early,
             resumed_from_step=self.resumed_from, num_parameters=self.model.num_parameters(),
+            device=self.device.type, dtype=self.dtype,
             train_log=st.train_log, val_log=st.val_log)
 
     def _flush(self, bar, tokens_per_step: int) -> None:

@@ -27,6 +27,10 @@ class TrainResult:
     stopped_early: bool
     resumed_from_step: int
     num_parameters: int
+    # Where it ran and the matmul precision it actually used (train.dtype falls back where
+    # the hardware lacks it; see training.device.resolve_precision), so runs compare honestly.
+    device: str = "cpu"
+    dtype: str = "float32"
     train_log: list = field(default_factory=list)  # [step, train_loss, lr, tokens_per_s]
     val_log: list = field(default_factory=list)  # [step, val_loss]
 
