@@ -282,7 +282,8 @@ def test_ranks_draw_different_batches_and_gradients_are_averaged(project, tmp_pa
     opt = make_optimizer(model, params.train)
     for step, ((x0, y0), (x1, y1)) in enumerate(zip(*per_rank)):
         set_lr(opt, lr_at(step, params.train))
-        _, loss = model(torch.cat([x0, x1]), torch.cat([y0, y1]), return_logits=False)
+        _, loss = model(torch.cat([x0, x1]), torch.cat([y0, y1]), return_logits=False,
+                        label_smoothing=params.train.label_smoothing)  # the trainer's objective
         loss.backward()
         for (name, p), g in zip(model.named_parameters(), ddp_grads[step]):
             torch.testing.assert_close(p.grad, g, rtol=1e-4, atol=1e-6, msg=f"step {step}: {name}")
