@@ -64,6 +64,19 @@ def load_recipes(path: Path, common: dict | None = None) -> dict[str, dict]:
     return {name: {**base, **(over or {}), **(common or {})} for name, over in recipes.items()}
 
 
+def parse_sets(items: list[str]) -> dict:
+    """``--set KEY=VALUE`` options as {dotted key: YAML value}."""
+    import yaml
+
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--set {item!r}: expected KEY=VALUE, e.g. train.dtype=float32")
+        out[key] = yaml.safe_load(value)
+    return out
+
+
 def run_one(name: str, overrides: dict, seed: int, device: str, progress: bool = False) -> dict:
     """Train, then evaluate the best checkpoint on the whole val split (like the stages)."""
     from gptcore.checkpoint import load_checkpoint
@@ -129,14 +142,7 @@ def main() -> None:
         print(json.dumps(run_one(job["name"], job["overrides"], job["seed"], args.device, progress=True)))
         return
 
-    import yaml
-    common = {}
-    for item in args.set:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise SystemExit(f"--set {item!r}: expected KEY=VALUE, e.g. train.dtype=float32")
-        common[key] = yaml.safe_load(value)
-    recipes = load_recipes(args.recipes, common)
+    recipes = load_recipes(args.recipes, parse_sets(args.set))
     names = args.only or list(recipes)
     unknown = [n for n in names if n not in recipes]
     if unknown:

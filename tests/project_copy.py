@@ -91,3 +91,13 @@ def signal_after_first_checkpoint(args: list[str], root: Path, env: dict, sig: i
             proc.kill()
             proc.wait()
     return proc.returncode, out, err
+
+
+def bench_module(name: str):
+    """Import ``bench/<name>.py`` (bench/ is scripts, not a package) for its functions."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, REPO / "bench" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

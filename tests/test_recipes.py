@@ -3,14 +3,13 @@ would otherwise surface only when someone starts an hour-long sweep that include
 
 from __future__ import annotations
 
-import importlib.util
 import subprocess
 import sys
 
 import pytest
 import yaml
 
-from project_copy import REPO
+from project_copy import REPO, bench_module
 
 FILE = yaml.safe_load((REPO / "bench" / "recipes.yaml").read_text())
 RECIPES = [name for name in FILE if name != "base"]
@@ -18,10 +17,7 @@ RECIPES = [name for name in FILE if name != "base"]
 
 @pytest.fixture(scope="module")
 def sweep():
-    spec = importlib.util.spec_from_file_location("recipe_sweep", REPO / "bench" / "recipe_sweep.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return bench_module("recipe_sweep")
 
 
 @pytest.mark.parametrize("name", RECIPES)
