@@ -1,7 +1,7 @@
 """Averaging screen: which weight average of the default recipe's trajectory generalises
 best (issue #21), measured on the whole validation split.
 
-    python bench/averaging_screen.py --seed 1337 [--threads 1] [--from-step 700]
+    python bench/averaging_screen.py --seed 1337 [--threads 1] [--from-step 700] [--schemes NAME ...]
                                      [--out bench/averaging_cpu_zen3_fp32.jsonl]
                                      [--set train.dtype=float32 ...]
     python bench/averaging_screen.py --summarize bench/averaging_cpu_zen3_fp32.jsonl
@@ -52,12 +52,14 @@ def rule(name: str):
         return lambda n: None if n < start else 1.0 / (n - start + 1)
     d, _, warm = name[3:].partition("_")
     d = float(d)
+    if not name.startswith("ema") or warm not in ("", "cum") or not 0 < d < 1:
+        raise ValueError(name)
     if warm == "cum":
         return lambda n: 1.0 - min(d, n / (1 + n))
     return lambda n: 1.0 - min(d, (1 + n) / (10 + n))
 
 
-def run(params, from_step: int, out: Path, overrides: dict) -> None:
+def run(params, schemes: list[str], from_step: int, out: Path, overrides: dict) -> None:
     import torch
 
     from gptcore.data.dataset import TokenData
@@ -81,7 +83,7 @@ def run(params, from_step: int, out: Path, overrides: dict) -> None:
     class ScreenTrainer(Trainer):
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
-            self.schemes = {name: Scheme(self.model, name) for name in SCHEMES}
+            self.schemes = {name: Scheme(self.model, name) for name in schemes}
             self.best: dict[str, tuple] = {}  # scheme -> (estimate, step, averaged weights)
 
         def _train_step(self, lr):
@@ -162,6 +164,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seed", type=int)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    ap.add_argument("--schemes", nargs="+", default=SCHEMES, metavar="NAME",
+                    help=f"averages beside the trainer's own (default: {' '.join(SCHEMES)})")
     ap.add_argument("--from-step", type=int, default=700, help="measure the averages from this step on")
     ap.add_argument("--out", type=Path, default=Path("averaging.jsonl"))
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -173,6 +177,11 @@ def main() -> None:
         return
     if args.seed is None:
         raise SystemExit("--seed is required (or --summarize FILE)")
+    for name in args.schemes:
+        try:
+            rule(name)
+        except ValueError:
+            raise SystemExit(f"--schemes: {name!r} is not ema<decay>, ema<decay>_cum or swa<step>") from None
     from recipe_sweep import parse_sets, with_overrides  # bench/ is this script's sys.path[0]
 
     overrides = parse_sets(args.set)
@@ -181,7 +190,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     # patience 0: every average is measured at every evaluation, however the trainer's own fares
     params = with_overrides({**overrides, "train.patience": 0}, args.seed, "auto")
-    run(params, args.from_step, args.out, overrides)
+    run(params, args.schemes, args.from_step, args.out, overrides)
 
 
 if __name__ == "__main__":

@@ -73,3 +73,9 @@ def test_summary_reports_each_schemes_pick_paired_with_the_default(screen, tmp_p
     swa = next(line for line in table if line.startswith("| swa700 "))
     assert "| 4.5500 | +0.0000 | 800/900 |" in default
     assert "| 4.5200 | -0.0300 | 1000/1000 |" in swa
+
+
+@pytest.mark.parametrize("name", ["ema0.99_x", "ema1.5", "swaX", "sma0.9"])
+def test_a_scheme_name_outside_the_three_families_is_refused(screen, name):
+    with pytest.raises(ValueError):
+        screen.rule(name)
