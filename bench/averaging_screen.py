@@ -21,9 +21,10 @@ estimate: measuring every step on it would add half an hour per seed on 2 CPU co
 
 Schemes (``n`` = optimizer updates so far; the EMA update is ``avg += (1 - d) (w - avg)``):
 
-- ``ema<d>``: decay ``min(d, (1 + n) / (10 + n))``, the trainer's warm-up;
-- ``ema<d>_cum``: decay ``min(d, n / (1 + n))``: a plain running mean until the cap
-  binds (at n = d / (1 - d)), then an EMA of window about 1 / (1 - d);
+- ``ema<d>``: decay ``min(d, (1 + n) / (10 + n))``, the trainer's ``train.ema_warmup: tf``;
+- ``ema<d>_cum``: decay ``min(d, n / (1 + n))``, ``train.ema_warmup: mean``: a plain
+  running mean until the cap binds (at n = d / (1 - d)), then an EMA of window about
+  1 / (1 - d);
 - ``swa<s>``: the uniform mean of the weights after steps s, s+1, ... (tail averaging).
 
 Each measurement is appended to ``--out`` as one JSON line as soon as it is taken.
@@ -54,9 +55,10 @@ def rule(name: str):
     d = float(d)
     if not name.startswith("ema") or warm not in ("", "cum") or not 0 < d < 1:
         raise ValueError(name)
-    if warm == "cum":
-        return lambda n: 1.0 - min(d, n / (1 + n))
-    return lambda n: 1.0 - min(d, (1 + n) / (10 + n))
+    from gptcore.training.averaging import warmed_decay
+
+    warmup = "mean" if warm == "cum" else "tf"  # names from before train.ema_warmup existed
+    return lambda n: 1.0 - warmed_decay(d, warmup, n)
 
 
 def run(params, schemes: list[str], from_step: int, out: Path, overrides: dict) -> None:

@@ -1,6 +1,6 @@
 """Step cost of a recipe against another: the trainer's own training step, side by side.
 
-    python bench/bench_recipe_cost.py [--base muon] [--recipe rope_ls0.02_ema0.99]
+    python bench/bench_recipe_cost.py [--base muon] [--recipe rope_ls0.02_ema0.995_mean]
                                       [--dtype bfloat16] [--steps 24] [--rounds 4]
 
 Both recipes come from bench/recipes.yaml (the base entry included), on real data
@@ -29,7 +29,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--base", default="muon")
-    ap.add_argument("--recipe", default="rope_ls0.02_ema0.99")
+    ap.add_argument("--recipe", default="rope_ls0.02_ema0.995_mean")  # params.yaml
     ap.add_argument("--dtype", default=None, help="train.dtype for both (default: params.yaml's)")
     ap.add_argument("--steps", type=int, default=24, help="timed steps per recipe per round")
     ap.add_argument("--rounds", type=int, default=4)

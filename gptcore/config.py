@@ -237,9 +237,12 @@ class TrainConfig:
     # cooldown to min_lr over the last cooldown_fraction of max_steps.
     schedule: str = "cosine"
     cooldown_fraction: float = 0.2
-    # > 0: keep an exponential moving average of the weights (this decay per step, warmed
-    # up as (1 + n) / (10 + n)); validation measures it and the best checkpoint is it. 0 = off.
-    ema_decay: float = 0.99
+    # > 0: keep an exponential moving average of the weights (at most this decay per
+    # step); validation measures it and the best checkpoint is it. 0 = off.
+    ema_decay: float = 0.995
+    # How the average's decay warms up after n updates (gptcore/training/averaging.py):
+    # mean = n / (1 + n), the running mean until the cap binds | tf = (1 + n) / (10 + n).
+    ema_warmup: str = "mean"
     # > 0: train against (1 - e) one-hot + e uniform targets (additive smoothing: tokens
     # the training text never contains keep about e / vocab of probability). Validation
     # and evaluation always measure the plain cross-entropy. 0 = off.
@@ -275,6 +278,7 @@ class TrainConfig:
         _check(0 <= self.muon_momentum < 1, "muon_momentum", self.muon_momentum, "0 <= muon_momentum < 1")
         _check_choice("schedule", self.schedule, ("cosine", "wsd"))
         _check(0 <= self.ema_decay < 1, "ema_decay", self.ema_decay, "0 <= ema_decay < 1 (0 = off)")
+        _check_choice("ema_warmup", self.ema_warmup, ("mean", "tf"))
         _check(0 <= self.label_smoothing < 1, "label_smoothing", self.label_smoothing,
                "0 <= label_smoothing < 1 (0 = off)")
         _check(0 < self.cooldown_fraction <= 1, "cooldown_fraction", self.cooldown_fraction,

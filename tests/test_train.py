@@ -22,7 +22,7 @@ from gptcore.config import CorpusSource, DataConfig, Params
 from gptcore.data.corpus import tokenize_corpus
 from gptcore.data.dataset import TokenData
 from gptcore.errors import ConfigError, DataError
-from gptcore.training.averaging import WeightAverage
+from gptcore.training.averaging import WeightAverage, warmed_decay
 from gptcore.training.metrics import write_train_outputs
 from gptcore.training.optim import lr_at, make_optimizer, momentum_at
 from gptcore.training.resume import fingerprint
@@ -484,7 +484,7 @@ def test_architecture_variants_resume_after_sigint_is_bit_exact(tmp_path, shakes
 def test_weight_average_is_an_ema_swapped_in_exactly():
     torch.manual_seed(0)
     model = torch.nn.Linear(3, 2)
-    average = WeightAverage(model, decay=0.2)
+    average = WeightAverage(model, decay=0.2, warmup="tf")
     start = [p.detach().clone() for p in model.parameters()]
     expected = [t.clone() for t in start]
     for n in range(1, 5):
@@ -499,11 +499,35 @@ def test_weight_average_is_an_ema_swapped_in_exactly():
     with average.applied():
         assert all(torch.equal(p, a) for p, a in zip(model.parameters(), average.average))
     assert all(torch.equal(p, t) for p, t in zip(model.parameters(), trained))  # restored bit for bit
-    again = WeightAverage(model, decay=0.2)
+    again = WeightAverage(model, decay=0.2, warmup="tf")
     again.load_state_dict(average.state_dict())
     assert again.updates == 4 and all(torch.equal(a, b) for a, b in zip(again.average, average.average))
     with pytest.raises(ValueError, match="holds 1 tensors of other shapes than the model's 2"):
         again.load_state_dict({"updates": 1, "average": [start[0]]})
+
+
+def test_mean_warm_up_is_the_running_mean_of_the_weights_until_the_cap_binds():
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2)
+    average = WeightAverage(model, decay=0.8)  # the default warm-up: mean; binds at n = 4
+    seen = [[p.detach().clone()] for p in model.parameters()]  # the initial weights count once
+    for _ in range(4):
+        with torch.no_grad():
+            for p, s in zip(model.parameters(), seen):
+                p.add_(torch.randn_like(p))
+                s.append(p.detach().clone())
+        average.update()
+    for a, s in zip(average.average, seen):
+        torch.testing.assert_close(a, torch.stack(s).mean(0))
+    # then the cap: each later update moves the average by 1 - 0.8 of the gap
+    assert [warmed_decay(0.8, "mean", n) for n in (1, 3, 4, 5, 100)] == [0.5, 0.75, 0.8, 0.8, 0.8]
+    assert [warmed_decay(0.995, w, n) for w, n in (("mean", 199), ("tf", 1000), ("tf", 1790))] == pytest.approx(
+        [0.995, 1001 / 1010, 0.995])
+    with pytest.raises(ValueError, match="ema warm-up 'linear': allowed: mean, tf"):
+        WeightAverage(model, decay=0.8, warmup="linear")
+    with pytest.raises(ConfigError, match=r"ema_warmup.*mean \| tf"):
+        make_params(train={"ema_warmup": "linear"})
+    assert fingerprint(make_params(train={"ema_warmup": "tf"}), {}) != fingerprint(make_params(), {})
 
 
 def test_ema_is_what_validation_measures_and_the_best_checkpoint_publishes(tmp_path):
@@ -544,8 +568,9 @@ def test_label_smoothing_trains_smoothed_targets_and_validates_plain_cross_entro
     used = data.tokenizer.vocab_size
     runs = {}
     for e in (0.0, 0.1):
+        # no weight average: a 100-step running mean would still carry the initial weights' mass
         p = make_params(train={"label_smoothing": e, "max_steps": 100, "eval_interval": 50,
-                               "learning_rate": 1e-2, "min_lr": 1e-3})
+                               "learning_rate": 1e-2, "min_lr": 1e-3, "ema_decay": 0.0})
         trainer = Trainer(p, data, tmp_path / f"best{e}", tmp_path / f"last{e}", progress=False)
         runs[e] = (trainer, trainer.train())
     plain, smoothed = runs[0.0][1], runs[0.1][1]

@@ -82,7 +82,7 @@ def resolve_precision(device: torch.device, dtype: str) -> tuple[str, str | None
     kind = device.type
     if not torch.amp.is_autocast_available(kind):
         return "float32", f"train.dtype={dtype}: no autocast on {kind}; training in float32"
-    if dtype == "bfloat16" and kind == "cpu" and not cpu_has_kernels(dtype):
+    if dtype == "bfloat16" and kind == "cpu" and not cpu_has_bf16_kernels():
         # Without oneDNN's bf16 kernels (x86: AVX-512 or AMX; Arm: the BF16 extension)
         # torch's autocast runs reference kernels: on a 2-core AVX2 EPYC a bf16 run was ~30x
         # slower than float32, hours for the default recipe. (float16, never a CPU default,
@@ -99,12 +99,9 @@ def resolve_precision(device: torch.device, dtype: str) -> tuple[str, str | None
     return dtype, None
 
 
-def cpu_has_kernels(dtype: str) -> bool:
-    """Whether this CPU runs ``dtype`` matmuls in oneDNN's fast kernels (torch's own check)."""
-    check = {"bfloat16": "_is_mkldnn_bf16_supported", "float16": "_is_mkldnn_fp16_supported"}.get(dtype)
-    if check is None:
-        return True
-    probe = getattr(torch.ops.mkldnn, check, None)
+def cpu_has_bf16_kernels() -> bool:
+    """Whether this CPU runs bfloat16 matmuls in oneDNN's fast kernels (torch's own check)."""
+    probe = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
     # A torch without the probe: keep the configured dtype, as before the probe existed.
     return True if probe is None else bool(probe())
 

@@ -103,7 +103,7 @@ class Trainer:
             torch.manual_seed(self.cfg.seed + self.dist.rank)
         self.optimizer = make_optimizer(self.model, self.cfg)
         # Rank 0 alone validates and publishes, so only it keeps the average.
-        self.average = WeightAverage(self.model, self.cfg.ema_decay) if self.cfg.ema_decay > 0 and self.is_main else None
+        self.average = WeightAverage(self.model, self.cfg.ema_decay, self.cfg.ema_warmup) if self.cfg.ema_decay > 0 and self.is_main else None
         self.dtype, note = resolve_precision(self.device, self.cfg.dtype)
         if note:
             self._say(note)
