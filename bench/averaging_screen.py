@@ -6,12 +6,17 @@ best (issue #21), measured on the whole validation split.
                                      [--set train.dtype=float32 ...]
     python bench/averaging_screen.py --summarize bench/averaging_cpu_zen3_fp32.jsonl
 
+The committed table (bench/averaging_cpu_zen3_fp32.jsonl, at 41a8a3c) was screened when
+the trainer's own average was ``ema_decay 0.99, ema_warmup tf``; to screen against that
+baseline again: ``--set train.ema_decay=0.99 --set train.ema_warmup=tf``.
+
 One training run per seed (params.yaml's recipe, as ``make repro`` trains it) carries
 several weight averages side by side. Averaging never feeds back into training, so every
 scheme averages the very same trajectory: the differences between schemes are paired,
 free of the ±0.035 between-seed noise a recipe sweep has to average away. The trainer's own
-average (``train.ema_decay``) is the ``default`` row, so each run also reproduces what the
-pipeline publishes for its seed.
+average (``train.ema_decay``, ``train.ema_warmup``) is the ``default`` row, so each run
+also reproduces what the pipeline publishes for its seed; every row records those two
+settings, and ``--summarize`` refuses a file whose ``default`` rows disagree on them.
 
 At every evaluation from ``--from-step`` on, each average is swapped into the model and
 measured on the trainer's 10 fixed validation batches, the estimate that picks the best
@@ -43,7 +48,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-SCHEMES = ["ema0.98", "ema0.995_cum", "ema0.998_cum", "swa500", "swa700"]
+# ema0.99 is the default before 2026-12-02; ema0.995_cum is today's (the `default` row).
+SCHEMES = ["ema0.99", "ema0.98", "ema0.998_cum", "swa500", "swa700"]
 
 
 def rule(name: str):
@@ -122,7 +128,8 @@ def run(params, schemes: list[str], from_step: int, out: Path, overrides: dict) 
                       file=sys.stderr, flush=True)
 
     def record(row: dict) -> None:
-        row = {"seed": seed, **row, "overrides": overrides, "threads": torch.get_num_threads()}
+        row = {"seed": seed, **row, "overrides": overrides, "threads": torch.get_num_threads(),
+               "ema_decay": params.train.ema_decay, "ema_warmup": params.train.ema_warmup}
         with out.open("a") as f:
             f.write(json.dumps(row) + "\n")
 
@@ -140,6 +147,11 @@ def run(params, schemes: list[str], from_step: int, out: Path, overrides: dict) 
 
 def summarize(path: Path) -> str:
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    # Rows from before the rows said so were screened against ema_decay 0.99, warm-up tf.
+    baselines = {(r.get("ema_decay", 0.99), r.get("ema_warmup", "tf")) for r in rows if r["scheme"] == "default"}
+    if len(baselines) > 1:
+        raise SystemExit(f"{path}: its default rows average differently ({sorted(baselines)}): "
+                         "the pairs would mix baselines; keep one baseline per file")
     seeds = sorted({r["seed"] for r in rows})
     schemes = list(dict.fromkeys(r["scheme"] for r in rows))
     picked: dict[str, dict[int, dict]] = {}

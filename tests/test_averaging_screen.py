@@ -80,3 +80,14 @@ def test_summary_reports_each_schemes_pick_paired_with_the_default(screen, tmp_p
 def test_a_scheme_name_outside_the_three_families_is_refused(screen, name):
     with pytest.raises(ValueError):
         screen.rule(name)
+
+
+def test_summary_refuses_a_file_that_mixes_baselines(screen, tmp_path):
+    old = {"seed": 1, "scheme": "default", "step": 800, "estimate": 4.6, "picked": True, "val_loss": 4.5}
+    new = {**old, "seed": 2, "ema_decay": 0.995, "ema_warmup": "mean"}
+    path = tmp_path / "screen.jsonl"
+    path.write_text(json.dumps(old) + "\n" + json.dumps(new) + "\n")
+    with pytest.raises(SystemExit, match=r"default rows average differently .*0.99, 'tf'.*0.995, 'mean'"):
+        screen.summarize(path)
+    path.write_text(json.dumps(new) + "\n" + json.dumps({**new, "seed": 3}) + "\n")
+    assert "| default |" in screen.summarize(path)

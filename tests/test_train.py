@@ -22,7 +22,7 @@ from gptcore.config import CorpusSource, DataConfig, Params
 from gptcore.data.corpus import tokenize_corpus
 from gptcore.data.dataset import TokenData
 from gptcore.errors import ConfigError, DataError
-from gptcore.training.averaging import WeightAverage, warmed_decay
+from gptcore.training.averaging import WARMUPS, WeightAverage, warmed_decay
 from gptcore.training.metrics import write_train_outputs
 from gptcore.training.optim import lr_at, make_optimizer, momentum_at
 from gptcore.training.resume import fingerprint
@@ -525,6 +525,8 @@ def test_mean_warm_up_is_the_running_mean_of_the_weights_until_the_cap_binds():
         [0.995, 1001 / 1010, 0.995])
     with pytest.raises(ValueError, match="ema warm-up 'linear': allowed: mean, tf"):
         WeightAverage(model, decay=0.8, warmup="linear")
+    for warmup in WARMUPS:  # the config allows exactly the warm-ups the average knows
+        assert make_params(train={"ema_warmup": warmup}).train.ema_warmup == warmup
     with pytest.raises(ConfigError, match=r"ema_warmup.*mean \| tf"):
         make_params(train={"ema_warmup": "linear"})
     assert fingerprint(make_params(train={"ema_warmup": "tf"}), {}) != fingerprint(make_params(), {})
