@@ -89,9 +89,11 @@ def load_checkpoint(directory: str | Path, device: str | torch.device = "cpu",
         except CheckpointError:
             # Retry only if a save moved things meanwhile: a new save in place, or the
             # directory between a save's two renames (only <dir>.old there right now).
-            mid_save = not Path(directory).exists()
-            if before is None or (_identity(directory) == before and not mid_save) \
-                    or attempt == _LOAD_ATTEMPTS - 1:
+            # ``before`` may be None for the same reason (the directory renamed or removed
+            # while it was being identified), so only an unchanged identity, None or not,
+            # outside a save means the checkpoint itself is bad.
+            mid_save = current_dir(directory) != Path(directory)
+            if (_identity(directory) == before and not mid_save) or attempt == _LOAD_ATTEMPTS - 1:
                 raise
         else:
             if before is not None and _identity(directory) == before:
