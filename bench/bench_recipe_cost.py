@@ -29,7 +29,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--base", default="muon")
-    ap.add_argument("--recipe", default="rope_ls0.02_ema0.995_mean")  # params.yaml
+    ap.add_argument("--recipe", default="rope_ls0.02_ema0.995_mean_relu2")  # params.yaml
     ap.add_argument("--dtype", default=None, help="train.dtype for both (default: params.yaml's)")
     ap.add_argument("--steps", type=int, default=24, help="timed steps per recipe per round")
     ap.add_argument("--rounds", type=int, default=4)

@@ -38,7 +38,7 @@ DROPOUT_SITES = ("embed", "attn", "resid")
 class GPTConfig:
     """Architecture of the GPT. Defaults are GPT-2's reference model (7,259,008 parameters):
     what a checkpoint or ``GPTConfig()`` without a key means, and what HF export expresses.
-    The pipeline's model (``Params().model``, params.yaml) adds rotary positions."""
+    The pipeline's model (``Params().model``, params.yaml) adds rotary positions and ReLU²."""
 
     vocab_size: int = 50257
     block_size: int = 256
@@ -296,9 +296,9 @@ class EvaluateConfig:
 
 
 # Where the pipeline's model differs from GPTConfig's defaults (GPT-2's architecture, which
-# saved checkpoints and HF export rely on): rotary positions, the winner of #21's sweep
-# (docs/results.md). The training recipe's choices are TrainConfig's own defaults.
-PIPELINE_MODEL = {"position": "rope"}
+# saved checkpoints and HF export rely on): rotary positions and ReLU² MLPs, the winners of
+# #21's sweep (docs/results.md). The training recipe's choices are TrainConfig's own defaults.
+PIPELINE_MODEL = {"position": "rope", "mlp_activation": "relu2"}
 
 
 @dataclass(frozen=True)

@@ -17,15 +17,17 @@ def test_defaults_are_the_reference_model():
     assert (c.dropout, c.bias, c.attn_impl) == (0.0, True, "sdpa")
 
 
-def test_the_pipeline_model_is_gpt2s_with_rotary_positions_however_the_section_is_written():
+def test_the_pipeline_model_is_gpt2s_with_rotary_and_relu2_however_the_section_is_written():
     # GPTConfig() stays GPT-2's (what a checkpoint without the key and HF export mean)...
-    assert GPTConfig().position == "learned"
-    # ...while the pipeline's model, whole or partly written, has rotary positions.
-    assert Params().model == GPTConfig(position="rope")
+    assert (GPTConfig().position, GPTConfig().mlp_activation) == ("learned", "gelu")
+    # ...while the pipeline's model, whole or partly written, has rotary positions and ReLU².
+    assert Params().model == GPTConfig(position="rope", mlp_activation="relu2")
     for section in ({}, None, {"n_layer": 2}):
-        assert Params.from_dict({"model": section}).model.position == "rope", section
+        model = Params.from_dict({"model": section}).model
+        assert (model.position, model.mlp_activation) == ("rope", "relu2"), section
     assert Params.from_dict({"model": {"n_layer": 2}}).model.n_layer == 2
     assert Params.from_dict({"model": {"position": "learned"}}).model.position == "learned"
+    assert Params.from_dict({"model": {"mlp_activation": "gelu"}}).model.mlp_activation == "gelu"
     with pytest.raises(ConfigError, match="model must be a mapping"):
         Params.from_dict({"model": [1]})
 

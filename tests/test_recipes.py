@@ -50,8 +50,11 @@ def test_the_base_is_the_muon_recipe_and_the_winner_is_params_yaml(sweep):
 
     recipes = sweep.load_recipes(REPO / "bench" / "recipes.yaml")
     muon = sweep.with_overrides(recipes["muon"], seed=1337, device="auto")
-    assert (muon.model.position, muon.train.label_smoothing, muon.train.ema_decay) == ("learned", 0.0, 0.0)
+    assert (muon.model.position, muon.model.mlp_activation, muon.train.label_smoothing,
+            muon.train.ema_decay) == ("learned", "gelu", 0.0, 0.0)
     measured = sweep.with_overrides(recipes["rope_ls0.02_ema0.99"], seed=1337, device="auto")
     assert (measured.train.ema_decay, measured.train.ema_warmup) == (0.99, "tf")  # as it was measured
-    assert sweep.with_overrides(recipes["rope_ls0.02_ema0.995_mean"], seed=1337, device="auto") == load_params(
-        REPO / "params.yaml")
+    previous = sweep.with_overrides(recipes["rope_ls0.02_ema0.995_mean"], seed=1337, device="auto")
+    assert previous.model.mlp_activation == "gelu"  # the default before ReLU², as measured
+    assert sweep.with_overrides(recipes["rope_ls0.02_ema0.995_mean_relu2"], seed=1337,
+                                device="auto") == load_params(REPO / "params.yaml")
