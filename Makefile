@@ -52,7 +52,7 @@ ui-check: setup
 # The committed default run's curves beside the reference run (the recipe before Muon),
 # from the metric files alone: docs/loss_curve.png, shown in the README.
 plots: setup
-	$(BIN)/python -m gptcore.plots --run "default (rotary, smoothing, EMA)=metrics" \
+	$(BIN)/python -m gptcore.plots --run "default (rotary, ReLU², smoothing, EMA)=metrics" \
 		--run "Muon=docs/muon_run" --run "AdamW=docs/reference_run" -o docs/loss_curve.png
 
 test: setup
