@@ -7,9 +7,10 @@ best (issue #21), measured on the whole validation split.
     python bench/averaging_screen.py --summarize bench/averaging_cpu_zen3_fp32.jsonl
 
 The committed table (bench/averaging_cpu_zen3_fp32.jsonl, at 41a8a3c) was screened when
-the trainer's own average was ``ema_decay 0.99, ema_warmup tf``, with the schemes of that
-time; to screen them again: ``--set train.ema_decay=0.99 --set train.ema_warmup=tf
---schemes ema0.98 ema0.995_cum ema0.998_cum swa500 swa700``.
+the trainer's own average was ``ema_decay 0.99, ema_warmup tf`` and the MLPs were GELU,
+with the schemes of that time; to screen them again: ``--set train.ema_decay=0.99 --set
+train.ema_warmup=tf --set model.mlp_activation=gelu --schemes ema0.98 ema0.995_cum
+ema0.998_cum swa500 swa700``.
 
 One training run per seed (params.yaml's recipe, as ``make repro`` trains it) carries
 several weight averages side by side. Averaging never feeds back into training, so every
