@@ -23,7 +23,9 @@ Needs data/raw (``dvc repro download``); a recipe whose ``data.processed_dir`` d
 exist yet (e.g. a char-level variant) is tokenized into it first. Each finished run is appended to
 ``--out`` as one JSON line, so an interrupted sweep keeps what it measured; runs already
 in ``--out`` are not repeated. While a run trains, its validation lines go to
-``<out>.logs/<recipe>-<seed>.log``.
+``<out>.logs/<recipe>-<seed>.log``. Stopping the sweep stops its runs: Ctrl-C reaches
+them directly, and on Linux a run also ends when the sweep's process dies some other way
+(``kill``, even ``kill -9``), so no orphan keeps a core busy for an hour.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ import argparse
 import concurrent.futures
 import dataclasses
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -75,6 +78,23 @@ def parse_sets(items: list[str]) -> dict:
             raise SystemExit(f"--set {item!r}: expected KEY=VALUE, e.g. train.dtype=float32")
         out[key] = yaml.safe_load(value)
     return out
+
+
+def die_with_parent(parent_pid: int) -> None:
+    """End this process when ``parent_pid`` (the sweep that launched it) dies (Linux).
+
+    The kernel sends SIGTERM, the trainer's stop request, so a run ends at its next step
+    boundary. Without it, killing a sweep leaves its runs training for up to an hour,
+    unseen, slowing whatever runs next on the same cores."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import signal
+
+    pr_set_pdeathsig = 1  # <linux/prctl.h>
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, int(signal.SIGTERM))
+    if os.getppid() != parent_pid:  # the sweep died before the line above took effect
+        raise SystemExit("recipe_sweep: the sweep that launched this run has ended")
 
 
 def run_one(name: str, overrides: dict, seed: int, device: str, progress: bool = False) -> dict:
@@ -135,6 +155,7 @@ def main() -> None:
     ap.add_argument("--one", help=argparse.SUPPRESS)  # internal: one run, JSON in, JSON out
     args = ap.parse_args()
     if args.one:
+        die_with_parent(int(os.environ.get("GPTCORE_SWEEP_PID", os.getppid())))
         job = json.loads(args.one)
         if args.threads:
             import torch
@@ -177,7 +198,10 @@ def main() -> None:
         logs.mkdir(parents=True, exist_ok=True)
         log = logs / f"{job['name']}-{job['seed']}.log"
         with log.open("w") as err:
-            p = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=err, text=True)
+            # The kernel ties the run to this thread, not the process; a pool worker lives
+            # until the pool's last run has ended, so a finished thread never stops a run.
+            p = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=err, text=True,
+                               env={**os.environ, "GPTCORE_SWEEP_PID": str(os.getpid())})
         if p.returncode != 0:
             last = [line for line in log.read_text().splitlines() if line.strip()][-1:]
             return {**job, "error": last or [f"exit {p.returncode}"], "log": str(log)}

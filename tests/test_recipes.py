@@ -3,8 +3,12 @@ would otherwise surface only when someone starts an hour-long sweep that include
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
+import textwrap
+import time
+from pathlib import Path
 
 import pytest
 import yaml
@@ -58,3 +62,55 @@ def test_the_base_is_the_muon_recipe_and_the_winner_is_params_yaml(sweep):
     assert previous.model.mlp_activation == "gelu"  # the default before ReLU², as measured
     assert sweep.with_overrides(recipes["rope_ls0.02_ema0.995_mean_relu2"], seed=1337,
                                 device="auto") == load_params(REPO / "params.yaml")
+
+
+def _gone(pid: int) -> bool:
+    """Ended: no such process, or a zombie nobody has reaped yet (a container's init may not)."""
+    try:
+        return Path(f"/proc/{pid}/status").read_text().split("State:")[1].split()[0] == "Z"
+    except (FileNotFoundError, ProcessLookupError):
+        return True
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_a_run_ends_when_its_sweep_is_killed(tmp_path):
+    # A sweep's run trains for up to an hour in its own process: kill -9 the sweep and the
+    # run must not keep a core busy, unseen. The "sweep" here is a real parent process
+    # launching a real child that calls the run's own guard; then SIGKILL, then wait.
+    parent = tmp_path / "sweep.py"
+    parent.write_text(textwrap.dedent(f"""
+        import os, subprocess, sys
+        child = subprocess.Popen([sys.executable, "-c", (
+            "import os, sys, time; sys.path.insert(0, {str(REPO / "bench")!r}); import recipe_sweep; "
+            "recipe_sweep.die_with_parent(int(os.environ['GPTCORE_SWEEP_PID'])); "
+            "print('ready', flush=True); time.sleep(300)")],
+            env={{**os.environ, "GPTCORE_SWEEP_PID": str(os.getpid())}}, stdout=subprocess.PIPE, text=True)
+        assert child.stdout.readline().strip() == "ready"
+        print(child.pid, flush=True)
+        child.wait()
+    """))
+    sweep = subprocess.Popen([sys.executable, str(parent)], stdout=subprocess.PIPE, text=True)
+    try:
+        run = int(sweep.stdout.readline())
+        assert not _gone(run)
+        sweep.send_signal(signal.SIGKILL)
+        sweep.wait(timeout=30)
+        deadline = time.monotonic() + 30
+        while not _gone(run) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert _gone(run), "the run outlived its sweep"
+    finally:
+        sweep.kill()
+
+
+def test_a_run_whose_sweep_already_ended_does_not_start():
+    # The guard's other half: the sweep died before the guard was set (its pid is not
+    # this process's parent any more), so the run exits instead of training unowned.
+    p = subprocess.run([sys.executable, "-c",
+                        f"import sys; sys.path.insert(0, {str(REPO / 'bench')!r}); import recipe_sweep; "
+                        "recipe_sweep.die_with_parent(1)"], capture_output=True, text=True)
+    if sys.platform.startswith("linux"):
+        assert p.returncode != 0 and "has ended" in p.stderr
+        assert "Traceback" not in p.stderr
+    else:
+        assert p.returncode == 0
