@@ -3,6 +3,7 @@ would otherwise surface only when someone starts an hour-long sweep that include
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -90,6 +91,7 @@ def test_a_run_ends_when_its_sweep_is_killed(tmp_path):
         child.wait()
     """))
     sweep = subprocess.Popen([sys.executable, str(parent)], stdout=subprocess.PIPE, text=True)
+    run = None
     try:
         run = int(sweep.stdout.readline())
         assert not _gone(run)
@@ -101,6 +103,8 @@ def test_a_run_ends_when_its_sweep_is_killed(tmp_path):
         assert _gone(run), "the run outlived its sweep"
     finally:
         sweep.kill()
+        if run is not None and not _gone(run):  # a failed guard must not leave its sleeper behind
+            os.kill(run, signal.SIGKILL)
 
 
 def test_a_run_whose_sweep_already_ended_does_not_start():
