@@ -1,5 +1,5 @@
-# One entry point. `make repro` and `make test` each create/update the virtual
-# environment first, so both work on a fresh clone.
+# One entry point. `make repro`, `make test`, `make test-all` and `make lint` each
+# create/update the virtual environment first, so all work on a fresh clone.
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
@@ -21,7 +21,7 @@ export HF_HUB_OFFLINE := 1
 # Stages run `python`: make it the venv's.
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: setup repro test bench plots exps ui-check clean-venv
+.PHONY: setup repro test test-all lint bench plots exps ui-check clean-venv
 
 setup: $(STAMP)
 
@@ -55,8 +55,18 @@ plots: setup
 	$(BIN)/python -m gptcore.plots --run "default (rotary, ReLU², smoothing, EMA)=metrics" \
 		--run "Muon=docs/muon_run" --run "AdamW=docs/reference_run" -o docs/loss_curve.png
 
+# The fast tier, for the edit-test loop: unit, parity, config, fast fault and CLI tests.
+# Tests marked `slow` (real dvc repro / exp run, DDP, servers, registry, browser) are left
+# to test-all. Extra pytest arguments: make test PYTEST_ARGS='-k loss'.
 test: setup
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -m "not slow" $(PYTEST_ARGS)
+
+# Everything, as CI runs it; --durations names the slowest tests on every run.
+test-all: setup
+	$(BIN)/python -m pytest -q --durations=25 $(PYTEST_ARGS)
+
+lint: setup
+	$(BIN)/ruff check .
 
 bench: setup
 	$(BIN)/python bench/bench_generate.py

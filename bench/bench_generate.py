@@ -49,14 +49,14 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
-import torch  # noqa: E402
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from gptcore.config import GPTConfig  # noqa: E402
-from gptcore.generation.engine import Engine  # noqa: E402
-from gptcore.generation.generate import SamplingConfig, generate_ids  # noqa: E402
-from gptcore.model.hf import from_hf_state_dict, hf_config_dict  # noqa: E402
+from gptcore.config import GPTConfig
+from gptcore.generation.engine import Engine
+from gptcore.generation.generate import SamplingConfig, generate_ids
+from gptcore.model.hf import from_hf_state_dict, hf_config_dict
 
 NEW_TOKENS = 256
 TTFT_PROMPT = 200
@@ -191,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
             **({"batch": {**batch, "rows": {name: {"tokens_per_s": tps} for name, tps in batch["rows"].items()}}}
                if batch else {})}, indent=2))
         return 0
-    from machine import headline, describe
+    from machine import describe, headline
 
     print(headline(describe(args.device)))
     print(f"torch {torch.__version__}, transformers {transformers.__version__}, "

@@ -87,6 +87,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     from machine import describe, headline
+
     from gptcore.data.fetch import fetch_sources
     from gptcore.data.sources import SOURCES
 
@@ -113,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
                         sys.exit(f"row {row!r} failed:\n{proc.stderr}")
                     runs[row].append(json.loads(proc.stdout))
                     shutil.rmtree(out, ignore_errors=True)
-            for row, results in runs.items():  # the run with the median time, and every time
+            for results in runs.values():  # the run with the median time, and every time
                 results.sort(key=lambda r: r["seconds"])
                 rows.append({**results[len(results) // 2], "all_seconds": [r["seconds"] for r in results]})
             corpus.unlink()

@@ -95,8 +95,8 @@ def measure(row: str, device: str, batch_size: int, warmup: int, steps: int, dty
         def loss_fn():
             return forward(input_ids=x, labels=x).loss  # HF shifts labels itself
     else:
-        from gptcore.training.device import keep_freed_memory
         from gptcore.model import GPT
+        from gptcore.training.device import keep_freed_memory
 
         model = GPT(cfg).to(dev).train()
         fused = row.startswith("gptcore default")

@@ -101,8 +101,8 @@ def run_one(name: str, overrides: dict, seed: int, device: str, progress: bool =
     """Train, then evaluate the best checkpoint on the whole val split (like the stages)."""
     from gptcore.checkpoint import load_checkpoint
     from gptcore.data.dataset import TokenData
-    from gptcore.training.device import resolve_device
     from gptcore.evaluate import evaluate_tokens
+    from gptcore.training.device import resolve_device
     from gptcore.training.loop import Trainer
 
     params = with_overrides(overrides, seed, device)

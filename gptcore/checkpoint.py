@@ -13,12 +13,12 @@ pickle that would construct objects or call functions. Writes go through
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import pickle
 import re
 import time
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -43,17 +43,29 @@ def save_checkpoint(directory: str | Path, model: GPT, tokenizer: Tokenizer,
     """Atomically write ``model`` (+ tokenizer, metadata, optional trainer state) to ``directory``."""
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()
              if k != "lm_head.weight"}
-    # save_id: every save is told apart, so a reader can tell that a save replaced the
-    # directory while it was reading (see load_checkpoint).
-    config = {"format": FORMAT, "format_version": FORMAT_VERSION, "save_id": uuid.uuid4().hex,
+    config = {"format": FORMAT, "format_version": FORMAT_VERSION,
               "model": model.config.to_dict(), "meta": meta or {}}
     with atomic_dir(directory) as tmp:
         save_file(state, str(tmp / "model.safetensors"), metadata={"format": FORMAT})
-        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         tokenizer.save(tmp)
         if trainer_state is not None:
             torch.save(trainer_state, tmp / TRAINER_STATE)
+        # save_id is the digest of everything saved, not a random id: the same weights and
+        # config give a byte-identical directory (so DVC's hash of models/ only changes when
+        # the model does), and a reader still tells a replaced save apart (see _identity).
+        config = {**config, "save_id": _content_digest(tmp, config)}
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     return Path(directory)
+
+
+def _content_digest(directory: Path, config: dict) -> str:
+    """sha256 over ``config`` and every file in ``directory`` (names and bytes, in name order)."""
+    digest = hashlib.sha256(json.dumps(config, sort_keys=True).encode("utf-8"))
+    for path in sorted(p for p in directory.rglob("*") if p.is_file()):
+        name = path.relative_to(directory).as_posix().encode("utf-8")
+        digest.update(len(name).to_bytes(8, "little") + name)
+        digest.update(hashlib.sha256(path.read_bytes()).digest())
+    return digest.hexdigest()
 
 
 def read_config(directory: str | Path) -> tuple[GPTConfig, dict]:
@@ -106,9 +118,10 @@ _LOAD_ATTEMPTS = 10
 
 
 def _identity(directory: str | Path):
-    """Which save is there now: its save_id (and the directory's inode, for checkpoints
-    written before save_id existed). Saves only move forward and ids never repeat, so
-    the same identity before and after a load means nothing was replaced meanwhile."""
+    """Which save is there now: its save_id (its content's digest) and the directory's
+    inode. Every save is a new directory renamed into place, so the same identity before
+    and after a load means nothing was replaced meanwhile; two saves of identical content
+    share a save_id, and a reader mixing their files would still read one model."""
     path = current_dir(directory)
     try:
         st = os.stat(path)

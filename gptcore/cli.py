@@ -1,10 +1,12 @@
 """The ``gptcore`` command: ``gptcore generate`` streams text from a checkpoint, ``gptcore
-serve`` answers OpenAI-style HTTP requests.
+serve`` answers OpenAI-style HTTP requests, ``gptcore promote`` moves the model registry's
+champion alias.
 
     gptcore generate --checkpoint models/best --prompt "ROMEO:" --temperature 0.8
     gptcore generate --interactive            # a prompt loop; /help lists its commands
     gptcore generate --run <mlflow run id>    # the model an MLflow run logged
     gptcore serve --port 8000                 # http://127.0.0.1:8000/ (playground), /v1/completions
+    gptcore promote 3                         # version 3 of the registered model becomes champion
 
 One-shot mode prints the prompt, then the completion as it is generated (flushed piece
 by piece), then a newline. ``--num-samples N`` (N > 1) decodes the N completions as one
@@ -39,12 +41,12 @@ import signal
 import sys
 import tempfile
 
-from .errors import EXIT_ERROR, EXIT_INTERRUPTED, ConfigError, GptcoreError, TokenizerError, failure
+from .errors import EXIT_ERROR, EXIT_INTERRUPTED, ConfigError, GptcoreError, TokenizerError, failure, invalid
 from .generation.sampling import SamplingConfig
 
 # torch, the model, generation and MLflow are imported inside the commands that use them:
-# `gptcore --help` and a usage error answer in ~0.05 s instead of the ~2 s torch's import
-# takes (2-core AMD EPYC), and --run alone pays for MLflow's ~2 s.
+# `gptcore --help` and a usage error answer at once instead of waiting on torch's slow
+# import, and only a command that reaches the MLflow store pays for MLflow's.
 
 PROG = "gptcore"
 HELP = """commands:
@@ -68,7 +70,9 @@ def _model_source(p: argparse.ArgumentParser) -> None:
 
 def _parser() -> argparse.ArgumentParser:
     d = SamplingConfig()
-    parser = argparse.ArgumentParser(prog=PROG, description="A from-scratch GPT: generate text from a checkpoint.")
+    parser = argparse.ArgumentParser(prog=PROG, description=(
+        "A from-scratch GPT: generate text from a checkpoint, serve it over an OpenAI-style "
+        "HTTP API, or promote a registered model version to champion."))
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     g = sub.add_parser("generate", help="stream text from a checkpoint",
                        description="Stream a completion to stdout as it is generated.")
@@ -263,7 +267,7 @@ def _serve(args: argparse.Namespace) -> int:
         value, low = getattr(args, name), 0 if name in ("port", "max_queue") else 1
         if value is not None and (value < low or (name == "port" and value > 65535)):
             allowed = "0 <= port <= 65535" if name == "port" else f"an integer >= {low}"
-            raise _UsageError(f"--{name.replace('_', '-')}={value} is invalid; allowed: {allowed}")
+            raise _UsageError(invalid(f"--{name.replace('_', '-')}", value, allowed))
     import torch
 
     from .serving.app import Limits, serve
@@ -281,7 +285,7 @@ def _run(args: argparse.Namespace) -> int:
                          top_k=args.top_k, top_p=args.top_p, repetition_penalty=args.repetition_penalty,
                          stop=tuple(args.stop), seed=args.seed)
     if args.num_samples < 1:
-        raise _UsageError(f"--num-samples={args.num_samples} is invalid; allowed: an integer >= 1")
+        raise _UsageError(invalid("--num-samples", args.num_samples, "an integer >= 1"))
     model, tokenizer = _load(args)
     if args.interactive:
         return _repl(model, tokenizer, cfg)

@@ -18,13 +18,13 @@ from pathlib import Path
 from typing import Any
 
 from .data.sources import TINY_SHAKESPEARE
-from .errors import ConfigError
+from .errors import ConfigError, invalid
 from .schema import flatten, from_dict, read_yaml  # noqa: F401 - flatten: part of the config API
 
 
 def _check(ok: bool, name: str, value: Any, allowed: str) -> None:
     if not ok:
-        raise ConfigError(f"{name}={value!r} is invalid; allowed: {allowed}")
+        raise ConfigError(invalid(name, value, allowed))
 
 
 def _check_choice(name: str, value: Any, choices: tuple) -> None:
@@ -90,7 +90,7 @@ class GPTConfig:
                    f"n_embd / n_head even with position: rope (head size {self.n_embd // self.n_head})")
 
     @classmethod
-    def from_dict(cls, data: dict) -> "GPTConfig":
+    def from_dict(cls, data: dict) -> GPTConfig:
         return from_dict(cls, data)
 
     def dropout_p(self, site: str) -> float:
@@ -213,8 +213,8 @@ class TrainConfig:
     # Matmul dtype under autocast (weights and optimizer state stay fp32): float32 | bfloat16 |
     # float16 (with a gradient scaler). A device that lacks it falls back, saying so.
     dtype: str = "bfloat16"
-    # torch.compile the training step: auto (on CUDA only: on CPU it was measured to buy
-    # memory, not speed, for ~30 s of warm-up) | true | false. YAML booleans, or "auto".
+    # torch.compile the training step: auto (on CUDA only: on CPU compiling bought memory,
+    # not speed; docs/devices.md) | true | false. YAML booleans, or "auto".
     compile: bool | str = "auto"
     batch_size: int = 8
     grad_accum_steps: int = 1
@@ -259,10 +259,12 @@ class TrainConfig:
         for name in ("batch_size", "grad_accum_steps", "max_steps", "eval_interval",
                      "eval_batches", "checkpoint_interval", "log_interval"):
             _check(getattr(self, name) > 0, name, getattr(self, name), "a positive integer")
-        for name in ("warmup_steps", "patience", "threads", "seed", "muon_momentum_warmup"):
-            _check(getattr(self, name) >= 0, name, getattr(self, name), ">= 0 (0 disables patience)")
+        for name in ("warmup_steps", "threads", "seed", "muon_momentum_warmup"):
+            _check(getattr(self, name) >= 0, name, getattr(self, name), ">= 0")
+        _check(self.patience >= 0, "patience", self.patience, ">= 0 (0 disables patience)")
         _check(self.learning_rate > 0, "learning_rate", self.learning_rate, "> 0")
-        _check(0 <= self.min_lr <= self.learning_rate, "min_lr", self.min_lr, f"0 <= min_lr <= learning_rate ({self.learning_rate})")
+        _check(0 <= self.min_lr <= self.learning_rate, "min_lr", self.min_lr,
+               f"0 <= min_lr <= learning_rate ({self.learning_rate})")
         _check(self.weight_decay >= 0, "weight_decay", self.weight_decay, ">= 0")
         _check(0 <= self.beta1 < 1, "beta1", self.beta1, "0 <= beta1 < 1")
         _check(0 <= self.beta2 < 1, "beta2", self.beta2, "0 <= beta2 < 1")
@@ -297,7 +299,7 @@ class EvaluateConfig:
 
 # Where the pipeline's model differs from GPTConfig's defaults (GPT-2's architecture, which
 # saved checkpoints and HF export rely on): rotary positions and ReLU² MLPs, the winners of
-# #21's sweep (docs/results.md). The training recipe's choices are TrainConfig's own defaults.
+# the architecture sweep (docs/results.md). The training recipe's choices are TrainConfig's own defaults.
 PIPELINE_MODEL = {"position": "rope", "mlp_activation": "relu2"}
 
 
@@ -319,7 +321,7 @@ class Params:
         _check_paths(self)
 
     @classmethod
-    def from_dict(cls, data: dict) -> "Params":
+    def from_dict(cls, data: dict) -> Params:
         # A model section that omits a key means the pipeline's choice, as omitting the
         # whole section does, not GPTConfig's (GPT-2's) default.
         if isinstance(data, dict) and "model" in data and (data["model"] is None or isinstance(data["model"], dict)):
@@ -330,7 +332,7 @@ class Params:
         return dataclasses.asdict(self)
 
 
-def _check_paths(p: "Params") -> None:
+def _check_paths(p: Params) -> None:
     """Each stage's outputs in their own directory: a collision would overwrite another stage's."""
     dirs = {"data.raw_dir": p.data.raw_dir, "data.processed_dir": p.data.processed_dir,
             "train.out_dir": p.train.out_dir}

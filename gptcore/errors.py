@@ -32,6 +32,12 @@ class TrainingInterrupted(GptcoreError):
     """SIGINT/SIGTERM arrived; the state was saved and the run can be resumed."""
 
 
+def invalid(name: str, value, allowed: str) -> str:
+    """The one wording of a refused value, wherever it is checked (config, sampling, CLI,
+    HTTP), so a user learns one shape and tests can match it."""
+    return f"{name}={value!r} is invalid; allowed: {allowed}"
+
+
 EXIT_ERROR = 2  # a problem the user can fix (one line on stderr)
 EXIT_INTERRUPTED = 130  # Ctrl-C or SIGTERM, as a shell reports SIGINT
 

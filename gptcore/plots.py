@@ -52,7 +52,7 @@ def _smooth(values: list[float], window: int) -> list[float]:
 
 def plot_runs(runs: list[tuple[str, str | Path]], out: str | Path, smooth: int = 50) -> Path:
     """Draw the runs' loss and learning-rate curves into one PNG (written atomically)."""
-    # matplotlib here, not at the top: only drawing needs it, and it takes ~0.5 s to import.
+    # matplotlib here, not at the top: only drawing needs it, and its import is slow.
     import matplotlib
     matplotlib.use("Agg")  # headless: never needs a display
     import matplotlib.pyplot as plt

@@ -6,8 +6,8 @@ import os
 import re
 import signal
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from .errors import GptcoreError, failure
 from .schema import flatten, read_yaml

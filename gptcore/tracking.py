@@ -33,10 +33,10 @@ from .config import Params
 from .errors import ConfigError, first_line
 from .io import atomic_write_json
 from .schema import YamlLoader, flatten
-from .stage import project_root  # noqa: F401 - also stages/train.py's
+from .stage import project_root
 
-# mlflow is imported where it is used, not here: it takes ~2 s to import (2-core AMD EPYC),
-# and with tracking off, or a store that is down, a stage never pays for it.
+# mlflow is imported where it is used, not here: its import is slow, and with tracking
+# off, or a store that is down, a stage never pays for it.
 
 RUN_FILE = "metrics/mlflow_run.json"
 
@@ -63,7 +63,7 @@ def readable_run_name(root: Path, params: dict[str, Any]) -> str | None:
     changed = []
     if committed is not None:
         try:  # parsed, so defaults and omitted keys (a source's empty path:) compare equal
-            before = flatten(Params.from_dict(yaml.load(committed, Loader=YamlLoader) or {}).to_dict())
+            before = flatten(Params.from_dict(yaml.load(committed, Loader=YamlLoader) or {}).to_dict())  # noqa: S506 - a SafeLoader subclass
         except (yaml.YAMLError, ConfigError):
             before = {}
         same = lambda a, b: json.dumps(a, default=str) == json.dumps(b, default=str)  # noqa: E731 - (1,) == [1]
@@ -125,7 +125,7 @@ class Tracker:
 
     # -- run lifecycle ----------------------------------------------------------------
     def start(self, params: dict[str, Any], tags: dict[str, str] | None = None,
-              run_id: str | None = None) -> "Tracker":
+              run_id: str | None = None) -> Tracker:
         """Create a run (or reattach to ``run_id`` when resuming) and log the params."""
         def _start():
             client, exp_id = self._connect()
@@ -173,7 +173,7 @@ class Tracker:
                                              tracking_uri=store.tracking_uri(self.root))
         self._monitor.start()
 
-    def attach(self, run_id: str | None) -> "Tracker":
+    def attach(self, run_id: str | None) -> Tracker:
         """Log into an existing run (evaluate and sample stages)."""
         if run_id is None:
             self._warn("attach", RuntimeError(f"no run id in {RUN_FILE}"))

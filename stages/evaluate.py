@@ -7,11 +7,11 @@ from gptcore.checkpoint import load_checkpoint
 from gptcore.config import load_params
 from gptcore.data.dataset import TokenData
 from gptcore.errors import CheckpointError
-from gptcore.training.device import resolve_device
 from gptcore.evaluate import evaluate_tokens
 from gptcore.io import atomic_write_json
 from gptcore.stage import run_stage
 from gptcore.tracking import Tracker, read_run_file
+from gptcore.training.device import resolve_device
 
 
 def main() -> None:

@@ -4,12 +4,12 @@ from pathlib import Path
 
 from gptcore.checkpoint import load_checkpoint
 from gptcore.config import load_params
-from gptcore.training.device import resolve_device
 from gptcore.generation.generate import generate
-from gptcore.io import atomic_write_text
 from gptcore.generation.sampling import sample_settings
+from gptcore.io import atomic_write_text
 from gptcore.stage import run_stage
 from gptcore.tracking import Tracker, read_run_file
+from gptcore.training.device import resolve_device
 
 
 def main() -> None:

@@ -8,14 +8,14 @@ so a changed param never resumes a different run.
 
 from pathlib import Path
 
-from gptcore.training import distributed, resume
 from gptcore.config import flatten, load_params
 from gptcore.data.dataset import TokenData
 from gptcore.io import copy_dir
-from gptcore.training.metrics import write_train_outputs
 from gptcore.stage import run_stage
 from gptcore.tracking import Tracker, project_root, write_run_file
+from gptcore.training import distributed, resume
 from gptcore.training.loop import Trainer
+from gptcore.training.metrics import write_train_outputs
 
 
 def main() -> None:

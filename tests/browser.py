@@ -65,7 +65,7 @@ class Browser:
 
     # ------------------------------------------------------------------ process
 
-    def __enter__(self) -> "Browser":
+    def __enter__(self) -> Browser:
         self._profile = tempfile.mkdtemp(prefix="gptcore-chromium-")
         self._log = tempfile.TemporaryFile()  # a file, not a pipe: Chromium's chatter never blocks it
         cmd_r, self._cmd_w = os.pipe()  # we write commands, Chromium reads them on its fd 3

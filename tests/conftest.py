@@ -33,3 +33,25 @@ def char_tokenizer(text: str):
     from gptcore.data.tokenizer import CharTokenizer
 
     return CharTokenizer(sorted(set(text)))
+
+
+def never_ending_checkpoint(directory: Path, seed: int, std: float, block_size: int = 32) -> Path:
+    """Save a random tiny char-level model that never picks end-of-text greedily (its
+    embedding is zero, so its logit is 0 while the largest logit is positive): a greedy
+    completion runs to its token limit. ``seed`` and ``std`` pick the random weights."""
+    import string
+
+    import torch
+
+    from gptcore.checkpoint import save_checkpoint
+    from gptcore.config import GPTConfig
+    from gptcore.model import GPT
+
+    tok = char_tokenizer(string.ascii_letters + " \n.,:;!?'-")
+    torch.manual_seed(seed)
+    model = GPT(GPTConfig(vocab_size=tok.vocab_size, block_size=block_size, n_layer=2, n_head=2, n_embd=32))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, std)
+        model.transformer.wte.weight[tok.eot_id] = 0.0
+    return save_checkpoint(directory, model, tok)

@@ -9,6 +9,17 @@ from pathlib import Path
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
+
+# The tiny pipeline every end-to-end test runs: seconds per stage, same code paths as the
+# real one. TINY keeps GPT-2's BPE (the default tokenizer); TINY_CHAR is the char-level
+# variant, one intra-op thread and float32, for tests that run many stages.
+TINY = {
+    "model": {"n_layer": 1, "n_head": 2, "n_embd": 32, "block_size": 32},
+    "train": {"device": "cpu", "batch_size": 4, "max_steps": 6, "warmup_steps": 2, "eval_interval": 3,
+              "eval_batches": 2, "checkpoint_interval": 3, "log_interval": 1, "patience": 0},
+    "evaluate": {"batch_size": 64},
+    "sample": {"max_new_tokens": 12},
+}
 # Outputs, environments and caches never travel with the copy.
 SKIP = {".git", ".venv", "data", "models", "metrics", "mlflow.db", "mlartifacts", ".gptcore",
         ".pytest_cache", "__pycache__", "tmp", "cache", "build", "bench", "dvc_plots"}
@@ -21,6 +32,10 @@ def merge(base: dict, over: dict) -> dict:
     for k, v in over.items():
         out[k] = merge(dict(out.get(k, {})), v) if isinstance(v, dict) else v
     return out
+
+
+TINY_CHAR = merge(TINY, {"tokenizer": {"kind": "char"}, "model": {"vocab_size": 128},
+                         "train": {"threads": 1, "dtype": "float32"}})
 
 
 def copy_project(root: Path) -> Path:
@@ -101,3 +116,57 @@ def bench_module(name: str):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def stage_env(mirror_dir: Path) -> dict:
+    """The environment to run stages in: offline, the venv first, no DVC/MLflow/torchrun
+    settings inherited from the caller."""
+    import os
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("DVC_", "MLFLOW_", "RANK", "WORLD_SIZE"))}
+    env.update(PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
+               GPTCORE_MIRROR=str(mirror_dir), MLFLOW_DISABLE_TELEMETRY="true", HF_HUB_OFFLINE="1")
+    return env
+
+
+def run_stage(name: str, root: Path, env: dict, timeout: float = 180):
+    """``python -m stages.<name>`` in ``root``, as DVC would run it; the CompletedProcess."""
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", f"stages.{name}"], cwd=root, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def ok(proc):
+    """``proc`` succeeded; else fail showing its output."""
+    assert proc.returncode == 0, f"exit {proc.returncode}:\n{proc.stdout}\n{proc.stderr}"
+    return proc
+
+
+def trained_project(root: Path, mirror_dir: Path) -> tuple[Path, dict]:
+    """A TINY_CHAR copy of the project in ``root`` with data, a trained model and metrics
+    from a first real run of download, tokenize and train (no git, no DVC)."""
+    import json
+
+    copy_project(root)
+    write_params(root, TINY_CHAR)
+    env = stage_env(mirror_dir)
+    for name in ("download", "tokenize", "train"):
+        ok(run_stage(name, root, env))
+    assert (root / "models/best/model.safetensors").is_file()
+    assert json.loads((root / "metrics/train.json").read_text())["steps"] == TINY_CHAR["train"]["max_steps"]
+    return root, env
+
+
+def snapshot(root: Path) -> dict[str, str]:
+    """sha256 of every output file the pipeline has written so far."""
+    import hashlib
+
+    out = {}
+    for top in ("metrics", "models", "data"):
+        for p in sorted((root / top).rglob("*")):
+            if p.is_file():
+                out[str(p.relative_to(root))] = hashlib.sha256(p.read_bytes()).hexdigest()
+    return out

@@ -7,9 +7,9 @@ import json
 
 import pytest
 import torch
+from project_copy import bench_module
 
 from gptcore.training.averaging import WeightAverage
-from project_copy import bench_module
 
 
 @pytest.fixture(scope="module")

@@ -14,14 +14,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import char_tokenizer
 
-from gptcore.checkpoint import (CheckpointError, load_checkpoint, load_trainer_state, read_config,
-                                save_checkpoint)
+from gptcore.checkpoint import CheckpointError, load_checkpoint, load_trainer_state, read_config, save_checkpoint
 from gptcore.config import GPTConfig
+from gptcore.data.tokenizer import CharTokenizer, GPT2Tokenizer
 from gptcore.io import sha256_file
 from gptcore.model import GPT
-from conftest import char_tokenizer
-from gptcore.data.tokenizer import CharTokenizer, GPT2Tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 TEXT = "First Citizen:\nBefore we proceed any further, hear me speak.\n"
@@ -90,6 +89,37 @@ def test_round_trip_gpt2(tmp_path, mirror_dir):
     assert ltok.directory == tmp_path / "ckpt"
 
 
+def _files(directory: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(directory.iterdir())}
+
+
+@pytest.mark.parametrize("kind", ["char", "gpt2"])
+def test_same_model_saves_byte_identical_directories(tmp_path, mirror_dir, kind):
+    # DVC hashes models/ by content: a retrain that yields the same weights must not change it.
+    if kind == "char":
+        model, tok = char_setup(seed=3)
+    else:
+        tok, model = GPT2Tokenizer(mirror_dir), GPT(GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=16))
+    state = {"step": 5, "optimizer": {"m": torch.arange(6.0)}, "rng": torch.get_rng_state()}
+    save_checkpoint(tmp_path / "a", model, tok, meta={"step": 5}, trainer_state=state)
+    save_checkpoint(tmp_path / "b", model, tok, meta={"step": 5}, trainer_state=state)
+    a, b = _files(tmp_path / "a"), _files(tmp_path / "b")
+    assert a.keys() == b.keys() and "config.json" in a
+    for name in a:
+        assert a[name] == b[name], f"{name} differs between two saves of the same model"
+    # ...and any change to what is saved changes save_id, the identity load_checkpoint checks.
+    ids = {json.loads(a["config.json"])["save_id"]}
+    with torch.no_grad():
+        model.transformer.wte.weight[0, 0] += 1
+    save_checkpoint(tmp_path / "c", model, tok, meta={"step": 5}, trainer_state=state)
+    ids.add(json.loads((tmp_path / "c/config.json").read_text())["save_id"])
+    save_checkpoint(tmp_path / "d", model, tok, meta={"step": 6}, trainer_state=state)
+    ids.add(json.loads((tmp_path / "d/config.json").read_text())["save_id"])
+    save_checkpoint(tmp_path / "e", model, tok, meta={"step": 6})
+    ids.add(json.loads((tmp_path / "e/config.json").read_text())["save_id"])
+    assert len(ids) == 4
+
+
 def test_saving_over_a_checkpoint_replaces_it(tmp_path):
     first, tok = char_setup(seed=0)
     second, _ = char_setup(seed=1)
@@ -116,7 +146,7 @@ def test_malicious_trainer_state_is_refused_and_never_runs(tmp_path):
             load_trainer_state(ckpt)
         assert not (tmp_path / "pwned").exists()
     # The payload is live: unpickled without protection it does create the marker.
-    pickle.loads(pickle.dumps(payloads(tmp_path / "pwned")[0])).close()
+    pickle.loads(pickle.dumps(payloads(tmp_path / "pwned")[0])).close()  # noqa: S301 - proves the payload live
     assert (tmp_path / "pwned").exists()
 
 

@@ -15,15 +15,11 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
+from conftest import never_ending_checkpoint
 
-from gptcore.checkpoint import load_checkpoint, save_checkpoint
+from gptcore.checkpoint import load_checkpoint
 from gptcore.cli import main
-from gptcore.config import GPTConfig
 from gptcore.generation.generate import SamplingConfig, generate
-from gptcore.model import GPT
-from conftest import char_tokenizer
-from gptcore.data.tokenizer import CharTokenizer
 
 GPTCORE = Path(sys.executable).with_name("gptcore")  # the console script next to this Python
 LONG = "1000000"  # max-new-tokens for a completion that is still running when interrupted
@@ -32,16 +28,8 @@ WAIT_S = 180  # upper bound for a step of a subprocess, only to fail instead of 
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> Path:
-    """A random tiny char-level model that never picks end-of-text greedily (its
-    embedding is zero, so its logit is 0 while the largest logit is positive)."""
-    tok = char_tokenizer(string.ascii_letters + " \n.,:;!?'-")
-    torch.manual_seed(0)
-    model = GPT(GPTConfig(vocab_size=tok.vocab_size, block_size=32, n_layer=2, n_head=2, n_embd=32))
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0.0, 0.3)
-        model.transformer.wte.weight[tok.eot_id] = 0.0
-    return save_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny", model, tok)
+    """A random tiny char-level model that never picks end-of-text greedily."""
+    return never_ending_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny", seed=0, std=0.3)
 
 
 @pytest.fixture(scope="module")
@@ -360,7 +348,7 @@ class Terminal:
             try:
                 self._read(deadline)
             except EOFError:
-                raise AssertionError(f"terminal closed before {pattern!r}; output: {self.buf[-3000:]!r}")
+                raise AssertionError(f"terminal closed before {pattern!r}; output: {self.buf[-3000:]!r}") from None
             if time.monotonic() > deadline:
                 raise AssertionError(f"no {pattern!r} from the program; output: {self.buf[-3000:]!r}")
         end = self.buf.index(pattern, self.pos) + len(pattern)

@@ -6,7 +6,7 @@ import dataclasses
 
 import pytest
 
-from gptcore.config import ConfigError, DataConfig, GPTConfig, Params, flatten, from_dict, load_params
+from gptcore.config import ConfigError, GPTConfig, Params, flatten, from_dict, load_params
 
 SIZES = ("vocab_size", "block_size", "n_layer", "n_head", "n_embd")
 
@@ -116,6 +116,15 @@ def test_params_errors_name_the_section_path(data, match):
         Params.from_dict(data)
 
 
+def test_only_the_patience_error_mentions_patience():
+    # The hint belongs to one field; on seed (or threads, warmup) it would mislead.
+    with pytest.raises(ConfigError, match=r"^train\.seed=-1 is invalid; allowed: >= 0$") as seed:
+        Params.from_dict({"train": {"seed": -1}})
+    assert "patience" not in str(seed.value)
+    with pytest.raises(ConfigError, match=r"^train\.patience=-1 is invalid; allowed: >= 0 \(0 disables patience\)$"):
+        Params.from_dict({"train": {"patience": -1}})
+
+
 def test_sample_section_is_a_sampling_config_with_prompts():
     """One definition of the sampling settings: the sample stage's section extends it, and
     is validated by generation's module (which the training stages never import)."""
@@ -136,13 +145,15 @@ def test_sample_section_is_a_sampling_config_with_prompts():
 
 
 def test_unknown_key_suggests_the_closest_name():
-    with pytest.raises(ConfigError, match=r"^train: unknown key\(s\) 'learning_rat' \(did you mean 'learning_rate'\?\)"):
+    with pytest.raises(ConfigError,
+                       match=r"^train: unknown key\(s\) 'learning_rat' \(did you mean 'learning_rate'\?\)"):
         Params.from_dict({"train": {"learning_rat": 1e-3}})
 
 
 @pytest.mark.parametrize("data, match", [
     ({"data": {"raw_dir": "d", "processed_dir": "d"}}, r"data\.raw_dir='d' and data\.processed_dir='d' overlap"),
-    ({"data": {"processed_dir": "data/raw/p"}}, r"data\.raw_dir='data/raw' and data\.processed_dir='data/raw/p' overlap"),
+    ({"data": {"processed_dir": "data/raw/p"}},
+     r"data\.raw_dir='data/raw' and data\.processed_dir='data/raw/p' overlap"),
     ({"train": {"out_dir": "data"}}, r"and train\.out_dir='data' overlap"),
 ])
 def test_colliding_output_directories_are_refused(data, match):

@@ -18,10 +18,10 @@ import pytest
 import gptcore.data.corpus as corpus
 from gptcore.config import CorpusSource, DataConfig, Params
 from gptcore.data.corpus import tokenize_corpus
-from gptcore.data.documents import resolve_documents, untracked_sources
 from gptcore.data.dataset import BatchSampler, TokenData
-from gptcore.errors import ConfigError, DataError
+from gptcore.data.documents import resolve_documents, untracked_sources
 from gptcore.data.tokenizer import CharTokenizer, GPT2Tokenizer
+from gptcore.errors import ConfigError, DataError
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -17,10 +17,10 @@ import torch
 from gptcore.config import CorpusSource, DataConfig
 from gptcore.data.corpus import tokenize_corpus
 from gptcore.data.dataset import BatchSampler, TokenData
-from gptcore.errors import DataError
 from gptcore.data.fetch import MIRROR_ENV, fetch_sources
 from gptcore.data.sources import SOURCES, Source
 from gptcore.data.tokenizer import GPT2_FILES
+from gptcore.errors import DataError
 
 NAMES = ("input.txt", "vocab.bpe", "encoder.json")
 INPUT_SHA = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
@@ -117,7 +117,7 @@ class _Server:
         outer = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
-            def do_GET(self):  # noqa: N802
+            def do_GET(self):
                 name = self.path.lstrip("/")
                 outer.hits[name] = outer.hits.get(name, 0) + 1
                 if outer.fail.get(name, 0) > 0:

@@ -13,17 +13,25 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
+from project_copy import (
+    TINY_CHAR,
+    copy_project,
+    ok,
+    run_stage,
+    signal_after_first_checkpoint,
+    snapshot,
+    trained_project,
+    wait_for_first_checkpoint,
+)
 from safetensors.torch import load_file
+from test_faults import closed_port as free_port  # binds 127.0.0.1:0: a port free right now
+from test_faults import write_params
 
 from gptcore.checkpoint import load_checkpoint, load_trainer_state
-from project_copy import copy_project, signal_after_first_checkpoint, wait_for_first_checkpoint
-from test_faults import closed_port as free_port  # binds 127.0.0.1:0: a port free right now
-from test_faults import ok, project, snapshot, stage, write_params  # noqa: F401  (fixture reuse)
 
 TORCHRUN_BIN = str(Path(sys.executable).parent / "torchrun")
 TORCHRUN = [TORCHRUN_BIN, "--standalone", "--nproc-per-node", "2", "-m", "stages.train"]
@@ -111,6 +119,12 @@ def _assert_same_run(got: dict, want: dict) -> None:
 
 
 @pytest.fixture(scope="module")
+def project(tmp_path_factory, mirror_dir):
+    """A tiny project with data, a trained model and metrics from a first real run."""
+    return trained_project(tmp_path_factory.mktemp("ddp") / "gptcore", mirror_dir)
+
+
+@pytest.fixture(scope="module")
 def reference(project):
     """One uninterrupted one-node two-process run of RESUMABLE, which the interrupted,
     elastic and two-node runs must reproduce exactly."""
@@ -135,7 +149,7 @@ def test_torchrun_two_processes(project):
     assert meta["step"] in (2, 4)
     assert all(torch.isfinite(p).all() for p in model.parameters())
     assert not list(root.glob(".gptcore/runs/*"))  # rank 0 cleaned up the finished run
-    ok(stage("evaluate", root, env))
+    ok(run_stage("evaluate", root, env))
 
 
 def test_torchrun_interrupted_run_resumes_bit_exactly(project, reference, tmp_path):
@@ -255,10 +269,9 @@ def test_ranks_draw_different_batches_and_gradients_are_averaged(project, tmp_pa
     from gptcore.config import Params
     from gptcore.model import GPT
     from gptcore.training.optim import lr_at, make_optimizer, set_lr
-    from test_faults import TINY
 
     root, env = project
-    params = Params.from_dict({**TINY, "train": {**TINY["train"], "max_steps": 3, "eval_interval": 3,
+    params = Params.from_dict({**TINY_CHAR, "train": {**TINY_CHAR["train"], "max_steps": 3, "eval_interval": 3,
                                                  "checkpoint_interval": 10, "grad_clip": 0.0,
                                                  # AdamW: Muon's bf16 orthogonalisation would amplify
                                                  # rounding differences in later steps' weights

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from gptcore.training.device import cpu_has_bf16_kernels, resolve_device, resolve_precision
 from gptcore.errors import ConfigError
+from gptcore.training.device import cpu_has_bf16_kernels, resolve_device, resolve_precision
 
 
 @pytest.fixture

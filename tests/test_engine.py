@@ -8,11 +8,11 @@ import dataclasses
 
 import pytest
 import torch
+from test_generate import BLOCK, tiny_model
 
 from gptcore.generation.engine import Engine
 from gptcore.generation.generate import generate_ids
 from gptcore.generation.sampling import SamplingConfig
-from test_generate import BLOCK, tiny_model
 
 VOCAB = 40
 # Row settings that take every path of a step: greedy (screening depth 1), top-k (depth 5),

@@ -5,7 +5,6 @@ to outputs that already exist."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -16,30 +15,16 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
-
 import project_copy
-from project_copy import copy_project, signal_after_first_checkpoint
-
-TINY = {
-    "tokenizer": {"kind": "char"},
-    "model": {"vocab_size": 128, "n_layer": 1, "n_head": 2, "n_embd": 32, "block_size": 32},
-    "train": {"device": "cpu", "batch_size": 4, "max_steps": 6, "warmup_steps": 2, "eval_interval": 3,
-              "eval_batches": 2, "checkpoint_interval": 3, "log_interval": 1, "patience": 0,
-              "threads": 1, "dtype": "float32"},
-    "evaluate": {"batch_size": 64},
-    "sample": {"max_new_tokens": 12},
-}
-
-
-def stage(name: str, root: Path, env: dict, timeout: float = 180) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", f"stages.{name}"], cwd=root, env=env,
-                          capture_output=True, text=True, timeout=timeout)
-
-
-def ok(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
-    assert proc.returncode == 0, f"exit {proc.returncode}:\n{proc.stdout}\n{proc.stderr}"
-    return proc
+import pytest
+from project_copy import (
+    TINY_CHAR,
+    ok,
+    run_stage,
+    signal_after_first_checkpoint,
+    snapshot,
+    trained_project,
+)
 
 
 def error_line(proc: subprocess.CompletedProcess, code: int = 2) -> str:
@@ -51,18 +36,8 @@ def error_line(proc: subprocess.CompletedProcess, code: int = 2) -> str:
     return lines[0]
 
 
-def snapshot(root: Path) -> dict[str, str]:
-    """sha256 of every output file the pipeline has written so far."""
-    out = {}
-    for top in ("metrics", "models", "data"):
-        for p in sorted((root / top).rglob("*")):
-            if p.is_file():
-                out[str(p.relative_to(root))] = hashlib.sha256(p.read_bytes()).hexdigest()
-    return out
-
-
 def write_params(root: Path, over: dict) -> None:
-    project_copy.write_params(root, TINY, over)
+    project_copy.write_params(root, TINY_CHAR, over)
 
 
 def closed_port() -> int:
@@ -74,17 +49,7 @@ def closed_port() -> int:
 @pytest.fixture(scope="module")
 def project(tmp_path_factory, mirror_dir):
     """A tiny project with data, a trained model and metrics from a first real run."""
-    root = tmp_path_factory.mktemp("faults") / "gptcore"
-    copy_project(root)
-    write_params(root, {})
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("DVC_", "MLFLOW_", "RANK", "WORLD_SIZE"))}
-    env.update(PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
-               GPTCORE_MIRROR=str(mirror_dir), MLFLOW_DISABLE_TELEMETRY="true", HF_HUB_OFFLINE="1")
-    for name in ("download", "tokenize", "train"):
-        ok(stage(name, root, env))
-    assert (root / "models/best/model.safetensors").is_file()
-    assert json.loads((root / "metrics/train.json").read_text())["steps"] == 6
-    return root, env
+    return trained_project(tmp_path_factory.mktemp("faults") / "gptcore", mirror_dir)
 
 
 @pytest.fixture
@@ -109,7 +74,7 @@ def test_bad_params_fail_cleanly_and_touch_nothing(project, params_restored, tex
     assert "metrics/train.json" in before and "models/best/model.safetensors" in before
     (root / "params.yaml").write_text(text)
     for name in ("train", "evaluate"):
-        line = error_line(stage(name, root, env))
+        line = error_line(run_stage(name, root, env))
         assert line.startswith("error: params.yaml: "), line
         for part in expected:
             assert part in line, line
@@ -121,7 +86,7 @@ def test_model_too_small_for_the_tokenizer_is_a_clear_error(project, params_rest
     root, env = project
     before = snapshot(root)
     write_params(root, {"model": {"vocab_size": 32}})  # the char vocabulary has 66 ids
-    line = error_line(stage("train", root, env))
+    line = error_line(run_stage("train", root, env))
     assert line == "error: model.vocab_size=32 is smaller than the tokenizer's 66 ids", line
     assert snapshot(root) == before
 
@@ -133,7 +98,7 @@ def test_evaluate_without_a_model_is_a_clear_error(project):
     best, aside = root / "models/best", root / "models/moved-aside"
     best.rename(aside)
     try:
-        line = error_line(stage("evaluate", root, env))
+        line = error_line(run_stage("evaluate", root, env))
     finally:
         aside.rename(best)
     assert line.startswith("error: models/best") and "no checkpoint" in line, line
@@ -149,7 +114,7 @@ def test_checkpoint_from_another_tokenizer_is_refused(project):
     spec["chars"] = spec["chars"][::-1]  # same size, other ids: text would be scored wrongly
     spec_path.write_text(json.dumps(spec))
     try:
-        line = error_line(stage("evaluate", root, env))
+        line = error_line(run_stage("evaluate", root, env))
     finally:
         spec_path.write_text(saved)
     assert line.startswith("error: models/best: trained with another tokenizer (char, 66 ids) than "
@@ -199,7 +164,7 @@ runpy.run_module("stages." + sys.argv[1], run_name="__main__")
 
 def test_full_disk_during_a_metrics_write_keeps_the_previous_file(project):
     root, env = project
-    ok(stage("evaluate", root, env))  # a complete metrics/eval.json to keep
+    ok(run_stage("evaluate", root, env))  # a complete metrics/eval.json to keep
     before = snapshot(root)
     proc = subprocess.run([sys.executable, "-c", FULL_DISK_ON_FSYNC, "evaluate"], cwd=root, env=env,
                           capture_output=True, text=True, timeout=180)
@@ -282,7 +247,7 @@ def test_evaluate_with_a_truncated_model_is_a_clear_error(project):
     good = weights.read_bytes()
     weights.write_bytes(good[: len(good) // 2])
     try:
-        line = error_line(stage("evaluate", root, env))
+        line = error_line(run_stage("evaluate", root, env))
     finally:
         weights.write_bytes(good)
     assert "model.safetensors" in line and "truncated or corrupt" in line, line
@@ -296,10 +261,10 @@ def test_evaluate_with_a_utf16_tokenizer_json_is_a_clear_error(project):
     good = path.read_bytes()
     path.write_bytes(good.decode("utf-8").encode("utf-16"))
     try:
-        line = error_line(stage("evaluate", root, env))
+        line = error_line(run_stage("evaluate", root, env))
     finally:
         path.write_bytes(good)
-    assert line == (f"error: models/best: tokenizer: models/best/tokenizer.json: not UTF-8 text (byte 0: "
+    assert line == ("error: models/best: tokenizer: models/best/tokenizer.json: not UTF-8 text (byte 0: "
                     "invalid start byte); save it as UTF-8"), line
 
 
@@ -326,7 +291,7 @@ def test_special_files_in_a_folder_source_are_refused_up_front(project, params_r
         (root / "dvc.yaml").write_text(dvc_yaml.replace("# - data/corpus", "- corpus"))
         write_params(root, {"data": {"sources": [{"path": "corpus"}]}})
         before = snapshot(root)
-        line = error_line(stage("tokenize", root, env, timeout=60))
+        line = error_line(run_stage("tokenize", root, env, timeout=60))
         expected = {"fifo": "a FIFO (named pipe)", "socket": "a socket", "broken link": "a broken symlink",
                     "symlink loop": "a symlink loop"}[kind]
         assert line.startswith(f"error: data.sources[0]: corpus/b.txt is {expected}; allowed: regular files"), line
@@ -343,7 +308,7 @@ def test_truncated_train_bin_is_a_clear_error(project):
     good = path.read_bytes()
     path.write_bytes(good[:1001])
     try:
-        line = error_line(stage("train", root, env))
+        line = error_line(run_stage("train", root, env))
     finally:
         path.write_bytes(good)
     meta = json.loads((root / "data/processed/meta.json").read_text())
@@ -360,7 +325,7 @@ def test_train_and_evaluate_without_mlflow(project, params_restored):
     before = json.loads((root / "metrics/train.json").read_text())
     down = {**env, "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{closed_port()}"}
     t0 = time.monotonic()
-    proc = ok(stage("train", root, down, timeout=120))
+    proc = ok(run_stage("train", root, down, timeout=120))
     assert "warning: MLflow unavailable" in proc.stderr and "continuing without tracking" in proc.stderr
     assert proc.stderr.count("warning: MLflow unavailable") == 1
     after = json.loads((root / "metrics/train.json").read_text())
@@ -368,7 +333,7 @@ def test_train_and_evaluate_without_mlflow(project, params_restored):
     assert (root / "models/best/model.safetensors").is_file()
     assert json.loads((root / "metrics/mlflow_run.json").read_text()) == {"run_id": None}
     assert not list(root.glob(".gptcore/runs/*"))  # work in progress cleaned up
-    proc = ok(stage("evaluate", root, down, timeout=120))
+    proc = ok(run_stage("evaluate", root, down, timeout=120))
     assert "warning: MLflow unavailable" in proc.stderr
     assert json.loads((root / "metrics/eval.json").read_text())["val_tokens"] > 0
     assert time.monotonic() - t0 < 100  # no retrying against the dead server for minutes
@@ -387,13 +352,13 @@ def test_locked_mlflow_store_warns_once_and_the_next_run_logs(project, params_re
     """Another process holds an exclusive lock on mlflow.db for the whole train stage:
     the stage warns once and completes; once the lock is gone, the next run logs."""
     root, env = project
-    ok(stage("train", root, env, timeout=120))  # make sure the store exists
+    ok(run_stage("train", root, env, timeout=120))  # make sure the store exists
     holder = subprocess.Popen([sys.executable, "-c", LOCK_HOLDER, str(root / "mlflow.db")],
                               stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "locked"
         write_params(root, {"train": {"seed": 8}})
-        proc = ok(stage("train", root, env, timeout=180))
+        proc = ok(run_stage("train", root, env, timeout=180))
         assert proc.stderr.count("warning: MLflow unavailable") == 1, proc.stderr
         warning = next(line for line in proc.stderr.splitlines() if "MLflow unavailable" in line)
         assert "database is locked" in warning and "continuing without tracking" in warning  # one line, says why
@@ -405,7 +370,7 @@ def test_locked_mlflow_store_warns_once_and_the_next_run_logs(project, params_re
         holder.kill()
         holder.wait()
     write_params(root, {"train": {"seed": 9}})
-    proc = ok(stage("train", root, env, timeout=120))
+    proc = ok(run_stage("train", root, env, timeout=120))
     assert "MLflow unavailable" not in proc.stderr
     run_id = json.loads((root / "metrics/mlflow_run.json").read_text())["run_id"]
     from mlflow.tracking import MlflowClient
@@ -424,7 +389,7 @@ def test_unwritable_mlflow_store_warns_and_completes(project, params_restored, t
         where.mkdir()
         where.chmod(0o555)
     write_params(root, {"train": {"seed": 10}})
-    proc = ok(stage("train", root, {**env, "MLFLOW_TRACKING_URI": f"sqlite:///{where / 'mlflow.db'}"},
+    proc = ok(run_stage("train", root, {**env, "MLFLOW_TRACKING_URI": f"sqlite:///{where / 'mlflow.db'}"},
                     timeout=120))
     assert proc.stderr.count("warning: MLflow unavailable") == 1, proc.stderr
     assert json.loads((root / "metrics/train.json").read_text())["steps"] == 6
@@ -453,7 +418,7 @@ def test_sigint_saves_state_and_rerun_resumes(project, params_restored):
     assert f"interrupted: SIGINT at step {step}: state saved to {last}; run again to resume" in err
     assert state["run_id"]
 
-    again = ok(stage("train", root, env))
+    again = ok(run_stage("train", root, env))
     assert f"resuming from step {step}" in again.stderr
     result = json.loads((root / "metrics/train.json").read_text())
     assert result["steps"] == 1200 and result["resumed_from_step"] == step
@@ -506,7 +471,7 @@ def test_sigkill_then_rerun_logs_each_step_once(project, params_restored):
         proc.kill()
         proc.wait()
     assert proc.returncode == -signal.SIGKILL
-    ok(stage("train", root, env))
+    ok(run_stage("train", root, env))
     run_id = json.loads((root / "metrics/mlflow_run.json").read_text())["run_id"]
     assert run_id == state["run_id"] and run_id not in before
     steps = [m.step for m in client.get_metric_history(run_id, "train_loss")]

@@ -8,18 +8,18 @@ import dataclasses
 
 import pytest
 import torch
+from conftest import char_tokenizer
+from test_variants import VARIANTS
 
 from gptcore.config import ConfigError, GPTConfig
-from gptcore.generation.sampling import SampleConfig
+from gptcore.data.tokenizer import CharTokenizer, GPT2Tokenizer
 from gptcore.generation.engine import Engine
 from gptcore.generation.generate import SamplingConfig, generate, generate_batch, generate_ids, stream, stream_batch
 from gptcore.generation.logits import apply_repetition_penalty, candidates, draw
+from gptcore.generation.sampling import SampleConfig
 from gptcore.generation.text import TextPieces
 from gptcore.model import GPT, KVCache
 from gptcore.model.decode import CachedDecoder
-from conftest import char_tokenizer
-from test_variants import VARIANTS
-from gptcore.data.tokenizer import CharTokenizer, GPT2Tokenizer
 
 TEXT = "First Citizen:\nBefore we proceed any further, hear me speak.\nAll: Speak, speak!\n"
 BLOCK = 16
@@ -478,7 +478,7 @@ def test_decoder_rows_at_different_positions_equal_full_forwards(tok, fast, vari
 
     for slot, window in enumerate(windows):
         torch.testing.assert_close(decoder.prefill(slot, window), expect(window), atol=1e-4, rtol=0)
-    for step in range(5):
+    for _ in range(5):
         tokens = [seqs[r][len(windows[r])] for r in range(3)]
         got = decoder.step(tokens)
         for r in range(3):

@@ -10,8 +10,16 @@ import stat
 import pytest
 
 from gptcore import io as gio
-from gptcore.io import (atomic_dir, atomic_write_bytes, atomic_write_json, atomic_write_text,
-                        copy_dir, recover_dir, sha256_bytes, sha256_file)
+from gptcore.io import (
+    atomic_dir,
+    atomic_write_bytes,
+    atomic_write_json,
+    atomic_write_text,
+    copy_dir,
+    recover_dir,
+    sha256_bytes,
+    sha256_file,
+)
 
 
 def umask() -> int:
@@ -63,9 +71,9 @@ def test_checkpoint_files_follow_the_umask(tmp_path, mask):
 
     from gptcore.checkpoint import save_checkpoint
     from gptcore.config import GPTConfig
+    from gptcore.data.tokenizer import CharTokenizer
     from gptcore.io import copy_dir
     from gptcore.model import GPT
-    from gptcore.data.tokenizer import CharTokenizer
 
     old = os.umask(mask)
     try:

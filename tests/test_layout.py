@@ -13,19 +13,9 @@ from pathlib import Path
 
 import pytest
 import yaml
-
-from project_copy import REPO, copy_project, write_params
+from project_copy import REPO, TINY_CHAR, copy_project, write_params
 
 STAGES = ("download", "tokenize", "train", "evaluate", "sample")
-TINY = {
-    "tokenizer": {"kind": "char"},
-    "model": {"vocab_size": 128, "n_layer": 1, "n_head": 2, "n_embd": 32, "block_size": 32},
-    "train": {"device": "cpu", "batch_size": 4, "max_steps": 2, "warmup_steps": 1, "eval_interval": 2,
-              "eval_batches": 1, "checkpoint_interval": 2, "threads": 1, "dtype": "float32"},
-    "evaluate": {"batch_size": 64},
-    "sample": {"max_new_tokens": 4},
-}
-
 # Runs a stage exactly as `python -m stages.<name>` would and, at exit, lists the files
 # of every module it imported that live in the project.
 RECORDER = """
@@ -57,7 +47,7 @@ def _code_deps(stage: dict) -> set[str]:
 def imported(tmp_path_factory, mirror_dir) -> dict[str, set[str]]:
     """stage name -> the project files its process imported, from a real tiny run of each."""
     root = copy_project(tmp_path_factory.mktemp("layout") / "gptcore")
-    write_params(root, TINY)
+    write_params(root, TINY_CHAR)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("DVC_", "MLFLOW_", "RANK", "WORLD_SIZE"))}
     env.update(GPTCORE_MIRROR=str(mirror_dir), MLFLOW_DISABLE_TELEMETRY="true",
                MLFLOW_TRACKING_URI=f"sqlite:///{root / 'mlflow.db'}")
@@ -178,6 +168,7 @@ def test_params_yaml_equals_the_dataclass_defaults():
     "import gptcore; gptcore.ConfigError",
 ])
 def test_config_and_help_do_not_import_torch(code):
-    check = f"import sys\ntry:\n    {code}\nexcept SystemExit:\n    pass\nassert 'torch' not in sys.modules, 'torch imported'"
+    check = (f"import sys\ntry:\n    {code}\nexcept SystemExit:\n    pass\n"
+             "assert 'torch' not in sys.modules, 'torch imported'")
     proc = subprocess.run([sys.executable, "-c", check], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr

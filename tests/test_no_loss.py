@@ -15,9 +15,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from project_copy import git_project, wait_for_first_checkpoint, write_params
-from test_faults import TINY, snapshot
+from project_copy import TINY_CHAR as TINY
+from project_copy import git_project, snapshot, wait_for_first_checkpoint, write_params
 
 VENV_BIN = Path(sys.executable).parent
 DVC = str(VENV_BIN / "dvc")

@@ -10,19 +10,9 @@ import sys
 from pathlib import Path
 
 import pytest
-
-from project_copy import copy_project, git_project, write_params
+from project_copy import TINY, TINY_CHAR, copy_project, git_project, write_params
 
 VENV_BIN = Path(sys.executable).parent
-TINY = {
-    "model": {"n_layer": 1, "n_head": 2, "n_embd": 32, "block_size": 32},
-    "train": {"device": "cpu", "batch_size": 4, "max_steps": 6, "warmup_steps": 2, "eval_interval": 3,
-              "eval_batches": 2, "checkpoint_interval": 3, "log_interval": 1, "patience": 0},
-    "evaluate": {"batch_size": 64},
-    "sample": {"max_new_tokens": 12},
-}
-
-
 def _run(args, cwd, env, timeout=600):
     proc = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, f"{' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}"
@@ -272,3 +262,26 @@ def test_own_corpus_folder_is_a_tracked_dependency(tmp_path, mirror_dir):
     assert "Running stage 'tokenize'" in _run([dvc, "repro", "tokenize"], root, env).stdout
     meta = json.loads((root / "data/processed/meta.json").read_text())
     assert meta["train_tokens"] + meta["val_tokens"] > before
+
+
+def _locked_out_hash(root: Path, stage: str, path: str) -> str:
+    import yaml
+
+    lock = yaml.safe_load((root / "dvc.lock").read_text())
+    (out,) = [o for o in lock["stages"][stage]["outs"] if o["path"] == path]
+    return out["md5"]
+
+
+def test_retraining_the_same_model_keeps_its_dvc_hash(tmp_path, mirror_dir):
+    """Identical weights and config give a byte-identical models/ directory, so a forced
+    retrain leaves dvc.lock's hash of it unchanged (DVC can tell nothing changed)."""
+    root = tmp_path / "gptcore"
+    env = git_project(root, mirror_dir, TINY_CHAR)
+    dvc = str(VENV_BIN / "dvc")
+    _run([dvc, "repro", "train"], root, env)
+    first = _locked_out_hash(root, "train", "models")
+    files = {p.relative_to(root): p.read_bytes() for p in sorted((root / "models").rglob("*")) if p.is_file()}
+    assert "Running stage 'train'" in _run([dvc, "repro", "--force", "--single-item", "train"], root, env).stdout
+    assert _locked_out_hash(root, "train", "models") == first
+    again = {p.relative_to(root): p.read_bytes() for p in sorted((root / "models").rglob("*")) if p.is_file()}
+    assert again == files

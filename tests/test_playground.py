@@ -17,18 +17,23 @@ import json
 import urllib.error
 import urllib.request
 import warnings
+from pathlib import Path
 
 import pytest
-
 from browser import Browser, find_chromium
-from conftest import REPO
-from test_cli import checkpoint  # noqa: F401 - the fixture: a tiny char model that never ends early
+from conftest import REPO, never_ending_checkpoint
 from test_serve import running_server
 
 PAGE = REPO / "gptcore" / "serving" / "playground.html"
 IDS = ("prompt", "generate", "stop", "output", "error", "model", "max_tokens", "temperature", "top_k",
        "top_p", "repetition_penalty", "seed", "stop_strings", "stats")
 WAIT_S = 120  # upper bound for one step (server start, a generation), only to fail instead of hanging
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    """test_cli's tiny char model, which never ends a completion early."""
+    return never_ending_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny", seed=0, std=0.3)
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +50,7 @@ def browser():
     if find_chromium() is None:
         why = ("Chromium not found (Debian: apt-get install chromium): the playground's browser "
                "tests are skipped; GET / is still checked over HTTP")
-        warnings.warn(why)
+        warnings.warn(why, stacklevel=2)
         pytest.skip(why)
     with Browser() as b:
         yield b

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from project_copy import REPO, bench_module
 
 FILE = yaml.safe_load((REPO / "bench" / "recipes.yaml").read_text())

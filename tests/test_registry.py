@@ -17,9 +17,8 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-
-from project_copy import git_project
-from test_pipeline import TINY, VENV_BIN, _mlflow_client, _run
+from project_copy import TINY, git_project
+from test_pipeline import VENV_BIN, _mlflow_client, _run
 from test_serve import _free_port
 
 PROMPTS = ["ROMEO:", "HAMLET:"]

@@ -22,7 +22,6 @@ import json
 import os
 import signal
 import socket
-import string
 import subprocess
 import sys
 import time
@@ -32,12 +31,7 @@ from pathlib import Path
 
 import openai
 import pytest
-import torch
-
-from conftest import char_tokenizer
-from gptcore.checkpoint import save_checkpoint
-from gptcore.config import GPTConfig
-from gptcore.model import GPT
+from conftest import never_ending_checkpoint
 
 GPTCORE = Path(sys.executable).with_name("gptcore")  # the console script next to this Python
 WAIT_S = 120     # upper bound for one step (a server start, a request), only to fail instead of hanging
@@ -65,14 +59,7 @@ def checkpoint(tmp_path_factory) -> Path:
     text that varies and depends on the prompt ("AfABBeeBABe'K..."), where many random
     inits repeat one character forever, which would make comparisons and stop strings
     prove little."""
-    tok = char_tokenizer(string.ascii_letters + " \n.,:;!?'-")
-    torch.manual_seed(2)
-    model = GPT(GPTConfig(vocab_size=tok.vocab_size, block_size=BLOCK, n_layer=2, n_head=2, n_embd=32))
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0.0, 0.2)
-        model.transformer.wte.weight[tok.eot_id] = 0.0
-    return save_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny", model, tok)
+    return never_ending_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny", seed=2, std=0.2, block_size=BLOCK)
 
 
 # --------------------------------------------------------------------------- servers
@@ -236,7 +223,7 @@ class RawStream:
                 assert line.startswith("data: ") and line.endswith("\n"), line
                 return line[len("data: "):-1]
 
-    def __enter__(self) -> "RawStream":
+    def __enter__(self) -> RawStream:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -6,10 +6,16 @@ import json
 import shutil
 
 import pytest
-
 from conftest import char_tokenizer
-from gptcore.data.tokenizer import (EOT_TEXT, TOKENIZER_FILE, CharTokenizer, GPT2Tokenizer,
-                               TokenizerError, load_tokenizer)
+
+from gptcore.data.tokenizer import (
+    EOT_TEXT,
+    TOKENIZER_FILE,
+    CharTokenizer,
+    GPT2Tokenizer,
+    TokenizerError,
+    load_tokenizer,
+)
 
 HAMLET = "HAMLET: To be, or not to be"
 HAMLET_IDS = [33363, 28882, 25, 1675, 307, 11, 393, 407, 284, 307]  # tiktoken's gpt2 encoding

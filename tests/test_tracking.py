@@ -65,6 +65,7 @@ def test_run_name_is_the_commit_plus_changed_params(tmp_path):
 
 def test_datasets_and_model_are_logged_and_the_model_loads_back(store, tmp_path, monkeypatch):
     import torch
+    from conftest import char_tokenizer
     from mlflow.entities import LoggedModelStatus
 
     from gptcore.checkpoint import load_checkpoint, save_checkpoint
@@ -72,7 +73,6 @@ def test_datasets_and_model_are_logged_and_the_model_loads_back(store, tmp_path,
     from gptcore.data.dataset import TokenData
     from gptcore.errors import CheckpointError
     from gptcore.model import GPT
-    from conftest import char_tokenizer
     from gptcore.registry import MODEL_ID_TAG, download_run_model
 
     tok = char_tokenizer("abcdefgh")

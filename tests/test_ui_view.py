@@ -7,10 +7,10 @@ from __future__ import annotations
 import json
 
 import pytest
+from ui_check import training_view_problems
 
 from gptcore.store import EXPERIMENT, EXPERIMENT_KIND, TRAINING_VIEW_TAG
 from gptcore.tracking import Tracker
-from ui_check import training_view_problems
 
 
 @pytest.fixture

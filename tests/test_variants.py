@@ -11,15 +11,15 @@ import re
 
 import pytest
 import torch
-
 from conftest import char_tokenizer
+from test_model import empty_cache, twins
+
 from gptcore.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from gptcore.config import GPTConfig
 from gptcore.errors import ConfigError
 from gptcore.model import GPT, KVCache, export_hf
 from gptcore.model.decode import CachedDecoder
 from gptcore.model.gpt import apply_rope, rope_angles
-from test_model import empty_cache, twins
 
 SMALL = GPTConfig(vocab_size=97, block_size=32, n_layer=2, n_head=4, n_embd=32)
 VARIANTS = {

@@ -40,8 +40,8 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 from gptcore.registry import CHAMPION, REGISTERED_MODEL
 from gptcore.store import EXPERIMENT, TRAINING_VIEW_TAG, TRAINING_VIEW_URL

@@ -30,10 +30,10 @@ import os
 import sys
 import time
 from collections import deque
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 from tqdm import tqdm
@@ -296,7 +296,7 @@ def _checked_plan(docs: list[Document], cfg: DataConfig) -> list[tuple[Document,
     return plan
 
 
-def _encode_documents(plan: list[tuple[Document, int]], writers: dict[str, "_SplitWriter"],
+def _encode_documents(plan: list[tuple[Document, int]], writers: dict[str, _SplitWriter],
                       progress: bool) -> None:
     """Pass 2: feed each document's text to its split's writer (a document may straddle
     the split), then finish the writers; on any error drop the queued work first."""
@@ -332,7 +332,7 @@ def _encode_documents(plan: list[tuple[Document, int]], writers: dict[str, "_Spl
 
 
 def _meta(cfg: DataConfig, docs: list[Document], tokenizer: Tokenizer, dtype: np.dtype,
-          train: "_SplitWriter", val: "_SplitWriter") -> dict:
+          train: _SplitWriter, val: _SplitWriter) -> dict:
     """meta.json: what the token files hold and where it came from."""
     return {
         "tokenizer": tokenizer.kind,

@@ -76,7 +76,7 @@ class TokenData:
         return out
 
     @classmethod
-    def load(cls, processed_dir: str | Path) -> "TokenData":
+    def load(cls, processed_dir: str | Path) -> TokenData:
         d = Path(processed_dir)
         meta = _read_meta(d / "meta.json")
         dtype = np.dtype(meta["dtype"])

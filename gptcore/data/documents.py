@@ -48,7 +48,8 @@ def resolve_documents(cfg: DataConfig) -> list[Document]:
             found = [(path, src.file_name)]
         else:
             found = _local_files(src.path, where)
-            outputs = {"data.raw_dir": Path(cfg.raw_dir).resolve(), "data.processed_dir": Path(cfg.processed_dir).resolve()}
+            outputs = {"data.raw_dir": Path(cfg.raw_dir).resolve(),
+                       "data.processed_dir": Path(cfg.processed_dir).resolve()}
             for path, label in found:
                 inside = [k for k, d in outputs.items() if d in path.resolve().parents]
                 if inside:

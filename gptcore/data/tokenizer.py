@@ -46,7 +46,7 @@ class Tokenizer:
     def save(self, directory: str | Path) -> None:
         raise NotImplementedError
 
-    def same_as(self, other: "Tokenizer") -> bool:
+    def same_as(self, other: Tokenizer) -> bool:
         """True if both map text to the same ids (same kind and vocabulary)."""
         return (self.kind, self.vocab_size, getattr(self, "chars", None)) == \
             (other.kind, other.vocab_size, getattr(other, "chars", None))

@@ -35,15 +35,17 @@ draw or an argmax only at a near-tie.
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 
+from ..errors import invalid
 from ..model.decode import CachedDecoder, UncachedDecoder
 from ..model.gpt import GPT
 from .logits import draw
-from .sampling import SamplingConfig
+from .sampling import SamplingConfig, _is_int
 
 __all__ = ["Engine", "Row"]
 
@@ -85,10 +87,9 @@ def _top(cfg: SamplingConfig) -> int | None:
 
 
 def _check_int(name: str, value, low: int, high: int | None = None) -> None:
-    if not (isinstance(value, int) and not isinstance(value, bool) and value >= low
-            and (high is None or value <= high)):
+    if not (_is_int(value) and value >= low and (high is None or value <= high)):
         allowed = f"an integer >= {low}" if high is None else f"{low} <= {name} <= {high}"
-        raise ValueError(f"{name}={value!r} is invalid; allowed: {allowed}")
+        raise ValueError(invalid(name, value, allowed))
 
 
 class Engine:

@@ -17,11 +17,12 @@ Servers and anything with its own scheduling use :class:`~.engine.Engine` direct
 
 from __future__ import annotations
 
-from typing import Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
+from ..errors import invalid
 from ..model.gpt import GPT
 from .engine import Engine
-from .sampling import SamplingConfig
+from .sampling import SamplingConfig, _is_int
 from .text import TextPieces
 
 __all__ = ["SamplingConfig", "stream", "generate", "stream_batch", "generate_batch", "generate_ids",
@@ -83,8 +84,8 @@ def generate(model: GPT, tokenizer, prompt: str | Sequence[int] = "", cfg: Sampl
 
 
 def _check_num_samples(num_samples) -> None:
-    if not (isinstance(num_samples, int) and not isinstance(num_samples, bool) and num_samples >= 1):
-        raise ValueError(f"num_samples={num_samples!r} is invalid; allowed: an integer >= 1")
+    if not (_is_int(num_samples) and num_samples >= 1):
+        raise ValueError(invalid("num_samples", num_samples, "an integer >= 1"))
 
 
 def stream_batch(model: GPT, tokenizer, prompt: str | Sequence[int] = "", num_samples: int = 1,

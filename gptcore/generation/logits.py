@@ -5,14 +5,14 @@ The filters work on a row's *candidates*, not on the whole vocabulary: top-k kee
 largest logits (``torch.topk``), top-p then keeps the most probable of those, and the draw
 inverts the cumulative distribution over the survivors with one uniform number from the
 row's generator. With top-k on, everything after the top-k selection costs O(k) per row
-instead of O(vocab): on a CPU, sorting and drawing over GPT-2's 50,257 ids took ~2.5 ms
-per row and token, more than a decoding step itself, so rows sharing a step would not
-have been cheap. Without top-k the candidates are the whole vocabulary.
+instead of O(vocab): on a CPU, sorting and drawing over all of GPT-2's 50,257 ids for
+each row and token cost more than the decoding step itself, so rows sharing a step would
+not have been cheap. Without top-k the candidates are the whole vocabulary.
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F

@@ -12,17 +12,18 @@ import math
 from dataclasses import dataclass, field, fields, replace
 
 from ..config import Params
-from ..errors import ConfigError
+from ..errors import ConfigError, invalid
 from ..schema import from_dict
 
 __all__ = ["SampleConfig", "SamplingConfig", "sample_settings"]
 
 
 def _fail(name: str, value, allowed: str) -> None:
-    raise ConfigError(f"{name}={value!r} is invalid; allowed: {allowed}")
+    raise ConfigError(invalid(name, value, allowed))
 
 
 def _is_int(v) -> bool:
+    """An int but not a bool: True == 1, yet a stray true where a count belongs is a typo."""
     return isinstance(v, int) and not isinstance(v, bool)
 
 
@@ -77,7 +78,7 @@ class SamplingConfig:
     def greedy(self) -> bool:
         return self.temperature == 0.0
 
-    def for_sample(self, i: int) -> "SamplingConfig":
+    def for_sample(self, i: int) -> SamplingConfig:
         """The settings of sample ``i`` of several: seed + i (so it is what a lone decode
         with that seed gives), or a fresh random seed when ``seed`` is None."""
         return self if self.seed is None else replace(self, seed=self.seed + i)

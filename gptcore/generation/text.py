@@ -5,7 +5,7 @@ text that may begin one is held until it is decided)."""
 from __future__ import annotations
 
 import codecs
-from typing import Sequence
+from collections.abc import Sequence
 
 
 def _stop_index(text: str, stops: tuple[str, ...]) -> int | None:
@@ -27,7 +27,8 @@ def _partial_stop(text: str, stops: tuple[str, ...]) -> int:
 class TextPieces:
     """Token ids pushed in one at a time -> text ready to show, honouring stop strings.
 
-    One per completion: the engine's caller pushes each row's ids into the row's own. ``stopped`` turns True once a stop string has appeared.
+    One per completion: the engine's caller pushes each row's ids into the row's own.
+    ``stopped`` turns True once a stop string has appeared.
     """
 
     def __init__(self, tokenizer, stop: Sequence[str] = ()) -> None:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import time
 import weakref
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -30,7 +31,7 @@ from .loss import soft_cap
 _BF16_BOUND = 2.0 ** -7
 
 
-_DERIVED: "weakref.WeakKeyDictionary[GPT, dict]" = weakref.WeakKeyDictionary()
+_DERIVED: weakref.WeakKeyDictionary[GPT, dict] = weakref.WeakKeyDictionary()
 
 
 def _derived(model: GPT, name: str, limit: int, make):
@@ -44,6 +45,23 @@ def _derived(model: GPT, name: str, limit: int, make):
         with torch.no_grad():
             cache[name] = (key, make())
     return cache[name][1]
+
+
+class LayerWeights(NamedTuple):
+    """One block's parameters for the fast step, matrices transposed to (in, out): named, so no two can be swapped."""
+
+    ln_1_w: torch.Tensor
+    ln_1_b: torch.Tensor | None  # None: RMSNorm
+    attn_w: torch.Tensor
+    attn_b: torch.Tensor
+    attn_proj_w: torch.Tensor
+    attn_proj_b: torch.Tensor
+    ln_2_w: torch.Tensor
+    ln_2_b: torch.Tensor | None
+    fc_w: torch.Tensor
+    fc_b: torch.Tensor
+    mlp_proj_w: torch.Tensor
+    mlp_proj_b: torch.Tensor
 
 
 def _packable(w: torch.Tensor) -> bool:
@@ -134,7 +152,9 @@ class CachedDecoder:
             tr = model.transformer
 
             def bias(lin):  # addmm needs a bias; adding exact zeros changes nothing
-                return lin.bias if lin.bias is not None else torch.zeros(lin.out_features, device=w.device, dtype=w.dtype)
+                if lin.bias is not None:
+                    return lin.bias
+                return torch.zeros(lin.out_features, device=w.device, dtype=w.dtype)
 
             def t(weight):  # (in, out) row-major: a vector-matrix product streams it in order
                 return weight.t().contiguous()
@@ -142,10 +162,15 @@ class CachedDecoder:
             def norm(ln):  # (weight, bias); RMSNorm has no bias
                 return ln.weight, getattr(ln, "bias", None)
 
-            self.layers = [(*norm(b.ln_1), t(b.attn.c_attn.weight), bias(b.attn.c_attn),
-                            t(b.attn.c_proj.weight), bias(b.attn.c_proj), *norm(b.ln_2),
-                            t(b.mlp.c_fc.weight), bias(b.mlp.c_fc), t(b.mlp.c_proj.weight), bias(b.mlp.c_proj))
-                           for b in tr.h]
+            def layer(b) -> LayerWeights:
+                (ln_1_w, ln_1_b), (ln_2_w, ln_2_b) = norm(b.ln_1), norm(b.ln_2)
+                return LayerWeights(
+                    ln_1_w=ln_1_w, ln_1_b=ln_1_b, attn_w=t(b.attn.c_attn.weight), attn_b=bias(b.attn.c_attn),
+                    attn_proj_w=t(b.attn.c_proj.weight), attn_proj_b=bias(b.attn.c_proj),
+                    ln_2_w=ln_2_w, ln_2_b=ln_2_b, fc_w=t(b.mlp.c_fc.weight), fc_b=bias(b.mlp.c_fc),
+                    mlp_proj_w=t(b.mlp.c_proj.weight), mlp_proj_b=bias(b.mlp.c_proj))
+
+            self.layers = [layer(b) for b in tr.h]
             self.wte = tr.wte.weight
             self.wpe = tr.wpe.weight if "wpe" in tr else None  # None: rotary positions
             self.ln_f = norm(tr.ln_f)
@@ -199,14 +224,14 @@ class CachedDecoder:
             return F.linear(x, self.head).float()
         if x.size(0) > 1 and self.packable:
             # Several rows make the head a small-M matrix product, which MKL's sgemm runs
-            # at a fraction of the CPU's rate (measured on an AMD EPYC Zen 3, 1 thread,
-            # 8 rows: 4.7 ms); oneDNN with the weight packed once for its kernel: 2.9 ms.
+            # at a fraction of the CPU's rate; oneDNN with the weight packed once for its
+            # kernel is faster (docs/benchmarks.md, "Moved from code comments").
             packed = _derived(self.model, "head_packed", self.limit,
                               lambda: torch.ops.mkldnn._reorder_linear_weight(self.head.contiguous(), 8))
             return torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
         # The LM head dominates a step: x @ W^T through a transposed view takes a slow
-        # strided path (measured 3x slower on an AMD EPYC); a (C, V) copy does not. One
-        # row (a matrix-vector product streaming the copy) is faster here than oneDNN.
+        # strided path; a (C, V) copy does not. One row (a matrix-vector product
+        # streaming the copy) is faster here than oneDNN.
         return torch.mm(x, self._head_t()).float()
 
     @torch.inference_mode()
@@ -240,9 +265,8 @@ class CachedDecoder:
         else:  # rotary: each row's angles, broadcast over heads
             where = torch.tensor([pos], device=self.device) if uniform else at
             cos, sin = (a.view(-1, 1, 1, hs // 2) for a in rope_angles(where, hs))
-        for (ln1w, ln1b, attn_w, attn_b, proj_w, proj_b, ln2w, ln2b, fc_w, fc_b, mlp_w, mlp_b), kv in zip(
-                self.layers, self.kv):
-            qkv = addmm(attn_b, norm(x, ln1w, ln1b), attn_w).view(B, 3, nh, 1, hs)
+        for lw, kv in zip(self.layers, self.kv):
+            qkv = addmm(lw.attn_b, norm(x, lw.ln_1_w, lw.ln_1_b), lw.attn_w).view(B, 3, nh, 1, hs)
             q, kv_new = qkv[:, 0], qkv[:, 1:, :, 0]  # (B, nh, 1, hs), (B, 2, nh, hs)
             if self.qk_norm or self.wpe is None:  # the key changes before it is cached
                 k = qkv[:, 1]
@@ -256,8 +280,9 @@ class CachedDecoder:
             else:
                 kv[rows, :, :, at] = kv_new  # each row's own position
             y = sdpa(q, kv[:B, 0, :, :span], kv[:B, 1, :, :span], attn_mask=mask)  # (B, nh, 1, hs)
-            x = x + addmm(proj_b, y.reshape(B, C), proj_w)
-            x = x + addmm(mlp_b, act(addmm(fc_b, norm(x, ln2w, ln2b), fc_w)), mlp_w)
+            x = x + addmm(lw.attn_proj_b, y.reshape(B, C), lw.attn_proj_w)
+            h = act(addmm(lw.fc_b, norm(x, lw.ln_2_w, lw.ln_2_b), lw.fc_w))
+            x = x + addmm(lw.mlp_proj_b, h, lw.mlp_proj_w)
         for b in range(B):
             self.lengths[b] += 1
         return self._logits(norm(x, *self.ln_f), top)
@@ -276,9 +301,8 @@ class CachedDecoder:
     def _bf16_pays(self) -> bool:
         """Whether the bf16 head is faster than the fp32 one here, timed once per model.
         CPUs with bf16 instructions (AMX, AVX-512 BF16) and GPUs stream half the bytes;
-        on an AVX2-only CPU torch falls back to a reference bf16 kernel (measured on an
-        AMD EPYC Zen 3: 3.6 ms vs 1.5 ms for one row of GPT-2's head). Either way the
-        top ids are exact, so the choice changes speed, never tokens."""
+        on an AVX2-only CPU torch falls back to a reference bf16 kernel, slower than
+        fp32. Either way the top ids are exact, so the choice changes speed, never tokens."""
         def measure():
             x = torch.randn(4, self.C, device=self.device, dtype=self.head.dtype)
             head_t = self._head_t()

@@ -20,7 +20,6 @@ import torch.nn.functional as F
 from ..config import GPTConfig
 from .loss import linear_cross_entropy, soft_cap
 
-
 ROPE_BASE = 10000.0  # RoFormer's base wavelength
 
 

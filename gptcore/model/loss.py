@@ -51,6 +51,68 @@ def soft_cap(logits: torch.Tensor, cap: float) -> torch.Tensor:
     return cap * torch.tanh(logits / cap) if cap else logits
 
 
+def _spans(start: int, stop: int, size: int) -> list[tuple[int, int]]:
+    """(start, end) of each ``size``-token piece of [start, stop): bounds how many logits exist at once."""
+    return [(s, min(stop, s + size)) for s in range(start, stop, size)]
+
+
+def _exact_nats(x: torch.Tensor, w: torch.Tensor, ts: torch.Tensor, softcap: float,
+                smoothing: float) -> torch.Tensor:
+    """Per-token loss of one chunk from fp32 logits: evaluation keeps no gradient, so it can afford exactness."""
+    logits = soft_cap((x @ w.t()).float(), softcap)
+    lse = torch.logsumexp(logits, dim=-1)
+    nats = lse - logits.gather(1, ts.clamp(min=0)[:, None]).squeeze(1)
+    if smoothing:
+        nats = (1 - smoothing) * nats + smoothing * (lse - logits.mean(dim=-1))
+    return nats
+
+
+def _logits_into(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor, softcap: float) -> torch.Tensor | None:
+    """Capped logits into ``out``, which becomes their gradient; the cap's fp32 tanh is kept for its derivative."""
+    torch.mm(x, w.t(), out=out)
+    if not softcap:
+        return None
+    tanh = torch.tanh(out.float() / softcap)
+    torch.mul(tanh, softcap, out=out)
+    return tanh
+
+
+def _softmax_nats(g: torch.Tensor, rows: torch.Tensor, safe_t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(nats, p_target), turning the logits in ``g`` into probabilities in place: no second (chunk x vocab) buffer."""
+    if g.dtype != torch.float32:
+        # one kernel: reads the low-precision logits, fp32 inside, writes low-precision probabilities
+        torch.softmax(g, dim=-1, out=g)
+        p_t = g[rows, safe_t].float()
+        return -torch.log(p_t), p_t
+    lse = torch.logsumexp(g, dim=-1)
+    nats = lse - g[rows, safe_t]
+    torch.exp(g.sub_(lse[:, None]), out=g)
+    return nats, g[rows, safe_t]
+
+
+def _chunk_loss_and_grad(x: torch.Tensor, w: torch.Tensor, ts: torch.Tensor, g: torch.Tensor, softcap: float,
+                         smoothing: float, any_ignored: bool) -> torch.Tensor:
+    """Per-token loss, leaving d loss / d logits in ``g``: the loss is a scalar, so the logits need never be kept."""
+    rows, safe_t = torch.arange(ts.size(0), device=x.device), ts.clamp(min=0)
+    tanh = _logits_into(x, w, g, softcap)
+    if smoothing:  # read before the softmax overwrites the logits
+        z_t, z_mean = g[rows, safe_t].float(), g.mean(dim=-1, dtype=torch.float32)
+    nats, p_t = _softmax_nats(g, rows, safe_t)
+    if smoothing:
+        # lse - mean(z) = (z_t - log p_t) - mean(z): no second pass for lse
+        nats = (1 - smoothing) * nats + smoothing * (z_t + nats - z_mean)
+        g.sub_(smoothing / g.size(1))
+    # d loss / d logits = softmax - target (zero for ignored rows)
+    g[rows, safe_t] = (p_t - (1 - smoothing) - smoothing / g.size(1)).to(g.dtype)
+    if softcap:  # through the cap: times d(cap tanh(l / cap))/dl = 1 - tanh²
+        g.mul_(tanh.square_().neg_().add_(1))
+    if any_ignored:
+        valid = ts != -1
+        g.mul_(valid[:, None].to(g.dtype))
+        nats = nats * valid
+    return nats
+
+
 class LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
@@ -64,14 +126,9 @@ class LinearCrossEntropy(torch.autograd.Function):
         # there, always mask. Masking by 1.0 is exact, so the numbers are the same.
         any_ignored = x.device.type != "cpu" or bool((targets == -1).any())
         if not need_grad:  # evaluation: the exact loss is all we want
-            for start in range(0, N, chunk_size):
-                ts = targets[start:start + chunk_size]
-                logits = (x[start:start + chunk_size].to(compute_dtype) @ w.t()).float()
-                logits = soft_cap(logits, softcap)
-                lse = torch.logsumexp(logits, dim=-1)
-                nats = lse - logits.gather(1, ts.clamp(min=0)[:, None]).squeeze(1)
-                if smoothing:
-                    nats = (1 - smoothing) * nats + smoothing * (lse - logits.mean(dim=-1))
+            for start, end in _spans(0, N, chunk_size):
+                ts = targets[start:end]
+                nats = _exact_nats(x[start:end].to(compute_dtype), w, ts, softcap, smoothing)
                 total += (nats * (ts != -1)).sum() if any_ignored else nats.sum()
             ctx.save_for_backward(None, None)
             return total
@@ -82,44 +139,13 @@ class LinearCrossEntropy(torch.autograd.Function):
         # per group (inner dimension GROUP) instead of one small, memory-bound one per chunk.
         group = min(N, group_size)
         g = torch.empty((group, V), dtype=compute_dtype, device=x.device)
-        for g_start in range(0, N, group):
-            g_end = min(N, g_start + group)
-            for start in range(g_start, g_end, chunk_size):
-                end = min(g_end, start + chunk_size)
-                ts, rows = targets[start:end], torch.arange(end - start, device=x.device)
-                safe_t = ts.clamp(min=0)
+        for g_start, g_end in _spans(0, N, group):
+            for start, end in _spans(g_start, g_end, chunk_size):
                 gs = g[start - g_start:end - g_start]
-                logits = torch.mm(xc[start:end], w.t(), out=gs)  # (n, V), then turned into d/dlogits
-                if softcap:  # fp32 tanh, kept for the derivative below
-                    tanh = torch.tanh(logits.float() / softcap)
-                    torch.mul(tanh, softcap, out=gs)
-                if smoothing:  # read before the softmax overwrites the logits
-                    z_t, z_mean = logits[rows, safe_t].float(), logits.mean(dim=-1, dtype=torch.float32)
-                if compute_dtype != torch.float32:
-                    torch.softmax(logits, dim=-1, out=gs)  # in place; fp32 inside, compute_dtype out
-                    p_t = gs[rows, safe_t].float()
-                    nats = -torch.log(p_t)
-                else:
-                    lse = torch.logsumexp(logits, dim=-1)
-                    nats = lse - logits[rows, safe_t]
-                    torch.exp(logits.sub_(lse[:, None]), out=gs)
-                    p_t = gs[rows, safe_t]
-                if smoothing:
-                    # lse - mean(z) = (z_t - log p_t) - mean(z): no second pass for lse
-                    nats = (1 - smoothing) * nats + smoothing * (z_t + nats - z_mean)
-                    gs.sub_(smoothing / V)
-                # d loss / d logits = softmax - target (zero for ignored rows)
-                gs[rows, safe_t] = (p_t - (1 - smoothing) - smoothing / V).to(compute_dtype)
-                if softcap:  # through the cap: times d(cap tanh(l / cap))/dl = 1 - tanh²
-                    gs.mul_(tanh.square_().neg_().add_(1))
-                if any_ignored:
-                    valid = ts != -1
-                    gs.mul_(valid[:, None].to(compute_dtype))
-                    nats = nats * valid
-                total += nats.sum()
+                total += _chunk_loss_and_grad(xc[start:end], w, targets[start:end], gs, softcap, smoothing,
+                                              any_ignored).sum()
                 grad_x[start:end] = (gs @ w).to(x.dtype)
-            n = g_end - g_start
-            grad_w.add_(g[:n].t() @ xc[g_start:g_end])  # accumulates in fp32, no fp32 temporary
+            grad_w.add_(g[:g_end - g_start].t() @ xc[g_start:g_end])  # accumulates in fp32, no fp32 temporary
         ctx.save_for_backward(grad_x, grad_w)
         ctx.weight_dtype = weight.dtype
         return total

@@ -21,14 +21,18 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from fastapi import FastAPI, Request
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException
 
-from ..errors import ConfigError, TokenizerError
-from ..generation.sampling import SamplingConfig
-from .worker import QueueFull, TooLarge, Worker
+from ..errors import ConfigError, TokenizerError, invalid
+from ..generation.sampling import SamplingConfig, _is_int
+from .worker import Job, QueueFull, TooLarge, Worker
+
+if TYPE_CHECKING:
+    from ..data.tokenizer import Tokenizer
 
 PLAYGROUND = Path(__file__).with_name("playground.html")
 
@@ -57,16 +61,12 @@ def _error(status: int, message: str, param=None, code=None, kind="invalid_reque
 
 # ---------------------------------------------------------------------- request checks
 
-def _is_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
 def _number(body: dict, name: str, default: float, ok, allowed: str) -> float:
     v = body.get(name)
     if v is None:
         return default
     if not (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and ok(v)):
-        raise BadRequest(f"{name}={v!r} is invalid; allowed: {allowed}", name)
+        raise BadRequest(invalid(name, v, allowed), name)
     return float(v)
 
 
@@ -75,7 +75,7 @@ def _integer(body: dict, name: str, default: int | None, low: int, high: int | N
     if v is None:
         return default
     if not (_is_int(v) and v >= low and (high is None or v <= high)):
-        raise BadRequest(f"{name}={v!r} is invalid; allowed: {allowed}", name)
+        raise BadRequest(invalid(name, v, allowed), name)
     return v
 
 
@@ -113,7 +113,7 @@ def parse_request(body, limits: Limits) -> tuple[list[str], SamplingConfig, int,
     options = body.get("stream_options") or {}
     for name, v in (("stream", stream), ("ignore_eos", ignore_eos)):
         if not isinstance(v, bool):
-            raise BadRequest(f"{name}={v!r} is invalid; allowed: true or false", name)
+            raise BadRequest(invalid(name, v, "true or false"), name)
     if not isinstance(options, dict) or not isinstance(options.get("include_usage", False), bool):
         raise BadRequest('stream_options must be {"include_usage": true|false}', "stream_options")
     try:
@@ -178,32 +178,11 @@ def create_app(worker: Worker, model_id: str, limits: Limits = Limits()) -> Fast
 
     @app.post("/v1/completions")
     async def completions(request: Request):
-        raw = await _read_body(request, limits.max_body)
-        try:
-            body = json.loads(raw)
-        # ValueError covers JSONDecodeError, bad UTF-8 and integers past Python's digit limit;
-        # RecursionError, nesting deeper than the parser's stack: all the client's doing.
-        except (ValueError, RecursionError) as exc:
-            raise BadRequest(f"the request body is not valid JSON ({exc})") from None
+        body = await _json_body(request, limits.max_body)
         prompts, cfg, n, stream, include_usage = parse_request(body, limits)
-        requested = body.get("model")
-        if requested is not None and requested != model_id:
-            raise BadRequest(f"the model {requested!r} does not exist; this server has {model_id!r}",
-                             "model", 404, "model_not_found")
-        try:
-            encoded = [tokenizer.encode(p) for p in prompts]
-        except TokenizerError as exc:
-            raise BadRequest(str(exc), "prompt") from None
-        for ids in encoded:
-            if len(ids) > block:
-                print(f"gptcore serve: warning: a prompt of {len(ids)} tokens keeps its last {block} "
-                      "(block_size)", file=sys.stderr, flush=True)
-        try:
-            job = worker.submit(encoded, cfg, n)
-        except QueueFull as exc:
-            raise BadRequest(str(exc), status=503, code="overloaded", kind="server_error") from None
-        except TooLarge as exc:
-            raise BadRequest(str(exc), "n") from None
+        _check_model(body.get("model"), model_id)
+        encoded = _encode(tokenizer, prompts, block)
+        job = _submit(worker, encoded, cfg, n)
         head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
                 "model": model_id}
         prompt_tokens = sum(len(ids) for ids in encoded)  # each prompt once, however many choices
@@ -211,28 +190,85 @@ def create_app(worker: Worker, model_id: str, limits: Limits = Limits()) -> Fast
         if stream:
             return StreamingResponse(_sse(worker, job, head, total, prompt_tokens, include_usage),
                                      media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-        texts, reasons, produced = [[] for _ in range(total)], [None] * total, 0
-        try:
-            while None in reasons:
-                try:  # wake up now and then: a client that went away must not keep its rows
-                    index, text, reason, count = await asyncio.wait_for(job.events.get(), 1.0)
-                except asyncio.TimeoutError:
-                    if await request.is_disconnected():
-                        return _error(499, "the client closed the connection")
-                    continue
-                if reason == "error":
-                    return _error(500, text, kind="server_error")
-                texts[index].append(text)
-                if reason is not None:
-                    reasons[index], produced = reason, produced + count
-        finally:
-            if None in reasons:
-                worker.cancel(job)
-        choices = [{"text": "".join(t), "index": i, "logprobs": None, "finish_reason": r}
-                   for i, (t, r) in enumerate(zip(texts, reasons))]
-        return {**head, "choices": choices, "usage": _usage(prompt_tokens, produced)}
+        return await _collect(request, worker, job, head, total, prompt_tokens)
 
     return app
+
+
+# ---------------------------------------------------------------------- a completion's steps
+
+async def _json_body(request: Request, limit: int):
+    """The request body as JSON: a body that does not parse is the client's error (400), not the server's."""
+    raw = await _read_body(request, limit)
+    try:
+        return json.loads(raw)
+    # ValueError covers JSONDecodeError, bad UTF-8 and integers past Python's digit limit;
+    # RecursionError, nesting deeper than the parser's stack: all the client's doing.
+    except (ValueError, RecursionError) as exc:
+        raise BadRequest(f"the request body is not valid JSON ({exc})") from None
+
+
+def _check_model(requested, model_id: str) -> None:
+    """Refuse a model other than this server's (404, as OpenAI answers), rather than answer as if it were."""
+    if requested is not None and requested != model_id:
+        raise BadRequest(f"the model {requested!r} does not exist; this server has {model_id!r}",
+                         "model", 404, "model_not_found")
+
+
+def _encode(tokenizer: Tokenizer, prompts: list[str], block: int) -> list[list[int]]:
+    """The prompts' token ids, encoded before anything is queued so a bad prompt costs nobody else a step."""
+    try:
+        encoded = [tokenizer.encode(p) for p in prompts]
+    except TokenizerError as exc:
+        raise BadRequest(str(exc), "prompt") from None
+    for ids in encoded:
+        if len(ids) > block:
+            print(f"gptcore serve: warning: a prompt of {len(ids)} tokens keeps its last {block} "
+                  "(block_size)", file=sys.stderr, flush=True)
+    return encoded
+
+
+def _submit(worker: Worker, encoded: list[list[int]], cfg: SamplingConfig, n: int) -> Job:
+    """Queue the rows; a full queue is the server's state (503), too many rows the request's (400)."""
+    try:
+        return worker.submit(encoded, cfg, n)
+    except QueueFull as exc:
+        raise BadRequest(str(exc), status=503, code="overloaded", kind="server_error") from None
+    except TooLarge as exc:
+        raise BadRequest(str(exc), "n") from None
+
+
+async def _next_event(request: Request, job: Job) -> tuple | None:
+    """The job's next event, or None once the client has gone: polled, so a client that left keeps no rows."""
+    while True:
+        try:
+            return await asyncio.wait_for(job.events.get(), 1.0)
+        except asyncio.TimeoutError:
+            if await request.is_disconnected():
+                return None
+
+
+async def _collect(request: Request, worker: Worker, job: Job, head: dict, total: int,
+                   prompt_tokens: int) -> dict | JSONResponse:
+    """The whole completion as one response; rows still decoding when it ends early are cancelled."""
+    texts, reasons, produced = [[] for _ in range(total)], [None] * total, 0
+    try:
+        while None in reasons:
+            event = await _next_event(request, job)
+            if event is None:
+                return _error(499, "the client closed the connection")
+            index, text, reason, count = event
+            if reason == "error":
+                return _error(500, text, kind="server_error")
+            texts[index].append(text)
+            if reason is not None:
+                reasons[index], produced = reason, produced + count
+    finally:
+        if None in reasons:
+            worker.cancel(job)
+    choices = [{"text": "".join(t), "index": i, "logprobs": None, "finish_reason": r}
+               for i, (t, r) in enumerate(zip(texts, reasons))]
+    return {**head, "choices": choices, "usage": _usage(prompt_tokens, produced)}
 
 
 def _usage(prompt_tokens: int, completion_tokens: int) -> dict:

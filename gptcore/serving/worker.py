@@ -46,7 +46,6 @@ class Job:
     events: asyncio.Queue
     loop: asyncio.AbstractEventLoop
     rows: list = field(default_factory=list)
-    open_rows: int = 0
 
     def send(self, item) -> None:
         self.loop.call_soon_threadsafe(self.events.put_nowait, item)
@@ -128,17 +127,15 @@ class Worker:
                     cfg = job.cfg.for_sample(i)
                     row = self.engine.submit(ids, cfg, tag=(job, p * job.n + i, TextPieces(self.tokenizer, cfg.stop)))
                     job.rows.append(row)
-                    job.open_rows += 1
                     if row.finished:  # max_tokens 0
                         job.send(self._finish(row))
         elif kind == "cancel":
             for row in job.rows:
                 if not row.finished:
                     row.cancel("cancelled")
-                    self._release(job)
+                    self._release()
 
-    def _release(self, job: Job) -> None:
-        job.open_rows -= 1
+    def _release(self) -> None:
         with self.lock:
             self.outstanding -= 1
 
@@ -147,7 +144,7 @@ class Worker:
         job, index, text = row.tag
         # Released before the client hears: one that has its whole answer and sends the
         # next request must not find this row still counted (a stale /health, a false 503).
-        self._release(job)
+        self._release()
         return index, text.finish(), row.finish_reason, row.produced
 
     def _step(self) -> None:
@@ -160,7 +157,7 @@ class Worker:
                 job = row.tag[0]
                 if not row.finished:
                     row.cancel("error")
-                    self._release(job)
+                    self._release()
                     job.send((None, "the server failed while decoding this request", "error", None))
             self.engine = self._new_engine()
             return

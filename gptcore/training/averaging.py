@@ -1,7 +1,7 @@
 """Weight averaging: an exponential moving average (EMA) of the parameters, kept beside
 the trained weights, that validation measures and the best checkpoint publishes.
 
-Why: this model overfits Tiny Shakespeare (issue #21), and the last steps' weights are a
+Why: this model overfits Tiny Shakespeare (docs/results.md), and the last steps' weights are a
 noisy draw around where the optimizer is heading; their average usually sits lower in the
 validation loss than any one of them. Training itself never sees the average: the
 optimizer steps the raw weights, and the average is swapped in only to evaluate and save.

@@ -15,8 +15,6 @@ import torch
 
 from ..errors import ConfigError
 
-DEVICES = ("auto", "cpu", "cuda", "mps")
-
 
 def _mps_available() -> bool:
     mps = getattr(torch.backends, "mps", None)
@@ -84,9 +82,9 @@ def resolve_precision(device: torch.device, dtype: str) -> tuple[str, str | None
         return "float32", f"train.dtype={dtype}: no autocast on {kind}; training in float32"
     if dtype == "bfloat16" and kind == "cpu" and not cpu_has_bf16_kernels():
         # Without oneDNN's bf16 kernels (x86: AVX-512 or AMX; Arm: the BF16 extension)
-        # torch's autocast runs reference kernels: on a 2-core AVX2 EPYC a bf16 run was ~30x
-        # slower than float32, hours for the default recipe. (float16, never a CPU default,
-        # is kept as asked: it is how a CPU exercises the gradient scaler.)
+        # torch's autocast runs reference kernels, many times slower than float32
+        # (docs/devices.md). (float16, never a CPU default, is kept as asked: it is how a
+        # CPU exercises the gradient scaler.)
         return "float32", (f"train.dtype=bfloat16: this CPU ({torch.backends.cpu.get_cpu_capability()}) has no "
                            "bfloat16 kernels, so bfloat16 would run ~30x slower; training in float32")
     if dtype == "bfloat16" and kind == "cuda" and not torch.cuda.is_bf16_supported(including_emulation=False):

@@ -66,8 +66,8 @@ def _fresh_store(dist: Dist):
     Why: torchrun (c10d rendezvous, torch 2.13) keeps one store for the workers across
     restarts (``--max-restarts``, a node joining) and ``init_process_group`` keys its
     address exchange by rank alone, so after a restart a rank reads the dead ranks'
-    addresses and gloo/NCCL hang in connect until the group's timeout (30 minutes on
-    gloo; measured here: the restarted group never trained). A per-restart
+    addresses and gloo/NCCL hang in connect until the group's timeout
+    (``default_pg_timeout``): the restarted group never trains. A per-restart
     prefix from ``TORCHELASTIC_RESTART_COUNT`` is not enough: each node counts its own
     restarts, and a node restarted by a membership change does not count it. So the
     ranks agree on a fresh namespace through the store in a way stale keys cannot

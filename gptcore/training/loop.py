@@ -1,6 +1,6 @@
-"""Training: the loop. Muon + AdamW (or AdamW alone) with warmup + cosine LR, gradient accumulation and clipping,
-periodic validation (of the weight average, where one is kept), early stopping, keeping the best
-checkpoint, and bit-exact resume.
+"""Training: the loop. Muon + AdamW (or AdamW alone) on a warmup + cosine or WSD LR schedule,
+gradient accumulation and clipping, periodic validation (of the weight average, where one is
+kept), early stopping, keeping the best checkpoint, and bit-exact resume.
 
 The pieces it composes live beside it: the optimizer and schedule in
 :mod:`gptcore.training.optim`, batches in :mod:`gptcore.data.dataset`, device and precision in
@@ -103,7 +103,8 @@ class Trainer:
             torch.manual_seed(self.cfg.seed + self.dist.rank)
         self.optimizer = make_optimizer(self.model, self.cfg)
         # Rank 0 alone validates and publishes, so only it keeps the average.
-        self.average = WeightAverage(self.model, self.cfg.ema_decay, self.cfg.ema_warmup) if self.cfg.ema_decay > 0 and self.is_main else None
+        averaging = self.cfg.ema_decay > 0 and self.is_main
+        self.average = WeightAverage(self.model, self.cfg.ema_decay, self.cfg.ema_warmup) if averaging else None
         self.dtype, note = resolve_precision(self.device, self.cfg.dtype)
         if note:
             self._say(note)
@@ -204,8 +205,7 @@ class Trainer:
     def _wants_compile(self) -> bool:
         want = self.cfg.compile
         if want == "auto":
-            # Measured (issue #8): on a 2-core CPU compile bought memory, not speed, for ~30 s
-            # of warm-up; on an H100 the compiled model step ran ~2x nanoGPT's eager one.
+            # On CPU compiling bought memory, not speed; on CUDA it speeds the step (docs/devices.md).
             want = self.device.type == "cuda"
         if not want:
             return False

@@ -4,8 +4,11 @@
 momentum, ``torch.optim.Muon``) for the 2-D matrices inside the transformer blocks and
 AdamW for the rest (embeddings, LayerNorms, biases): Muon is defined for hidden weight
 matrices only, and the embedding is a lookup table, not a linear map whose updates benefit
-from orthogonalisation. Muon's step is scaled to match AdamW's update size
-(``adjust_lr_fn="match_rms_adamw"``), so one ``learning_rate`` and schedule drive both.
+from orthogonalisation. One schedule (:func:`lr_at`) drives both: AdamW's groups run at
+their ``lr_scale`` x the scheduled ``learning_rate``, Muon at ``muon_lr_scale`` x it (3 by
+default). Muon's step is already rescaled to AdamW's update size
+(``adjust_lr_fn="match_rms_adamw"``), so that multiplier is a swept choice (docs/results.md),
+not a conversion between the two optimizers' units.
 """
 
 from __future__ import annotations
@@ -33,7 +36,9 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
 
 
 def momentum_at(step: int, cfg: TrainConfig) -> float:
-    """Muon's momentum at ``step``: rising linearly over ``muon_momentum_warmup`` steps."""
+    """Muon's momentum at ``step``: ``min(0.85, muon_momentum)`` at step 0, rising linearly
+    to ``muon_momentum`` at step ``muon_momentum_warmup`` and constant from then on (so
+    from the start when the warm-up is 0)."""
     if step >= cfg.muon_momentum_warmup:
         return cfg.muon_momentum
     start = min(0.85, cfg.muon_momentum)
