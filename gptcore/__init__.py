@@ -11,7 +11,8 @@ from importlib import import_module
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "GPT": "model", "KVCache": "model", "export_hf": "model.hf", "from_hf_state_dict": "model.hf",
+    "GPT": "model", "KVCache": "model", "export_hf": "model.hf_export", "load_hf": "model.hf_load",
+    "from_hf_state_dict": "model.hf",
     "GPTConfig": "config", "Params": "config", "load_params": "config",
     "save_checkpoint": "checkpoint", "load_checkpoint": "checkpoint",
     "Tokenizer": "data.tokenizer", "GPT2Tokenizer": "data.tokenizer", "CharTokenizer": "data.tokenizer",

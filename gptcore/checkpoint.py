@@ -76,7 +76,7 @@ def read_config(directory: str | Path) -> tuple[GPTConfig, dict]:
     raw = read_json_object(path, CheckpointError, missing="missing; not a gptcore checkpoint")
     if raw.get("format") != FORMAT:
         raise CheckpointError(f"{path}: format {raw.get('format')!r} is not {FORMAT!r} "
-                              "(a Hugging Face GPT-2 directory is imported with gptcore.model.hf)")
+                              "(a Hugging Face directory loads with gptcore.model.load_hf)")
     if raw.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(f"{path}: format_version {raw.get('format_version')!r} unsupported; "
                               f"this gptcore reads version {FORMAT_VERSION}")

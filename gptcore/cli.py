@@ -1,12 +1,13 @@
 """The ``gptcore`` command: ``gptcore generate`` streams text from a checkpoint, ``gptcore
 serve`` answers OpenAI-style HTTP requests, ``gptcore promote`` moves the model registry's
-champion alias.
+champion alias, ``gptcore export`` writes a checkpoint as a Hugging Face model directory.
 
     gptcore generate --checkpoint models/best --prompt "ROMEO:" --temperature 0.8
     gptcore generate --interactive            # a prompt loop; /help lists its commands
     gptcore generate --run <mlflow run id>    # the model an MLflow run logged
     gptcore serve --port 8000                 # http://127.0.0.1:8000/ (playground), /v1/completions
     gptcore promote 3                         # version 3 of the registered model becomes champion
+    gptcore export models/best hf-model       # AutoModelForCausalLM.from_pretrained("hf-model")
 
 One-shot mode prints the prompt, then the completion as it is generated (flushed piece
 by piece), then a newline. ``--num-samples N`` (N > 1) decodes the N completions as one
@@ -72,7 +73,7 @@ def _parser() -> argparse.ArgumentParser:
     d = SamplingConfig()
     parser = argparse.ArgumentParser(prog=PROG, description=(
         "A from-scratch GPT: generate text from a checkpoint, serve it over an OpenAI-style "
-        "HTTP API, or promote a registered model version to champion."))
+        "HTTP API, promote a registered model version to champion, or export it to Hugging Face."))
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     g = sub.add_parser("generate", help="stream text from a checkpoint",
                        description="Stream a completion to stdout as it is generated.")
@@ -120,6 +121,17 @@ def _parser() -> argparse.ArgumentParser:
     which = p.add_mutually_exclusive_group(required=True)
     which.add_argument("version", nargs="?", help="the version number")
     which.add_argument("--run", metavar="RUN_ID", help="the version this run registered")
+
+    e = sub.add_parser("export", help="write a checkpoint as a Hugging Face transformers model directory",
+                       description="Write SOURCE's model and tokenizer to OUT for transformers: GPT2LMHeadModel "
+                                   "(learned positions) or GPTNeoXForCausalLM (rotary); a model neither computes "
+                                   "exactly (qk_norm, rmsnorm, logit_softcap, bias: false) is refused. OUT must be "
+                                   "new or empty: an existing directory is only replaced with --force.")
+    e.add_argument("source", metavar="SOURCE", help="a checkpoint directory, an MLflow run id or a models:/ URI")
+    e.add_argument("out", metavar="OUT", help="the directory to write")
+    e.add_argument("--format", default="hf", help="hf: Hugging Face transformers (default; the only one)")
+    e.add_argument("--force", action="store_true",
+                   help="replace OUT, and everything in it, if it exists and is not empty (atomically)")
     return parser
 
 
@@ -326,6 +338,10 @@ def main(argv: list[str] | None = None) -> int:
             from .registry import promote_model
             version = promote_model(args.version, args.run)
             print(f"champion -> gptcore version {version}")
+            return 0
+        if args.command == "export":
+            from .export import export_source
+            print(export_source(args.source, args.out, args.format, args.force))
             return 0
         return _serve(args) if args.command == "serve" else _run(args)
     except BrokenPipeError:

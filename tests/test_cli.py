@@ -211,6 +211,7 @@ def _store_error(tmp_path: Path, *args: str, **extra_env: str) -> str:
     return one_error_line(proc)
 
 
+@pytest.mark.slow
 def test_run_id_errors_tell_missing_unreachable_and_corrupt_apart(tmp_path):
     """--run: an empty id is refused (it silently meant models/best); a store that is not
     a database (a real corrupt mlflow.db) and a tracking server nobody answers on are

@@ -294,6 +294,7 @@ BIG_SCRIPT = textwrap.dedent("""
 BIG_RSS_BOUND_MB = 250
 
 
+@pytest.mark.slow
 def test_a_100mb_corpus_tokenizes_in_bounded_memory_and_trains_from_the_map(tmp_path, raw, mirror_dir, gpt2):
     from gptcore.training.loop import Trainer
 
@@ -414,6 +415,7 @@ def test_a_glob_over_pipeline_outputs_is_refused(tmp_path, raw):
 LINE_RSS_BOUND_MB = 300
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("letters_only", [False, True], ids=["punctuated", "letters-only"])
 def test_a_30mb_line_without_whitespace_tokenizes_in_bounded_memory(tmp_path, raw, mirror_dir, gpt2,
                                                                      letters_only):

@@ -33,6 +33,8 @@ from test_faults import write_params
 
 from gptcore.checkpoint import load_checkpoint, load_trainer_state
 
+pytestmark = pytest.mark.slow  # torchrun with two processes: `make test-all` and CI
+
 TORCHRUN_BIN = str(Path(sys.executable).parent / "torchrun")
 TORCHRUN = [TORCHRUN_BIN, "--standalone", "--nproc-per-node", "2", "-m", "stages.train"]
 # The resumable runs: dropout on, so each rank's RNG state matters; one evaluation at the
@@ -243,7 +245,6 @@ import torch.distributed as dist
 from gptcore.config import Params
 from gptcore.data.dataset import TokenData
 from gptcore.training.loop import Trainer
-
 out, params = Path(sys.argv[1]), Params.from_dict(json.loads(sys.argv[2]))
 trainer = Trainer(params, TokenData.load("data/processed"), out / "best", out / "last", progress=False)
 batches, grads = [], []

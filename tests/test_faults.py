@@ -162,6 +162,7 @@ runpy.run_module("stages." + sys.argv[1], run_name="__main__")
 """
 
 
+@pytest.mark.slow
 def test_full_disk_during_a_metrics_write_keeps_the_previous_file(project):
     root, env = project
     ok(run_stage("evaluate", root, env))  # a complete metrics/eval.json to keep
@@ -319,6 +320,7 @@ def test_truncated_train_bin_is_a_clear_error(project):
 
 # -- MLflow down -------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_train_and_evaluate_without_mlflow(project, params_restored):
     root, env = project
     write_params(root, {"train": {"seed": 7}})  # a new run, so train really runs
@@ -348,6 +350,7 @@ time.sleep(600)
 """
 
 
+@pytest.mark.slow
 def test_locked_mlflow_store_warns_once_and_the_next_run_logs(project, params_restored):
     """Another process holds an exclusive lock on mlflow.db for the whole train stage:
     the stage warns once and completes; once the lock is gone, the next run logs."""
@@ -378,6 +381,7 @@ def test_locked_mlflow_store_warns_once_and_the_next_run_logs(project, params_re
     assert run.data.params["train.seed"] == "9" and "val_loss" in run.data.metrics
 
 
+@pytest.mark.slow
 def test_unwritable_mlflow_store_warns_and_completes(project, params_restored, tmp_path):
     """The store's directory cannot be written (read-only for a normal user; root ignores
     permissions, so then a path under /proc, which nobody can create files in)."""
@@ -399,6 +403,7 @@ def test_unwritable_mlflow_store_warns_and_completes(project, params_restored, t
 
 # -- interrupt and resume ----------------------------------------------------------------
 
+@pytest.mark.slow
 def test_sigint_saves_state_and_rerun_resumes(project, params_restored):
     from mlflow.tracking import MlflowClient
 
@@ -440,6 +445,7 @@ def test_sigint_saves_state_and_rerun_resumes(project, params_restored):
     assert run.data.metrics["final_val_loss"] == pytest.approx(result["final_val_loss"])
 
 
+@pytest.mark.slow
 def test_sigkill_then_rerun_logs_each_step_once(project, params_restored):
     """Killed without warning, the run logged steps past its last resume checkpoint; the
     resumed process redoes those steps and must not log them a second time."""

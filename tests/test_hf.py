@@ -10,32 +10,13 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 from gptcore.config import GPTConfig
 from gptcore.model import GPT, export_hf, from_hf_state_dict, to_hf_state_dict
-from gptcore.model.hf import _is_conv1d
+from gptcore.model.hf import _is_conv1d, config_from_hf
 
 SHAPES = {  # n_layer, n_head, n_embd, n_positions, vocab_size
     "default": (4, 4, 128, 256, 50257),
     "gpt2-small": (12, 12, 768, 1024, 50257),
 }
 ATOL = 1e-4
-
-
-def config_from_hf(hf: dict) -> GPTConfig:
-    """GPTConfig from a GPT2Config dict (its ``to_dict()`` or config.json)."""
-    if hf.get("n_inner") not in (None, 4 * hf["n_embd"]):
-        raise ValueError(f"n_inner={hf['n_inner']} unsupported; gptcore's MLP is 4 * n_embd")
-    if hf.get("activation_function", "gelu_new") != "gelu_new":
-        raise ValueError(f"activation_function={hf['activation_function']!r} unsupported; "
-                         "gptcore uses gelu_new (tanh GELU)")
-    # GPT-2 options that change the equations gptcore implements: refuse, don't diverge.
-    for key, supported in (("scale_attn_weights", True), ("scale_attn_by_inverse_layer_idx", False),
-                           ("tie_word_embeddings", True), ("add_cross_attention", False)):
-        if hf.get(key, supported) != supported:
-            raise ValueError(f"{key}={hf[key]!r} unsupported; gptcore needs {key}={supported}")
-    return GPTConfig(vocab_size=hf["vocab_size"], block_size=hf["n_positions"],
-                     n_layer=hf["n_layer"], n_head=hf["n_head"], n_embd=hf["n_embd"],
-                     dropout=float(hf.get("resid_pdrop", 0.0)),
-                     layer_norm_eps=float(hf.get("layer_norm_epsilon", 1e-5)))
-
 
 
 def randomize_small_params(params, seed: int) -> None:
@@ -119,7 +100,7 @@ def test_import_from_hf_gives_the_same_logits(imported):
 
 def check_export(ours: GPT, directory) -> float:
     out = export_hf(ours, directory)
-    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "generation_config.json", "model.safetensors"]
     hf = GPT2LMHeadModel.from_pretrained(out).eval()
     # Every tensor arrived exactly (all of wpe, so every position is mapped), and the head
     # was re-tied to wte rather than left at a random init.

@@ -61,6 +61,7 @@ def imported(tmp_path_factory, mirror_dir) -> dict[str, set[str]]:
     return found
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", STAGES)
 def test_stage_deps_are_exactly_the_code_it_imports(imported, name):
     stage = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"][name]

@@ -18,6 +18,8 @@ import torch
 from project_copy import TINY_CHAR as TINY
 from project_copy import git_project, snapshot, wait_for_first_checkpoint, write_params
 
+pytestmark = pytest.mark.slow  # real dvc repro with injected failures: `make test-all` and CI
+
 VENV_BIN = Path(sys.executable).parent
 DVC = str(VENV_BIN / "dvc")
 

@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 from project_copy import TINY, TINY_CHAR, copy_project, git_project, write_params
 
+pytestmark = pytest.mark.slow  # real dvc repro / exp run / queue: `make test-all` and CI
+
 VENV_BIN = Path(sys.executable).parent
 def _run(args, cwd, env, timeout=600):
     proc = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)

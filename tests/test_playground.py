@@ -24,6 +24,8 @@ from browser import Browser, find_chromium
 from conftest import REPO, never_ending_checkpoint
 from test_serve import running_server
 
+pytestmark = pytest.mark.slow  # a real server, and Chromium where installed: `make test-all` and CI
+
 PAGE = REPO / "gptcore" / "serving" / "playground.html"
 IDS = ("prompt", "generate", "stop", "output", "error", "model", "max_tokens", "temperature", "top_k",
        "top_p", "repetition_penalty", "seed", "stop_strings", "stats")

@@ -21,6 +21,8 @@ from project_copy import TINY, git_project
 from test_pipeline import VENV_BIN, _mlflow_client, _run
 from test_serve import _free_port
 
+pytestmark = pytest.mark.slow  # real dvc repro / exp run and MLflow servers: `make test-all` and CI
+
 PROMPTS = ["ROMEO:", "HAMLET:"]
 GREEDY = {"temperature": 0.0, "max_new_tokens": 12}
 

@@ -33,6 +33,8 @@ import openai
 import pytest
 from conftest import never_ending_checkpoint
 
+pytestmark = pytest.mark.slow  # real gptcore serve processes: `make test-all` and CI
+
 GPTCORE = Path(sys.executable).with_name("gptcore")  # the console script next to this Python
 WAIT_S = 120     # upper bound for one step (a server start, a request), only to fail instead of hanging
 LONG = 1_000_000  # max_tokens of a request that must still be decoding when the test acts

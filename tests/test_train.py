@@ -384,6 +384,7 @@ def _reference_done(run: Run) -> Path:
     return run.work
 
 
+@pytest.mark.slow
 def test_resume_after_sigint_is_bit_exact(reference, shakespeare_dir):
     root, script, ref = reference
     work = root / "sigint"
@@ -415,6 +416,7 @@ def test_resume_after_sigint_is_bit_exact(reference, shakespeare_dir):
     _assert_same_run(_reference_done(ref), work, resumed_from=17)
 
 
+@pytest.mark.slow
 def test_resume_after_sigkill_uses_last_periodic_checkpoint(reference, shakespeare_dir):
     root, script, ref = reference
     work = root / "sigkill"
@@ -458,6 +460,7 @@ def _sigint_at_13_then_resume(tmp_path: Path, data_dir: Path, params: Params) ->
     return state
 
 
+@pytest.mark.slow
 def test_muon_resume_after_sigint_is_bit_exact(tmp_path, shakespeare_dir):
     """Muon's momentum buffers travel in the resume checkpoint beside AdamW's moments."""
     state = _sigint_at_13_then_resume(tmp_path, shakespeare_dir, MUON_PARAMS)
@@ -472,6 +475,7 @@ VARIANT_PARAMS = make_params(model={"dropout": 0.2, "position": "rope", "qk_norm
                              vocab_size=66)
 
 
+@pytest.mark.slow
 def test_architecture_variants_resume_after_sigint_is_bit_exact(tmp_path, shakespeare_dir):
     """Every model.* variant on at once (rotary positions, QK-norm, ReLU², RMSNorm, zero
     output projections, logit soft-capping), with Muon, its momentum warm-up, the WSD schedule (interrupted
@@ -654,6 +658,7 @@ FP16_PARAMS = make_params(model={"dropout": 0.2},
                           vocab_size=66)
 
 
+@pytest.mark.slow
 def test_float16_resume_after_sigint_is_bit_exact(tmp_path, shakespeare_dir):
     """The loss scale and its growth count travel in the resume checkpoint."""
     scaler = _sigint_at_13_then_resume(tmp_path, shakespeare_dir, FP16_PARAMS)["scaler"]
@@ -673,6 +678,7 @@ def fresh_dynamo():
     torch._dynamo.reset()
 
 
+@pytest.mark.slow
 def test_compile_trains_saves_plain_weights_and_resumes_bit_exact(tmp_path, capsys, fresh_dynamo):
     data = synthetic(REPEATED, REPEATED[:400])
     # dropout: compiled dropout draws its seeds from the global RNG the resume state restores.

@@ -12,6 +12,8 @@ from ui_check import training_view_problems
 from gptcore.store import EXPERIMENT, EXPERIMENT_KIND, TRAINING_VIEW_TAG
 from gptcore.tracking import Tracker
 
+pytestmark = pytest.mark.slow  # mlflow ui, and Chromium where installed: `make test-all` and CI
+
 
 @pytest.fixture
 def store(tmp_path, monkeypatch):

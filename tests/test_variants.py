@@ -155,15 +155,25 @@ def test_checkpoints_round_trip_every_variant(tmp_path):
         load_checkpoint(tmp_path / "ckpt")
 
 
-@pytest.mark.parametrize("name, shown", [("rope", "position=rope"), ("qk_norm", "qk_norm=True"),
-                                         ("relu2", "mlp_activation=relu2"), ("rmsnorm", "norm=rmsnorm"),
-                                         ("softcap", "logit_softcap=1.0")])
-def test_hf_export_refuses_what_gpt2_cannot_express(tmp_path, name, shown):
-    with pytest.raises(ValueError, match=f"cannot express {shown}"):
+@pytest.mark.parametrize("name, shown", [("qk_norm", "qk_norm=True"), ("rmsnorm", "norm=rmsnorm"),
+                                         ("softcap", "logit_softcap=1.0"),
+                                         ("all", "norm=rmsnorm, qk_norm=True, logit_softcap=1.0")])
+def test_hf_export_refuses_what_no_hf_class_computes(tmp_path, name, shown):
+    with pytest.raises(ValueError, match=f"cannot express {re.escape(shown)} ") as refused:
         export_hf(GPT(variant(name)), tmp_path / "hf")
+    assert "\n" not in str(refused.value)  # one line, naming every offending setting
     assert not (tmp_path / "hf").exists()
-    # Zero-initialised projections only change the start: such a model exports.
-    assert (export_hf(GPT(dataclasses.replace(SMALL, zero_init_proj=True)), tmp_path / "ok") / "config.json").exists()
+
+
+@pytest.mark.parametrize("name, cls", [("rope", "GPTNeoXForCausalLM"), ("relu2", "GPT2LMHeadModel")])
+def test_hf_export_of_the_variants_an_hf_class_computes(tmp_path, name, cls):
+    """Rotary models are GPT-NeoX, ReLU² is an activation both classes have (test_export.py
+    checks the logits); zero-initialised projections only change the start: such a model exports."""
+    config = json.loads((export_hf(GPT(variant(name)), tmp_path / "hf") / "config.json").read_text())
+    assert config["architectures"] == [cls]
+    config = json.loads((export_hf(GPT(dataclasses.replace(SMALL, zero_init_proj=True)), tmp_path / "ok")
+                         / "config.json").read_text())
+    assert config["architectures"] == ["GPT2LMHeadModel"]
 
 
 @pytest.mark.parametrize("field, value, message", [
