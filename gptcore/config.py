@@ -208,6 +208,9 @@ class TokenizerConfig:
 @dataclass(frozen=True)
 class TrainConfig:
     out_dir: str = "models"
+    # Where training starts (gptcore/training/init_from.py): scratch | a checkpoint directory |
+    # models:/gptcore@ALIAS or models:/gptcore/N | hf:<Hugging Face directory>.
+    init_from: str = "scratch"
     seed: int = 1337
     device: str = "auto"  # auto (cuda > mps > cpu) | cpu | cuda | mps
     # Matmul dtype under autocast (weights and optimizer state stay fp32): float32 | bfloat16 |
@@ -269,6 +272,9 @@ class TrainConfig:
         _check(0 <= self.beta1 < 1, "beta1", self.beta1, "0 <= beta1 < 1")
         _check(0 <= self.beta2 < 1, "beta2", self.beta2, "0 <= beta2 < 1")
         _check(self.grad_clip >= 0, "grad_clip", self.grad_clip, ">= 0 (0 disables clipping)")
+        _check(isinstance(self.init_from, str) and self.init_from.strip() == self.init_from != ""
+               and self.init_from not in ("hf:", "models:/"), "init_from", self.init_from,
+               "scratch | a checkpoint directory | models:/gptcore@ALIAS | models:/gptcore/N | hf:<directory>")
         _check_choice("device", self.device, ("auto", "cpu", "cuda", "mps"))
         _check_choice("dtype", self.dtype, ("float32", "bfloat16", "float16"))
         # isinstance, not ==: 1 == True, and a stray integer is a typo, not a choice.

@@ -8,18 +8,15 @@ never when it holds, or lies inside, the checkpoint being exported.
 
 from __future__ import annotations
 
-import re
 import tempfile
 from pathlib import Path
 
 from .checkpoint import load_checkpoint
-from .errors import CheckpointError
-from .io import current_dir
 from .model.hf import CLASSES, HFError, architecture
 from .model.hf_export import export_hf
+from .registry import fetch_checkpoint
 
 FORMATS = ("hf",)
-_RUN_ID = re.compile(r"[0-9a-f]{32}")  # MLflow's run ids: a uuid4's hex digits
 
 
 def export_source(source: str, out: str | Path, fmt: str = "hf", force: bool = False) -> str:
@@ -31,24 +28,9 @@ def export_source(source: str, out: str | Path, fmt: str = "hf", force: bool = F
     with tempfile.TemporaryDirectory(prefix="gptcore-export-") as tmp:
         # Copied out of the MLflow store, then read by the same safe loader as any checkpoint
         # (and the tokenizer's files read from the copy before it goes).
-        model, tokenizer, _ = load_checkpoint(_checkpoint(source, tmp))
+        model, tokenizer, _ = load_checkpoint(fetch_checkpoint(source, tmp))
         export_hf(model, out, tokenizer)
     return f"exported {source} to {out} as {CLASSES[architecture(model.config)]} (tokenizer: {tokenizer.describe()})"
-
-
-def _checkpoint(source: str, tmp: str) -> Path:
-    if source.startswith("models:/"):
-        from .registry import download_model
-
-        return download_model(source, tmp)
-    if not current_dir(source).exists() and _RUN_ID.fullmatch(source):
-        from .registry import download_run_model
-
-        return download_run_model(source, tmp)
-    if not current_dir(source).is_dir():
-        raise CheckpointError(f"SOURCE {source!r}: no such checkpoint directory; allowed: a checkpoint directory, "
-                              "an MLflow run id (32 hex digits) or a models:/ URI (models:/gptcore@champion)")
-    return Path(source)
 
 
 def _check_out(out: Path, source: str, force: bool) -> None:

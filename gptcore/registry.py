@@ -21,6 +21,7 @@ Every function here takes an ``MlflowClient``; the stages call them through
 from __future__ import annotations
 
 import math
+import re
 import subprocess
 import sys
 import tempfile
@@ -30,6 +31,7 @@ import yaml
 
 from . import store
 from .errors import CheckpointError
+from .io import current_dir
 
 REGISTERED_MODEL = "gptcore"
 CHAMPION = "champion"
@@ -75,8 +77,8 @@ def _save_pyfunc_here(checkpoint: str | Path, dst: str | Path) -> None:
         input_example=(["ROMEO:"], {"max_new_tokens": 4, "temperature": 0.0}))
 
 
-def register(client, run_id: str, model_id: str) -> str:
-    """A new version of ``gptcore`` for the logged model ``model_id``; its number."""
+def register(client, run_id: str, model_id: str, tags: dict[str, str] | None = None) -> str:
+    """A new version of ``gptcore`` for the logged model ``model_id``, with ``tags``; its number."""
     from mlflow.exceptions import MlflowException
 
     try:
@@ -86,7 +88,7 @@ def register(client, run_id: str, model_id: str) -> str:
             "GPT checkpoints trained by the gptcore pipeline; alias 'champion' = the best eval "
             "val loss on the champion's validation data, 'champion-DIGEST8' = the best per validation data"))
     version = client.create_model_version(REGISTERED_MODEL, source=f"models:/{model_id}", run_id=run_id,
-                                          model_id=model_id)
+                                          model_id=model_id, tags=tags or None)
     client.set_tag(run_id, VERSION_TAG, version.version)
     return version.version
 
@@ -160,6 +162,41 @@ def checkpoint_in(model_dir: str | Path) -> Path:
     return model_dir / path
 
 
+_RUN_ID = re.compile(r"[0-9a-f]{32}")  # MLflow's run ids: a uuid4's hex digits
+
+
+def fetch_checkpoint(source: str, dst: str | Path, what: str = "SOURCE") -> Path:
+    """The checkpoint directory ``source`` names: a checkpoint directory (as it is), an
+    MLflow run id or a ``models:/`` URI (copied into ``dst``). ``what`` names the setting
+    in errors."""
+    if source.startswith("models:/"):
+        return download_model(source, dst, what)
+    if not current_dir(source).exists() and _RUN_ID.fullmatch(source):
+        return download_run_model(source, dst)
+    if not current_dir(source).is_dir():
+        raise CheckpointError(f"{what} {source!r}: no such checkpoint directory; allowed: a checkpoint directory, "
+                              "an MLflow run id (32 hex digits) or a models:/ URI (models:/gptcore@champion)")
+    return Path(source)
+
+
+def resolve_version(model_uri: str) -> dict[str, str]:
+    """Lineage tags for a ``models:/gptcore@ALIAS`` or ``models:/gptcore/N`` URI: the
+    version it names now and the run that made it (empty for a logged-model id URI)."""
+    name, _, ref = model_uri[len("models:/"):].partition("@")
+    client, _ = store.open_store()
+    try:
+        if ref:
+            version = client.get_model_version_by_alias(name, ref)
+        elif "/" in name:
+            name, number = name.split("/", 1)
+            version = client.get_model_version(name, number)
+        else:
+            return {}
+    except Exception as exc:  # noqa: BLE001 - MLflow, SQLAlchemy and requests errors alike
+        raise CheckpointError(f"{model_uri!r}: {' '.join(str(exc).split())[:160]}") from None
+    return {"gptcore.init_version": f"{version.name}/{version.version}", "gptcore.init_run_id": version.run_id or ""}
+
+
 def download_checkpoint(uri: str, dst: str | Path | None = None) -> Path:
     """The checkpoint of the model at ``uri`` (``models:/gptcore@champion``,
     ``models:/gptcore/3``, ``runs:/<id>/...``, a local path), copied into ``dst``."""
@@ -192,11 +229,11 @@ def download_run_model(run_id: str, dst: str | Path) -> Path:
                                                                       tracking_uri=uri))
 
 
-def download_model(model_uri: str, dst: str | Path) -> Path:
+def download_model(model_uri: str, dst: str | Path, what: str = "--model") -> Path:
     """The checkpoint of the MLflow model at ``model_uri`` (``models:/gptcore@champion``,
     ``models:/gptcore/3``, ``models:/<logged model id>``), copied into ``dst``."""
     if not model_uri.startswith("models:/"):
-        raise CheckpointError(f"--model {model_uri!r}: allowed: models:/gptcore@ALIAS, models:/gptcore/VERSION "
+        raise CheckpointError(f"{what} {model_uri!r}: allowed: models:/gptcore@ALIAS, models:/gptcore/VERSION "
                               "or models:/<logged model id> (a directory: use --checkpoint)")
     _, uri = store.open_store()
     try:
@@ -206,9 +243,9 @@ def download_model(model_uri: str, dst: str | Path) -> Path:
     except Exception as exc:  # noqa: BLE001 - MLflow, SQLAlchemy and requests errors alike
         text = " ".join(str(exc).split())
         if "not found" in text.lower() or "RESOURCE_DOES_NOT_EXIST" in text or "does not exist" in text:
-            raise CheckpointError(f"--model {model_uri!r}: not found in {uri} ({text[:160]}); "
+            raise CheckpointError(f"{what} {model_uri!r}: not found in {uri} ({text[:160]}); "
                                   "`mlflow ui` lists the registered models, versions and aliases") from None
-        raise CheckpointError(f"--model {model_uri!r}: MLflow store {uri} could not be read "
+        raise CheckpointError(f"{what} {model_uri!r}: MLflow store {uri} could not be read "
                               f"({type(exc).__name__}: {text[:160]})") from None
 
 

@@ -230,10 +230,12 @@ class Tracker:
 
         self._call("log datasets", _log)
 
-    def log_model(self, directory: str | Path, step: int, name: str = "gptcore-best") -> str | None:
+    def log_model(self, directory: str | Path, step: int, name: str = "gptcore-best",
+                  version_tags: dict[str, str] | None = None) -> str | None:
         """The checkpoint directory as an MLflow pyfunc model (``registry.save_pyfunc``),
-        linked to this run at ``step`` and registered as a new version of ``gptcore``;
-        returns the logged model's id (also the run's ``gptcore.model_id`` tag)."""
+        linked to this run at ``step`` and registered as a new version of ``gptcore``
+        tagged with ``version_tags`` (e.g. its init model's lineage); returns the logged
+        model's id (also the run's ``gptcore.model_id`` tag)."""
         if not self.enabled:
             return None
 
@@ -252,7 +254,7 @@ class Tracker:
 
         model_id = self._call("log model", _log)
         if model_id is not None:
-            self._call("register model", registry.register, self._client, self.run_id, model_id)
+            self._call("register model", registry.register, self._client, self.run_id, model_id, version_tags)
         return model_id
 
     def score_model(self, metrics: dict, data_digest: str) -> None:

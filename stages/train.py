@@ -1,4 +1,5 @@
-"""Stage: train from scratch (or resume an interrupted run) and publish <train.out_dir>/best.
+"""Stage: train from scratch or from train.init_from (or resume an interrupted run) and
+publish <train.out_dir>/best.
 
 Work in progress lives in .gptcore/runs/<fingerprint>/ (git-ignored, not a DVC out),
 so an interrupted `dvc repro` resumes where it stopped while DVC keeps its run-cache
@@ -11,9 +12,9 @@ from pathlib import Path
 from gptcore.config import flatten, load_params
 from gptcore.data.dataset import TokenData
 from gptcore.io import copy_dir
-from gptcore.stage import run_stage
+from gptcore.stage import declared_deps, run_stage
 from gptcore.tracking import Tracker, project_root, write_run_file
-from gptcore.training import distributed, resume
+from gptcore.training import distributed, init_from, resume
 from gptcore.training.loop import Trainer
 from gptcore.training.metrics import write_train_outputs
 
@@ -21,16 +22,20 @@ from gptcore.training.metrics import write_train_outputs
 def main() -> None:
     params = load_params()
     data = TokenData.load(params.data.processed_dir)
-    run = resume.fingerprint(params, data.meta, distributed.from_env().world_size)
+    init_from.check_tracked(params.train.init_from, declared_deps("train", params.to_dict()), project_root())
+    init = init_from.load_init(params.train.init_from, params.model, data.tokenizer)
+    run = resume.fingerprint(params, data.meta, distributed.from_env().world_size,
+                             init.digest if init is not None else None)
     work = project_root() / ".gptcore" / "runs" / run
     tracker = Tracker()
     trainer = Trainer(params, data, best_dir=work / "best", resume_dir=work / "last",
-                      tracker=tracker, run_params=flatten(params.to_dict()))
+                      tracker=tracker, run_params=flatten(params.to_dict()), init=init)
     result = trainer.train()
     if not trainer.is_main:  # under torchrun, rank 0 alone publishes
         return
     copy_dir(work / "best", Path(params.train.out_dir) / "best")
-    tracker.log_model(Path(params.train.out_dir) / "best", step=result.best_step)
+    tracker.log_model(Path(params.train.out_dir) / "best", step=result.best_step,
+                      version_tags=init.tags if init is not None else None)
     write_train_outputs(result, "metrics")
     write_run_file(tracker.run_id)
     tracker.log_metrics({"final_val_loss": result.final_val_loss, "train_tokens_per_s": result.tokens_per_s,

@@ -1,20 +1,17 @@
 """Training: the loop. Muon + AdamW (or AdamW alone) on a warmup + cosine or WSD LR schedule,
-gradient accumulation and clipping, periodic validation (of the weight average, where one is
-kept), early stopping, keeping the best checkpoint, and bit-exact resume.
-
-The pieces it composes live beside it: the optimizer and schedule in
-:mod:`gptcore.training.optim`, batches in :mod:`gptcore.data.dataset`, device and precision in
-:mod:`gptcore.training.device`, torchrun in :mod:`gptcore.training.distributed`, the resume
-state in :mod:`gptcore.training.resume`, the weight average in :mod:`gptcore.training.averaging`.
+from random weights or an init model (:mod:`.init_from`), gradient accumulation and clipping,
+periodic validation (of the weight average, where one is kept), early stopping, keeping the
+best checkpoint, and bit-exact resume. Beside it: the optimizer and schedule (:mod:`.optim`),
+batches (:mod:`gptcore.data.dataset`), device and precision (:mod:`.device`), torchrun
+(:mod:`.distributed`), the resume state (:mod:`.resume`), the weight average (:mod:`.averaging`).
 :meth:`Trainer.train` reads top to bottom: batch, forward, backward, clip, step, log,
 evaluate, checkpoint.
 
 The whole training state (model, optimizer, weight average, step, data position, RNG,
-early-stopping counters, logs, MLflow run id) is saved together, so a run interrupted at any point
-continues exactly as if it had never stopped: same batches, same weights, bit for bit
-(on the same machine and thread count). Under ``torchrun`` each rank draws its own
-batches (seed + rank) and rank 0 alone evaluates and writes; gradients are averaged by
-DistributedDataParallel.
+early-stopping counters, logs, MLflow run id) is saved together, so an interrupted run continues
+exactly as if it had never stopped, bit for bit (on the same machine and thread count). Under
+``torchrun`` each rank draws its own batches (seed + rank) and rank 0 alone evaluates and
+writes; DistributedDataParallel averages the gradients.
 """
 
 from __future__ import annotations
@@ -64,7 +61,7 @@ class RunState:
 class Trainer:
     def __init__(self, params: Params, data: TokenData, best_dir: str | Path,
                  resume_dir: str | Path, tracker=None, run_params: dict | None = None,
-                 progress: bool = True) -> None:
+                 progress: bool = True, init=None) -> None:
         self.params, self.cfg, self.data = params, params.train, data
         self.best_dir, self.resume_dir = Path(best_dir), Path(resume_dir)
         if data.tokenizer.vocab_size > params.model.vocab_size:
@@ -79,12 +76,13 @@ class Trainer:
             torch.set_num_threads(self.cfg.threads)
         if self.device.type == "cpu":
             keep_freed_memory()
-        self.fingerprint = resume.fingerprint(params, data.meta, self.dist.world_size)
+        self.init = init  # an init_from.Init: the weights to start from (None: random, from the seed)
+        self.fingerprint = resume.fingerprint(params, data.meta, self.dist.world_size,
+                                              init.digest if init is not None else None)
 
         self._build_model()
-        # On CUDA a .item() per step makes the host wait for the GPU every step: step losses
-        # stay on the device and are read every log_interval steps (and before evaluating,
-        # checkpointing or stopping). On CPU there is nothing to overlap: read at once.
+        # On CUDA a .item() per step would make the host wait for the GPU: losses stay on the
+        # device until log_interval, an evaluation, a checkpoint or a stop. On CPU: read at once.
         self.defer_sync = self.device.type == "cuda"
         self._pending: list[tuple[int, torch.Tensor, float]] = []  # (step, loss, lr) not yet read
         self._window_start = 0.0  # when the first of the pending steps began
@@ -98,7 +96,10 @@ class Trainer:
     def _build_model(self) -> None:
         """The model, its optimizer, precision and what the training step calls."""
         torch.manual_seed(self.cfg.seed)  # the same initial weights on every rank...
-        self.model = GPT(self.params.model).to(self.device)
+        self.model = GPT(self.params.model)
+        if self.init is not None:
+            self.model.load_state_dict(self.init.state)
+        self.model.to(self.device)
         if self.dist.enabled:  # ...but each rank its own dropout masks
             torch.manual_seed(self.cfg.seed + self.dist.rank)
         self.optimizer = make_optimizer(self.model, self.cfg)
@@ -108,12 +109,11 @@ class Trainer:
         self.dtype, note = resolve_precision(self.device, self.cfg.dtype)
         if note:
             self._say(note)
-        # float16's narrow range underflows small gradients unless the loss is scaled up;
-        # bfloat16 and float32 have float32's range and need no scaler (disabled = no-op).
+        # float16's narrow range underflows small gradients unless the loss is scaled up
+        # (bfloat16 and float32 need no scaler: disabled, it is a no-op).
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == "float16")
-        # What the training step calls (see _forward): the model, wrapped for DDP under
-        # torchrun, compiled where compile is on. All share the weights of ``self.model``,
-        # which checkpoints and evaluation use.
+        # What the training step calls (_forward): the model, DDP-wrapped under torchrun,
+        # compiled where compile is on; all share ``self.model``'s weights.
         self._ddp = distributed.wrap(self.model, self.device) if self.dist.enabled else None
         self._compile_pending = self._wants_compile()
         self._compiled = torch.compile(self._plain_step_module()) if self._compile_pending else None
@@ -133,10 +133,9 @@ class Trainer:
 
     def try_resume(self) -> bool:
         """Restore from the resume checkpoint if it belongs to this exact run."""
-        # current_dir: a rank killed between the two renames of a resume save (torchrun
-        # restarts the group after a SIGKILL) leaves only <resume_dir>.old, the last complete
-        # state; without this the restarted group would silently start over from step 0.
-        # Reading it in place (rank 0's next save moves it back) keeps every rank's view the same.
+        # current_dir: a rank killed between a resume save's two renames leaves only
+        # <resume_dir>.old, the last complete state; read in place (rank 0's next save moves it
+        # back), else the restarted group would silently start over from step 0.
         found = resume.load(current_dir(self.resume_dir), self.fingerprint, self.device,
                             self.params.model.attn_impl)
         if found is None:
@@ -331,9 +330,8 @@ class Trainer:
         self._segment_start = time.monotonic()
         if self.try_resume():
             self._say(f"resuming from step {self.state.step} ({self.resume_dir})")
-        # Under torchrun on several machines each rank reads the resume checkpoint from its own
-        # disk; one that finds none (or an older one) would train another run than rank 0's,
-        # into mixed-up collectives or a hang. Every rank must start from the same step.
+        # On several machines each rank reads its own disk's resume checkpoint; a rank that
+        # found another step would train another run, into mixed-up collectives or a hang.
         steps = distributed.gather(self.state.step, self.dist)
         if len(set(steps)) > 1:
             found = ", ".join(f"rank {r}: {f'step {s}' if s else 'none'}" for r, s in enumerate(steps))
@@ -348,11 +346,13 @@ class Trainer:
             self.state.run_id = self.tracker.run_id
             if fresh:  # a resumed run already has its inputs
                 self.tracker.log_datasets(self.data.describe())
+                self.tracker.set_tags(self.init.tags if self.init is not None else {})
+        if self.init is not None and not self.state.val_log and self.is_main:
+            self._evaluate()  # step 0: the init model's own loss here, and the best until beaten
 
     def _stop_if_asked(self, stop: dict, bar, tokens_per_step: int) -> None:
         """After a SIGINT/SIGTERM (on any rank): save the state and end the run, resumable."""
-        # Under DDP, asking the other ranks is a collective the host waits for: with
-        # deferred losses, ask only when a flush has just synchronised anyway.
+        # Asking the other ranks is a collective: with deferred losses, only after a flush.
         if self.dist.enabled and self._pending:
             return
         if distributed.any_rank(bool(stop), self.dist, self.device):

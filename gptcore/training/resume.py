@@ -34,12 +34,16 @@ from ..config import Params
 _NOT_IDENTITY = ("log_interval", "checkpoint_interval", "compile")
 
 
-def fingerprint(params: Params, data_meta: dict, world_size: int = 1) -> str:
-    """Identifies a training run: a resume checkpoint is only reused for the same one."""
-    train = {k: v for k, v in asdict(params.train).items() if k not in _NOT_IDENTITY}
+def fingerprint(params: Params, data_meta: dict, world_size: int = 1, init_digest: str | None = None) -> str:
+    """Identifies a training run: a resume checkpoint is only reused for the same one.
+    A fine-tune is identified by its init weights' content digest, not by how init_from
+    spells their source (an alias that moves to another version is another run)."""
+    train = {k: v for k, v in asdict(params.train).items() if k not in _NOT_IDENTITY and k != "init_from"}
     key = {"model": params.model.to_dict(), "train": train,
            "world_size": world_size,  # each rank draws its own batches: a different run
            "tokenizer": params.tokenizer.kind, "data": data_meta}
+    if init_digest is not None:  # absent from scratch runs: their fingerprints stay what they were
+        key["init"] = init_digest
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
 
