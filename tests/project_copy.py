@@ -170,3 +170,14 @@ def snapshot(root: Path) -> dict[str, str]:
             if p.is_file():
                 out[str(p.relative_to(root))] = hashlib.sha256(p.read_bytes()).hexdigest()
     return out
+
+
+def add_train_dep(root: Path, path: str) -> str:
+    """List ``path`` under the train stage's deps in ``root``'s dvc.yaml (what a local
+    train.init_from directory needs); returns the previous dvc.yaml text, to restore."""
+    dvc_yaml = root / "dvc.yaml"
+    text = dvc_yaml.read_text()
+    anchor = "      - gptcore/training/resume.py\n"  # among the train stage's deps only
+    assert text.count(anchor) == 1, "dvc.yaml's train deps changed: update add_train_dep"
+    dvc_yaml.write_text(text.replace(anchor, f"{anchor}      - {path}\n"))
+    return text

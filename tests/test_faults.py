@@ -5,6 +5,7 @@ to outputs that already exist."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -19,6 +20,7 @@ import project_copy
 import pytest
 from project_copy import (
     TINY_CHAR,
+    add_train_dep,
     ok,
     run_stage,
     signal_after_first_checkpoint,
@@ -89,6 +91,77 @@ def test_model_too_small_for_the_tokenizer_is_a_clear_error(project, params_rest
     line = error_line(run_stage("train", root, env))
     assert line == "error: model.vocab_size=32 is smaller than the tokenizer's 66 ids", line
     assert snapshot(root) == before
+
+
+# -- bad train.init_from -----------------------------------------------------------------
+
+def _init_other_shape(root: Path, init: Path, mirror_dir: Path, marker: Path) -> str:
+    from gptcore.checkpoint import load_checkpoint, save_checkpoint
+    from gptcore.model import GPT
+
+    model, tok, _ = load_checkpoint(root / "models/best")
+    save_checkpoint(init, GPT(dataclasses.replace(model.config, n_layer=2)), tok)
+    return init.name
+
+
+def _init_other_tokenizer(root: Path, init: Path, mirror_dir: Path, marker: Path) -> str:
+    from gptcore.checkpoint import load_checkpoint, save_checkpoint
+    from gptcore.data.tokenizer import GPT2Tokenizer
+    from gptcore.model import GPT
+
+    model, _, _ = load_checkpoint(root / "models/best")
+    save_checkpoint(init, GPT(dataclasses.replace(model.config, vocab_size=50257)), GPT2Tokenizer(mirror_dir))
+    return init.name
+
+
+def _init_pickle(root: Path, init: Path, mirror_dir: Path, marker: Path) -> str:
+    import torch
+    from test_checkpoint import Payload
+
+    init.mkdir()
+    (init / "config.json").write_text(json.dumps({"model_type": "gpt2", "n_layer": 1, "n_head": 2, "n_embd": 32,
+                                                  "n_positions": 32, "vocab_size": 128}))
+    torch.save({"transformer.wte.weight": Payload(os.system, f"touch '{marker}'")}, init / "pytorch_model.bin")
+    return f"hf:{init.name}"
+
+
+@pytest.mark.parametrize("setup, listed, expected", [
+    (_init_other_shape, True, "error: train.init_from='init-bad': model.* differs from the init model: n_layer=1 "
+                              "(init: 2); make params.yaml describe it (dvc exp run -S model.n_layer=2)"),
+    (_init_other_tokenizer, True, "error: train.init_from='init-bad': its tokenizer (gpt2, 50257 ids) is not the "
+                                  "data's (char, 66 ids); set tokenizer.kind=gpt2 (and, for char, the same text's "
+                                  "characters) so token ids mean what they meant in pretraining"),
+    (lambda *_: "init-bad", False, "error: train.init_from='init-bad': no such directory '{root}/init-bad'; "
+                                   "allowed: scratch, a checkpoint directory, models:/gptcore@ALIAS, "
+                                   "models:/gptcore/VERSION or hf:<directory>"),
+    (lambda *_: "models:/gptcore@nope", False, "error: train.init_from 'models:/gptcore@nope': not found in "
+                                               "sqlite:///{root}/mlflow.db ("),
+    (_init_pickle, True, "error: train.init_from='hf:init-bad': init-bad/pytorch_model.bin: refused to load: it "
+                         "holds more than tensors and plain containers, and unpickling it could run code (it "
+                         "references posix.system); allowed: tensors only"),
+], ids=["other-shape", "other-tokenizer", "missing-dir", "unknown-alias", "pickle-in-hf-bin"])
+def test_bad_init_from_fails_cleanly_and_touches_nothing(project, params_restored, mirror_dir, tmp_path,
+                                                        setup, listed, expected):
+    """Each train.init_from problem is one line naming it and the fix, before anything in
+    models/, metrics/ or data/ is touched and before a run starts. A local init directory
+    must be a dep of the train stage, so the cases that reach the init model list it."""
+    root, env = project
+    before = snapshot(root)
+    dvc_yaml = (root / "dvc.yaml").read_text()
+    init, marker = root / "init-bad", tmp_path / "ran"
+    try:
+        spec = setup(root, init, mirror_dir, marker)
+        if listed:
+            add_train_dep(root, init.name)
+        write_params(root, {"train": {"init_from": spec}})
+        line = error_line(run_stage("train", root, env))
+    finally:
+        (root / "dvc.yaml").write_text(dvc_yaml)
+        shutil.rmtree(init, ignore_errors=True)
+    assert line.startswith(expected.format(root=root)), line
+    assert not marker.exists()  # the pickle was refused, never run
+    assert snapshot(root) == before
+    assert not list(root.glob(".gptcore/runs/*"))  # no training was started
 
 
 # -- missing or corrupt inputs -----------------------------------------------------------

@@ -27,6 +27,7 @@ from ..checkpoint import load_checkpoint
 from ..config import GPTConfig
 from ..data.tokenizer import CharTokenizer, GPT2Tokenizer, Tokenizer
 from ..errors import CheckpointError, ConfigError, GptcoreError
+from ..model.hf import HFError
 from ..model.hf_load import load_hf
 from ..registry import fetch_checkpoint, resolve_version
 
@@ -82,7 +83,10 @@ def load_init(spec: str, model: GPTConfig, tokenizer: Tokenizer) -> Init | None:
         if not directory.is_dir():
             raise ConfigError(f"{where}: no such directory; allowed: scratch, a checkpoint directory, "
                               "models:/gptcore@ALIAS, models:/gptcore/VERSION or hf:<Hugging Face directory>")
-        net = load_hf(directory)
+        try:
+            net = load_hf(directory)
+        except HFError as exc:  # e.g. a pytorch_model.bin that would run code: say which setting
+            raise HFError(f"{where}: {exc}") from None
         _check_hf_tokenizer(directory, tokenizer, where)
         tags = {"gptcore.init_kind": "hf", "gptcore.init_path": str(directory.resolve())}
         return _checked(spec, net, model, tokenizer, _tree_digest(directory), tags, where)
