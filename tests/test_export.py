@@ -314,7 +314,7 @@ def test_export_takes_a_run_id_or_a_model_uri_as_generate_does(tmp_path, capsys,
     fetched = []
 
     def stand_in(kind: str):
-        def download(source: str, dst: str) -> Path:
+        def download(source: str, dst: str, *_what: str) -> Path:
             fetched.append((kind, source))
             return copy_dir(ckpt, Path(dst) / "checkpoint")
         return download
