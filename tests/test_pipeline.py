@@ -125,7 +125,9 @@ def test_dvc_status_follows_the_code_each_stage_runs(project):
     assert stale_after_editing("gptcore/model/decode.py") == {"sample"}
     # Generation settings are generation's: editing them never retrains (issue #18).
     assert stale_after_editing("gptcore/generation/sampling.py") == {"sample"}
-    assert stale_after_editing("gptcore/model/hf.py") == set()  # export only: no stage runs it
+    # Export only: no stage runs it (hf.py itself trains: init_from: hf:<dir> reads through it).
+    assert stale_after_editing("gptcore/model/hf_export.py") == set()
+    assert stale_after_editing("gptcore/model/hf.py") == {"train"}
     assert stale_after_editing("gptcore/data/fetch.py") == {"download"}
     assert json.loads(_run([dvc, "status", "--json"], root, env).stdout or "{}") == {}
 
