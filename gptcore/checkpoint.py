@@ -13,7 +13,6 @@ pickle that would construct objects or call functions. Writes go through
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import pickle
@@ -29,7 +28,7 @@ from safetensors.torch import load, save_file
 from .config import GPTConfig
 from .data.tokenizer import Tokenizer, load_tokenizer
 from .errors import CheckpointError, ConfigError, TokenizerError
-from .io import atomic_dir, current_dir, read_json_object
+from .io import atomic_dir, current_dir, read_json_object, tree_digest
 from .model import GPT
 
 FORMAT = "gptcore"
@@ -60,12 +59,7 @@ def save_checkpoint(directory: str | Path, model: GPT, tokenizer: Tokenizer,
 
 def _content_digest(directory: Path, config: dict) -> str:
     """sha256 over ``config`` and every file in ``directory`` (names and bytes, in name order)."""
-    digest = hashlib.sha256(json.dumps(config, sort_keys=True).encode("utf-8"))
-    for path in sorted(p for p in directory.rglob("*") if p.is_file()):
-        name = path.relative_to(directory).as_posix().encode("utf-8")
-        digest.update(len(name).to_bytes(8, "little") + name)
-        digest.update(hashlib.sha256(path.read_bytes()).digest())
-    return digest.hexdigest()
+    return tree_digest(directory, json.dumps(config, sort_keys=True).encode("utf-8"))
 
 
 def read_config(directory: str | Path) -> tuple[GPTConfig, dict]:

@@ -153,6 +153,18 @@ def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def tree_digest(directory: str | Path, prefix: bytes = b"") -> str:
+    """sha256 over ``prefix`` and every file under ``directory`` (names and bytes, in name
+    order): a directory's content identity, whatever its files' times or the machine."""
+    directory = Path(directory)
+    digest = hashlib.sha256(prefix)
+    for path in sorted(p for p in directory.rglob("*") if p.is_file()):
+        name = path.relative_to(directory).as_posix().encode("utf-8")
+        digest.update(len(name).to_bytes(8, "little") + name)
+        digest.update(hashlib.sha256(path.read_bytes()).digest())
+    return digest.hexdigest()
+
+
 def copy_dir(src: str | Path, dst: str | Path) -> Path:
     """Atomically replace ``dst`` with a copy of directory ``src``."""
     with atomic_dir(dst) as tmp:

@@ -49,6 +49,14 @@ def project_root() -> Path:
     return Path(os.environ.get("DVC_ROOT") or os.getcwd()).resolve()
 
 
+def covered(path: str | Path, deps: list[str], root: Path | None = None) -> bool:
+    """Whether a declared dep (absolute, as :func:`declared_deps` gives) is ``path`` or a
+    directory above it: DVC re-runs a stage only when a dep changes, so a stage refuses
+    input it reads that no dep covers."""
+    target = ((root or project_root()) / path).resolve()
+    return any(target == Path(d) or Path(d) in target.parents for d in deps)
+
+
 def declared_deps(stage: str, params: dict, root: Path | None = None) -> list[str] | None:
     """The deps ``dvc.yaml`` declares for ``stage``, with ``${a.b}`` templates filled
     from ``params`` (flattened), as absolute paths; None where there is no dvc.yaml."""

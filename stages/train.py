@@ -11,6 +11,7 @@ from pathlib import Path
 
 from gptcore.config import flatten, load_params
 from gptcore.data.dataset import TokenData
+from gptcore.init_source import check_tracked
 from gptcore.io import copy_dir
 from gptcore.stage import declared_deps, run_stage
 from gptcore.tracking import Tracker, project_root, write_run_file
@@ -22,7 +23,7 @@ from gptcore.training.metrics import write_train_outputs
 def main() -> None:
     params = load_params()
     data = TokenData.load(params.data.processed_dir)
-    init_from.check_tracked(params.train.init_from, declared_deps("train", params.to_dict()), project_root())
+    check_tracked(params.train.init_from, declared_deps("train", params.to_dict()), project_root())
     init = init_from.load_init(params.train.init_from, params.model, data.tokenizer)
     run = resume.fingerprint(params, data.meta, distributed.from_env().world_size,
                              init.digest if init is not None else None)

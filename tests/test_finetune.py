@@ -24,12 +24,15 @@ from test_train import make_params, synthetic
 from transformers import GPT2Config, GPT2LMHeadModel, GPTNeoXConfig, GPTNeoXForCausalLM
 
 from gptcore.checkpoint import load_checkpoint, save_checkpoint
-from gptcore.config import Params
+from gptcore.config import CorpusSource, DataConfig, Params
+from gptcore.data.corpus import tokenize_corpus
 from gptcore.data.dataset import BatchSampler, TokenData
 from gptcore.data.tokenizer import CharTokenizer, GPT2Tokenizer
 from gptcore.errors import GptcoreError
+from gptcore.init_source import check_tracked, init_chars
 from gptcore.model import GPT
-from gptcore.training.init_from import check_tracked, load_init
+from gptcore.model.hf_export import export_hf
+from gptcore.training.init_from import load_init
 from gptcore.training.loop import Trainer
 
 
@@ -257,13 +260,52 @@ def test_a_local_init_must_be_a_dep_of_the_train_stage(tmp_path):
     with pytest.raises(GptcoreError) as exc:
         check_tracked("init", [str(tmp_path / "data/processed")], tmp_path)
     assert one_line(exc) == ("train.init_from='init': 'init' is not a dep of the train stage in dvc.yaml, so DVC "
-                             "would not re-run training when it changes; add it under stages.train.deps "
+                             "would not re-run the train stage when it changes; add it under stages.train.deps "
                              "(docs/finetune.md)")
     check_tracked("init", [str(tmp_path / "init")], tmp_path)
     check_tracked("hf:hf/gpt2", [str(tmp_path / "hf")], tmp_path)  # a directory above it counts
     check_tracked("init", None, tmp_path)  # no dvc.yaml: nothing to check against
     for spec in ("scratch", "models:/gptcore@champion"):
         check_tracked(spec, [], tmp_path)
+
+
+def test_a_char_finetune_encodes_its_text_with_the_init_models_characters(char_data, tmp_path, mirror_dir):
+    """A char model's ids are its own characters: a fine-tune's text, which has fewer (or
+    other) characters, is encoded with the init model's, and a character it never saw is
+    one line, before anything is written."""
+    chars = char_data.tokenizer.chars
+    ckpt = save_checkpoint(tmp_path / "init", random_model(make_params(), 1), char_data.tokenizer)
+    export_hf(load_checkpoint(ckpt)[0], tmp_path / "hf", char_data.tokenizer)
+    gpt2_ckpt = save_checkpoint(tmp_path / "gpt2", random_model(gpt2_params(), 1), GPT2Tokenizer(mirror_dir))
+    assert init_chars(str(ckpt)) == init_chars(f"hf:{tmp_path / 'hf'}") == chars
+    assert init_chars("scratch") is None and init_chars(str(gpt2_ckpt)) is None
+
+    small = tmp_path / "small.txt"
+    small.write_text("to be, or not to be: that is the question.\n" * 40, encoding="utf-8")
+    assert len(set(small.read_text())) < len(chars)
+    cfg = DataConfig(raw_dir=str(tmp_path / "raw"), processed_dir=str(tmp_path / "processed"),
+                     sources=(CorpusSource(path=str(small)),))
+    tokenize_corpus(cfg, "char", threads=1, init_chars=init_chars(str(ckpt)))
+    data = TokenData.load(cfg.processed_dir)
+    assert data.tokenizer.same_as(char_data.tokenizer)
+    assert data.tokenizer.decode(data.train[:10].tolist()) == "to be, or "
+    params = make_params()
+    init = load_init(str(ckpt), params.model, data.tokenizer)  # the ids mean what they meant
+    assert same_weights(init.state, load_checkpoint(ckpt)[0].state_dict())
+    # Without the init's characters the text's own vocabulary is built, and train refuses it.
+    tokenize_corpus(cfg, "char", threads=1)
+    with pytest.raises(GptcoreError, match="re-run tokenize with this train.init_from") as exc:
+        load_init(str(ckpt), params.model, TokenData.load(cfg.processed_dir).tokenizer)
+    one_line(exc)
+
+    before = {p.name: p.read_bytes() for p in Path(cfg.processed_dir).iterdir()}
+    small.write_text("café au lait\n" * 40, encoding="utf-8")
+    with pytest.raises(GptcoreError) as exc:
+        tokenize_corpus(cfg, "char", threads=1, init_chars=chars)
+    line = one_line(exc)
+    assert f"character(s) 'é' are not in the init model's {len(chars)}-character vocabulary" in line, line
+    assert line.endswith("or train.init_from=scratch"), line
+    assert {p.name: p.read_bytes() for p in Path(cfg.processed_dir).iterdir()} == before
 
 
 def test_a_pickle_in_an_hf_pytorch_model_bin_is_refused_never_run(gpt2_data, tmp_path):

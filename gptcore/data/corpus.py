@@ -255,13 +255,26 @@ class _SplitWriter:
 
 
 def tokenize_corpus(cfg: DataConfig, tokenizer_kind: str, progress: bool = False,
-                    threads: int | None = None) -> dict:
+                    threads: int | None = None, init_chars: list[str] | None = None) -> dict:
     """``data.sources`` -> ``train.bin``/``val.bin``, ``meta.json`` and the tokenizer,
-    streamed (peak memory independent of the corpus size). Returns the meta dict."""
+    streamed (peak memory independent of the corpus size). Returns the meta dict.
+
+    ``init_chars``: a char-level fine-tune's vocabulary (the init model's characters, in id
+    order), used instead of the text's own so that ids mean what they meant in pretraining."""
     docs = resolve_documents(cfg)
     charset = scan(docs, cfg, want_chars=tokenizer_kind == "char", progress=progress)
     plan = _checked_plan(docs, cfg)
-    tokenizer = build_tokenizer(tokenizer_kind, cfg.raw_dir, charset)
+    if tokenizer_kind == "char" and init_chars is not None:
+        unknown = sorted(charset - set(init_chars))
+        if unknown:
+            where = docs[0].label if len(docs) == 1 else f"{len(docs)} files"
+            raise DataError(f"{where}: character(s) {''.join(unknown)!r} are not in the init model's "
+                            f"{len(init_chars)}-character vocabulary (train.init_from), and a char model has no "
+                            "id for a character it never saw; allowed: text in its characters "
+                            f"{''.join(init_chars)!r}, or train.init_from=scratch")
+        tokenizer: Tokenizer = CharTokenizer(init_chars)
+    else:
+        tokenizer = build_tokenizer(tokenizer_kind, cfg.raw_dir, charset)
     dtype = token_dtype(tokenizer.vocab_size)
     # One core stays with this thread (reading, decoding, cutting, writing): on the
     # 2-core machines, 2 encoders beside it ran 12-27 MB/s depending on the run, 1 ran

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from ..config import DataConfig, glob_base, is_glob
 from ..errors import DataError
+from ..stage import covered
 
 
 @dataclass
@@ -69,15 +70,7 @@ def untracked_sources(cfg: DataConfig, deps: list[str], root: Path) -> list[str]
     """The local ``path:`` sources no declared dependency covers (a dep equal to the path
     or a directory above it). DVC re-runs the tokenize stage only when a dep changes, so
     an undeclared corpus would be edited without effect."""
-    covered = [Path(d) for d in deps]
-    missing = []
-    for src in cfg.sources:
-        if not src.path:
-            continue
-        target = (root / glob_base(src.path)).resolve()
-        if not any(target == d or d in target.parents for d in covered):
-            missing.append(src.path)
-    return missing
+    return [src.path for src in cfg.sources if src.path and not covered(glob_base(src.path), deps, root)]
 
 
 def _local_files(spec: str, where: str) -> list[tuple[Path, str]]:

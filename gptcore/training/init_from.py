@@ -15,7 +15,6 @@ it registers.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import tempfile
 from dataclasses import dataclass, field
@@ -27,12 +26,12 @@ from ..checkpoint import load_checkpoint
 from ..config import GPTConfig
 from ..data.tokenizer import CharTokenizer, GPT2Tokenizer, Tokenizer
 from ..errors import CheckpointError, ConfigError, GptcoreError
+from ..init_source import ALLOWED, HF_PREFIX, REGISTRY_PREFIX, SCRATCH, char_vocab, local_path
+from ..io import tree_digest
 from ..model.hf import HFError
 from ..model.hf_load import load_hf
 from ..registry import fetch_checkpoint, resolve_version
 
-SCRATCH = "scratch"
-HF_PREFIX = "hf:"
 # Fields that say how a model trains or runs, not what it computes: they may differ.
 _NOT_ARCHITECTURE = ("attn_impl", "dropout", "dropout_at", "zero_init_proj")
 
@@ -47,31 +46,6 @@ class Init:
     tags: dict[str, str] = field(default_factory=dict)
 
 
-def is_local(spec: str) -> bool:
-    """Whether ``spec`` names a directory on this machine (which DVC must track as a dep)."""
-    return spec != SCRATCH and not spec.startswith("models:/")
-
-
-def local_path(spec: str) -> str:
-    return spec[len(HF_PREFIX):] if spec.startswith(HF_PREFIX) else spec
-
-
-def check_tracked(spec: str, deps: list[str] | None, root: Path) -> None:
-    """A local init directory must be a dep of the train stage (the path, or a directory
-    above it): DVC re-runs a stage only when a dep changes, so an undeclared init model
-    could be edited, or replaced, without the fine-tune re-running."""
-    if not is_local(spec):
-        return
-    target = (root / local_path(spec)).resolve()
-    if not target.is_dir():
-        raise ConfigError(f"train.init_from={spec!r}: no such directory {str(target)!r}; allowed: scratch, a "
-                          "checkpoint directory, models:/gptcore@ALIAS, models:/gptcore/VERSION or hf:<directory>")
-    if deps is not None and not any(target == Path(d) or Path(d) in target.parents for d in deps):
-        raise ConfigError(f"train.init_from={spec!r}: {local_path(spec)!r} is not a dep of the train stage in "
-                          "dvc.yaml, so DVC would not re-run training when it changes; add it under "
-                          "stages.train.deps (docs/finetune.md)")
-
-
 def load_init(spec: str, model: GPTConfig, tokenizer: Tokenizer) -> Init | None:
     """The init weights ``spec`` names, checked against ``model`` and the data's
     ``tokenizer``; None for scratch. Every problem is one GptcoreError naming the fix."""
@@ -81,15 +55,14 @@ def load_init(spec: str, model: GPTConfig, tokenizer: Tokenizer) -> Init | None:
     if spec.startswith(HF_PREFIX):
         directory = Path(local_path(spec))
         if not directory.is_dir():
-            raise ConfigError(f"{where}: no such directory; allowed: scratch, a checkpoint directory, "
-                              "models:/gptcore@ALIAS, models:/gptcore/VERSION or hf:<Hugging Face directory>")
+            raise ConfigError(f"{where}: no such directory; allowed: {ALLOWED}")
         try:
             net = load_hf(directory)
         except HFError as exc:  # e.g. a pytorch_model.bin that would run code: say which setting
             raise HFError(f"{where}: {exc}") from None
         _check_hf_tokenizer(directory, tokenizer, where)
         tags = {"gptcore.init_kind": "hf", "gptcore.init_path": str(directory.resolve())}
-        return _checked(spec, net, model, tokenizer, _tree_digest(directory), tags, where)
+        return _checked(spec, net, model, tokenizer, tree_digest(directory), tags, where)
     with tempfile.TemporaryDirectory(prefix="gptcore-init-") as tmp:
         directory = fetch_checkpoint(spec, tmp, what="train.init_from")  # its errors name the setting
         try:
@@ -98,11 +71,11 @@ def load_init(spec: str, model: GPTConfig, tokenizer: Tokenizer) -> Init | None:
             raise CheckpointError(f"{where}: {exc}") from None
         if not ckpt_tok.same_as(tokenizer):
             raise ConfigError(f"{where}: its tokenizer ({ckpt_tok.describe()}) is not the data's "
-                              f"({tokenizer.describe()}); set tokenizer.kind={ckpt_tok.kind} (and, for char, "
-                              "the same text's characters) so token ids mean what they meant in pretraining")
+                              f"({tokenizer.describe()}); set tokenizer.kind={ckpt_tok.kind} and re-run tokenize "
+                              "with this train.init_from, so token ids mean what they meant in pretraining")
         digest = _checkpoint_digest(directory)
-        tags = {"gptcore.init_kind": "registry" if spec.startswith("models:/") else "checkpoint"}
-        if spec.startswith("models:/"):
+        tags = {"gptcore.init_kind": "registry" if spec.startswith(REGISTRY_PREFIX) else "checkpoint"}
+        if spec.startswith(REGISTRY_PREFIX):
             tags.update(resolve_version(spec))
         else:
             tags["gptcore.init_path"] = str(Path(spec).resolve())
@@ -131,17 +104,7 @@ def _checkpoint_digest(directory: Path) -> str:
         save_id = json.loads((directory / "config.json").read_text(encoding="utf-8")).get("save_id")
     except (OSError, ValueError, AttributeError):
         save_id = None
-    return save_id if isinstance(save_id, str) and len(save_id) == 64 else _tree_digest(directory)
-
-
-def _tree_digest(directory: Path) -> str:
-    """sha256 over every file's name and bytes, in name order."""
-    digest = hashlib.sha256()
-    for path in sorted(p for p in directory.rglob("*") if p.is_file()):
-        name = path.relative_to(directory).as_posix().encode("utf-8")
-        digest.update(len(name).to_bytes(8, "little") + name)
-        digest.update(hashlib.sha256(path.read_bytes()).digest())
-    return digest.hexdigest()
+    return save_id if isinstance(save_id, str) and len(save_id) == 64 else tree_digest(directory)
 
 
 def _check_hf_tokenizer(directory: Path, tokenizer: Tokenizer, where: str) -> None:
@@ -159,7 +122,7 @@ def _check_hf_tokenizer(directory: Path, tokenizer: Tokenizer, where: str) -> No
             raise ConfigError(f"{where}: its vocab.json/merges.txt are not GPT-2's BPE, the only BPE "
                               "gptcore trains with; allowed: a model with GPT-2's vocabulary")
     elif spec.is_file():
-        chars = _char_vocab(spec)
+        chars = char_vocab(spec)
         if chars is None or not isinstance(tokenizer, CharTokenizer) or chars != tokenizer.chars:
             raise ConfigError(f"{where}: its tokenizer.json is not the data's tokenizer ({tokenizer.describe()}); "
                               "allowed: the tokenizer the model was trained with (for char: the same characters)")
@@ -178,12 +141,3 @@ def _json(path: Path):
 def _merges(path: Path) -> list[str]:
     lines = path.read_text(encoding="utf-8").splitlines()
     return [line for line in lines if line.strip() and not line.startswith("#version")]
-
-
-def _char_vocab(path: Path) -> list[str] | None:
-    """The characters, in id order, of a char-level tokenizer.json as export writes it."""
-    vocab = ((_json(path).get("model") or {}).get("vocab")) or {}
-    if not isinstance(vocab, dict):
-        return None
-    chars = [t for t, _ in sorted(vocab.items(), key=lambda kv: kv[1]) if len(t) == 1]
-    return chars if [vocab[c] for c in chars] == list(range(len(chars))) else None
