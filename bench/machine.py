@@ -14,7 +14,10 @@ def describe(device: str = "cpu") -> dict:
         text = open("/proc/cpuinfo").read()
         names = [line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("model name")]
         flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
+        field = lambda key: next((line.split(":", 1)[1].strip() for line in text.splitlines()  # noqa: E731
+                                  if line.split(":", 1)[0].strip() == key), "?")
         info.update(cpu=names[0] if names else info["cpu"], cores=len(names),
+                    family=field("cpu family"), model=field("model"),
                     amx="amx_tile" in flags, avx512_bf16="avx512_bf16" in flags)
     except OSError:
         pass
@@ -26,5 +29,6 @@ def describe(device: str = "cpu") -> dict:
 def headline(info: dict) -> str:
     bf16 = "AMX" if info["amx"] else "AVX-512 bf16, no AMX" if info["avx512_bf16"] else "no bf16 units"
     gpu = f", {info['gpu']}" if "gpu" in info else ""
-    return (f"{info['cpu']} ({info.get('cores', '?')} cores, {bf16}){gpu}; torch {info['torch']}, "
+    family = f"family {info['family']} model {info['model']}, " if "family" in info else ""
+    return (f"{info['cpu']} ({family}{info.get('cores', '?')} cores, {bf16}){gpu}; torch {info['torch']}, "
             f"{info['threads']} threads, device {info['device']}")
