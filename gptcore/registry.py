@@ -37,6 +37,9 @@ REGISTERED_MODEL = "gptcore"
 CHAMPION = "champion"
 VERSION_TAG = "gptcore.model_version"
 MODEL_ID_TAG = "gptcore.model_id"  # a run's tag: its logged model
+# The registered model's tag `gptcore promote` sets: the newest version number when the
+# champion was picked by hand; only versions after it compete with that pick.
+PROMOTE_FLOOR_TAG = "gptcore.promote_floor"
 PYFUNC_CODE = Path(__file__).with_name("mlflow_pyfunc.py")
 
 
@@ -111,19 +114,65 @@ def score(client, run_id: str, metrics: dict, data_digest: str, tags: dict[str, 
                        "data_digest": data_digest, **tags}.items():
         if value not in (None, ""):
             client.set_model_version_tag(REGISTERED_MODEL, number, key, str(value))
-    moved = []
     per_data = f"{CHAMPION}-{data_digest[:8]}"
-    for alias in (per_data, CHAMPION):
-        current = _by_alias(client, alias)
-        if current is not None and str(current.version) == str(number):
-            continue
-        if alias == CHAMPION and current is not None and current.tags.get("data_digest") != data_digest:
-            continue  # the champion was scored on other validation data: not comparable
-        if current is None or (math.isfinite(loss) and not loss >= _loss(current)):  # a NaN loss never holds
-            client.set_registered_model_alias(REGISTERED_MODEL, alias, number)
-            moved.append(alias)
-    held = f"; aliases now on it: {', '.join(moved)}" if moved else "; it holds no alias"
+    # Read, compare, set, then read again until nothing moves. MLflow has no compare-and-set,
+    # and two clones' evaluate stages can score against one server at once; each alias is
+    # set to the best of what the store holds (not to "this version if better than what I
+    # read"), so the last stage to check leaves it on the best version whatever the order.
+    for _ in range(8):
+        changed = False
+        versions = _scored_versions(client)
+        for alias in (per_data, CHAMPION):
+            current = _by_alias(client, alias)
+            want = _earned(client, alias, current, versions, number, data_digest)
+            if want is not None and (current is None or str(current.version) != want):
+                client.set_registered_model_alias(REGISTERED_MODEL, alias, want)
+                changed = True
+        if not changed:
+            break
+    holds = [a for a in (per_data, CHAMPION)
+             if (v := _by_alias(client, a)) is not None and str(v.version) == str(number)]
+    held = f"; aliases now on it: {', '.join(holds)}" if holds else "; it holds no alias"
     return f"model {REGISTERED_MODEL} version {number}: eval val loss {loss:.4f}{held}"
+
+
+def _scored_versions(client) -> dict[str, tuple[float, str]]:
+    """Every version's ``(eval val loss, data digest)``, by number, from its tags."""
+    out, token = {}, None
+    while True:
+        page = client.search_model_versions(f"name='{REGISTERED_MODEL}'", page_token=token)
+        for v in page:
+            out[str(v.version)] = (_loss(v), v.tags.get("data_digest", ""))
+        token = page.token
+        if not token:
+            return out
+
+
+def _earned(client, alias: str, current, versions: dict[str, tuple[float, str]], number: str,
+            data_digest: str) -> str | None:
+    """The version ``alias`` should name now (None: leave it). ``champion-<digest>``: the
+    best version on that data. ``champion``: the best on the champion's data among the
+    holder and the versions registered after the last ``promote`` (a hand-picked champion
+    is not overruled by versions it was picked over); a run on other data never takes it."""
+    if alias == CHAMPION:
+        if current is not None and current.tags.get("data_digest") != data_digest:
+            return None  # the champion was scored on other validation data: not comparable
+        floor = _promote_floor(client)
+        pool = {n: lv for n, lv in versions.items()
+                if lv[1] == data_digest and (int(n) > floor or (current is not None and n == str(current.version)))}
+    else:
+        pool = {n: lv for n, lv in versions.items() if lv[1] == data_digest}
+    finite = {n: lv[0] for n, lv in pool.items() if math.isfinite(lv[0])}  # a NaN loss never holds
+    if not finite:
+        return str(current.version) if current is not None else str(number)
+    return min(finite, key=lambda n: (finite[n], int(n)))  # ties: the earlier version keeps it
+
+
+def _promote_floor(client) -> int:
+    try:
+        return int(client.get_registered_model(REGISTERED_MODEL).tags.get(PROMOTE_FLOOR_TAG, 0))
+    except (ValueError, TypeError):
+        return 0
 
 
 def _by_alias(client, alias: str):
@@ -143,6 +192,8 @@ def promote(client, version: str | None = None, run_id: str | None = None) -> st
             raise CheckpointError(f"run {run_id!r} registered no model version (its train stage did not "
                                   "finish with tracking on)")
     client.get_model_version(REGISTERED_MODEL, str(version))  # a clear error if there is none
+    newest = max((int(n) for n in _scored_versions(client)), default=0)
+    client.set_registered_model_tag(REGISTERED_MODEL, PROMOTE_FLOOR_TAG, str(newest))
     client.set_registered_model_alias(REGISTERED_MODEL, CHAMPION, str(version))
     return str(version)
 
