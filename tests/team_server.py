@@ -68,16 +68,24 @@ def postgres() -> Iterator[str]:
         shutil.rmtree(root, ignore_errors=True)
 
 
+def _has_user(name: str) -> bool:
+    try:
+        pwd.getpwnam(name)
+        return True
+    except KeyError:
+        return False
+
+
 @contextlib.contextmanager
 def backend(tmp: Path) -> Iterator[tuple[str, str]]:
     """(backend store URI, name): PostgreSQL where installed, else SQLite, said out loud."""
-    if pg_bin() is not None:
+    if pg_bin() is not None and (os.geteuid() != 0 or _has_user("postgres")):
         with postgres() as uri:
             print("tracking server backend: PostgreSQL", file=sys.stderr)
             yield uri, "postgresql"
     else:
-        print("tracking server backend: SQLite (PostgreSQL is not installed here; .ci/run installs it "
-              "where apt-get can)", file=sys.stderr)
+        print("tracking server backend: SQLite (PostgreSQL, or its postgres account, is not installed here; "
+              ".ci/run installs it where apt-get can)", file=sys.stderr)
         yield f"sqlite:///{tmp / 'server.db'}", "sqlite"
 
 
