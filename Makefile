@@ -21,7 +21,7 @@ export HF_HUB_OFFLINE := 1
 # Stages run `python`: make it the venv's.
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: setup repro test test-all lint bench plots exps ui-check clean-venv
+.PHONY: setup repro test test-all lint validate validate-baseline bench plots exps ui-check clean-venv
 
 setup: $(STAMP)
 
@@ -67,6 +67,19 @@ test-all: setup
 
 lint: setup
 	$(BIN)/ruff check .
+
+# Pipeline validation for a pull request (docs/pipeline.md): the pipeline at a short setting in
+# a temporary copy, against BASE's committed validation/; writes validation/ and validation.md,
+# exits 1 when bits/byte is worse than BASE's by more than TOLERANCE.
+BASE ?= main
+VALIDATE_SET ?= train.max_steps=200
+TOLERANCE ?= 0.05
+validate: setup
+	$(BIN)/python -m gptcore.validate --base $(BASE) $(foreach s,$(VALIDATE_SET),-S $(s)) --tolerance $(TOLERANCE)
+
+# The first baseline (or a deliberate new one): run and write validation/, to commit.
+validate-baseline: setup
+	$(BIN)/python -m gptcore.validate --init $(foreach s,$(VALIDATE_SET),-S $(s))
 
 bench: setup
 	$(BIN)/python bench/bench_generate.py
