@@ -2,7 +2,7 @@
 fine-tuned on other text, against training from scratch on the same text and steps.
 
     make repro                                   # pretrain: models:/gptcore@champion
-    python bench/finetune_example.py [--steps 200] [--seeds 1337 1338 1339]
+    [GPTCORE_MIRROR=../shared/mirror] python bench/finetune_example.py [--steps 200] [--seeds 1337 1338 1339]
                                      [--arms scratch pretrain-recipe finetune-recipe]
 
 The other text is the Python standard library's top-level modules (README: "Train on your
@@ -76,7 +76,8 @@ def _run(clone: Path, env: dict, arm: str, seed: int, steps: int) -> dict:
     args = ["dvc", "exp", "run", "-n", name, *CORPUS, *(a for k, v in sets.items() for a in ("-S", f"{k}={v}"))]
     print(f"\n== {name}: {' '.join(args)}", flush=True)
     t0 = time.perf_counter()
-    subprocess.run(args, cwd=clone, env=env, check=True)
+    if subprocess.run(args, cwd=clone, env=env).returncode != 0:
+        sys.exit(f"{name}: dvc exp run failed; its output is above (offline? set GPTCORE_MIRROR: README)")
     seconds = time.perf_counter() - t0
     metrics = json.loads((clone / "metrics" / "eval.json").read_text())
     val_log = [line.split(",") for line in (clone / "metrics" / "val_log.csv").read_text().splitlines()[1:]]
