@@ -129,8 +129,8 @@ def _init_pickle(root: Path, init: Path, mirror_dir: Path, marker: Path) -> str:
     (_init_other_shape, True, "error: train.init_from='init-bad': model.* differs from the init model: n_layer=1 "
                               "(init: 2); make params.yaml describe it (dvc exp run -S model.n_layer=2)"),
     (_init_other_tokenizer, True, "error: train.init_from='init-bad': its tokenizer (gpt2, 50257 ids) is not the "
-                                  "data's (char, 66 ids); set tokenizer.kind=gpt2 (and, for char, the same text's "
-                                  "characters) so token ids mean what they meant in pretraining"),
+                                  "data's (char, 66 ids); set tokenizer.kind=gpt2 and re-run tokenize with this "
+                                  "train.init_from, so token ids mean what they meant in pretraining"),
     (lambda *_: "init-bad", False, "error: train.init_from='init-bad': no such directory '{root}/init-bad'; "
                                    "allowed: scratch, a checkpoint directory, models:/gptcore@ALIAS, "
                                    "models:/gptcore/VERSION or hf:<directory>"),
