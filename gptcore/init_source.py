@@ -85,14 +85,19 @@ def _checkpoint_chars(directory: Path, where: str) -> list[str] | None:
     return tokenizer.chars if isinstance(tokenizer, CharTokenizer) else None
 
 
+def read_json(path: Path):
+    """A Hugging Face directory's JSON file, or one GptcoreError naming it."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise GptcoreError(f"{path}: not readable JSON ({exc})") from None
+
+
 def char_vocab(path: Path) -> list[str] | None:
     """The characters, in id order, of a char-level Hugging Face tokenizer.json as
     ``gptcore export`` writes it (a WordLevel vocabulary of single characters); None when
     the file describes some other tokenizer."""
-    try:
-        spec = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise GptcoreError(f"{path}: not readable JSON ({exc})") from None
+    spec = read_json(path)
     vocab = ((spec.get("model") or {}).get("vocab")) if isinstance(spec, dict) else None
     if not isinstance(vocab, dict) or not vocab:
         return None

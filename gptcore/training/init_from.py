@@ -25,8 +25,8 @@ import torch
 from ..checkpoint import load_checkpoint
 from ..config import GPTConfig
 from ..data.tokenizer import CharTokenizer, GPT2Tokenizer, Tokenizer
-from ..errors import CheckpointError, ConfigError, GptcoreError
-from ..init_source import ALLOWED, HF_PREFIX, REGISTRY_PREFIX, SCRATCH, char_vocab, local_path
+from ..errors import CheckpointError, ConfigError
+from ..init_source import ALLOWED, HF_PREFIX, REGISTRY_PREFIX, SCRATCH, char_vocab, local_path, read_json
 from ..io import tree_digest
 from ..model.hf import HFError
 from ..model.hf_load import load_hf
@@ -116,7 +116,7 @@ def _check_hf_tokenizer(directory: Path, tokenizer: Tokenizer, where: str) -> No
         if not isinstance(tokenizer, GPT2Tokenizer):
             raise ConfigError(f"{where}: a GPT-2 BPE model (vocab.json, merges.txt) but tokenizer.kind="
                               f"{tokenizer.kind}; set tokenizer.kind=gpt2")
-        same = (_json(vocab) == _json(tokenizer.directory / "encoder.json")
+        same = (read_json(vocab) == read_json(tokenizer.directory / "encoder.json")
                 and _merges(merges) == _merges(tokenizer.directory / "vocab.bpe"))
         if not same:
             raise ConfigError(f"{where}: its vocab.json/merges.txt are not GPT-2's BPE, the only BPE "
@@ -129,13 +129,6 @@ def _check_hf_tokenizer(directory: Path, tokenizer: Tokenizer, where: str) -> No
     elif not isinstance(tokenizer, GPT2Tokenizer):
         raise ConfigError(f"{where}: no tokenizer files, so GPT-2's vocabulary is assumed, but tokenizer.kind="
                           f"{tokenizer.kind}; set tokenizer.kind=gpt2")
-
-
-def _json(path: Path):
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise GptcoreError(f"{path}: not readable JSON ({exc})") from None
 
 
 def _merges(path: Path) -> list[str]:
