@@ -22,7 +22,8 @@ TINY = {
 }
 # Outputs, environments and caches never travel with the copy.
 SKIP = {".git", ".venv", "data", "models", "metrics", "mlflow.db", "mlartifacts", ".gptcore",
-        ".pytest_cache", "__pycache__", "tmp", "cache", "build", "bench", "dvc_plots"}
+        ".pytest_cache", "__pycache__", "tmp", "cache", "build", "bench", "dvc_plots",
+        "validation", "validation.md"}  # validation/ is the real project's baseline, not a copy's
 NEVER = {".git", ".venv", ".pytest_cache", "__pycache__"}  # skipped at any depth
 
 
