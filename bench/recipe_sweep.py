@@ -1,61 +1,54 @@
-"""Recipe sweep: train named param variants over several seeds, each in its own process,
-and report the whole-split val loss (as the evaluate stage measures it) as mean ± spread.
+"""Recipe sweeps as DVC experiments, compared in MLflow.
 
-    python bench/recipe_sweep.py bench/recipes.yaml [--only NAME ...] [--seeds 1337 1338 1339]
-                                 [--jobs 1] [--device auto] [--out sweep.jsonl]
-                                 [--set train.dtype=float32 ...]
+    python bench/recipe_sweep.py queue bench/recipes.yaml [--only NAME ...] [--seeds 1337 1338 1339]
+                                       [--jobs 2] [--set train.dtype=float32 ...] [--md FILE]
+    python bench/recipe_sweep.py report [--only NAME ...] [--md FILE]
+    python bench/recipe_sweep.py import bench/sweep_h200.jsonl --machine "1x H200, bf16"
 
-The recipes file maps a name to dotted overrides of params.yaml, like
-``dvc exp run --set-param``; an optional ``base`` entry (not a recipe) is applied under
-every recipe's own overrides::
+``queue`` puts each recipe x seed in DVC's queue as its own named experiment,
+``dvc exp run --queue -n <recipe>-s<seed> -S key=value ... -S train.seed=<seed>``, runs the
+queue with ``dvc queue start -j <jobs>`` (each experiment in its own temporary copy of the
+repository), waits for it, and prints the results table. Every run is an ordinary DVC
+experiment (``make exps``, ``dvc exp show``, ``dvc exp apply <recipe>-s<seed>``) and an MLflow
+run in the project's store, named after the experiment, with its params, metrics, samples and
+machine. A recipe x seed already finished in MLflow is not run again, so an interrupted sweep
+resumes where it stopped. Run it in the project's root, a git repository with a commit
+(DVC's queue runs committed code plus the workspace's changes).
+
+``report`` makes the table from MLflow alone: each recipe's runs (mean and spread of the
+evaluate stage's whole-split val loss, bits/byte), the machine they ran on, and the
+``dvc exp run`` command that reproduces them. ``--md FILE`` also writes it to FILE.
+
+``import`` logs rows measured without DVC or MLflow (``bench/sweep_direct.py``, a lent GPU
+machine) as MLflow runs, tagged with their source file and machine, so one table has them all.
+
+The recipes file maps a name to dotted overrides of params.yaml, the keys
+``dvc exp run --set-param`` takes; an optional ``base`` entry (not a recipe) is applied under
+every recipe's own overrides; ``--set KEY=VALUE`` (YAML value) applies to every recipe after
+its own, e.g. ``--set train.dtype=float32`` on a CPU without bf16 kernels::
 
     base: {train.ema_decay: 0.0}
     muon: {}
     steps2000: {train.max_steps: 2000}
-
-``--set KEY=VALUE`` (YAML value) applies to every recipe, after its own overrides: e.g.
-``--set train.dtype=float32`` on a CPU without bf16 instructions.
-
-This is for screening many variants quickly (several runs share a GPU with ``--jobs``);
-a recipe that becomes the default is confirmed with the pipeline itself, e.g.
-``dvc exp run --set-param train.seed=1338``, on the CPU where ``make repro`` runs.
-Needs data/raw (``dvc repro download``); a recipe whose ``data.processed_dir`` does not
-exist yet (e.g. a char-level variant) is tokenized into it first. Each finished run is appended to
-``--out`` as one JSON line, so an interrupted sweep keeps what it measured; runs already
-in ``--out`` are not repeated. While a run trains, its validation lines go to
-``<out>.logs/<recipe>-<seed>.log``. Stopping the sweep stops its runs: Ctrl-C reaches
-them directly, and on Linux a run also ends when the sweep's process dies some other way
-(``kill``, even ``kill -9``), so no orphan keeps a core busy for an hour.
 """
 
 from __future__ import annotations
 
 import argparse
-import concurrent.futures
-import dataclasses
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-
-def with_overrides(overrides: dict, seed: int, device: str):
-    from gptcore.config import Params, load_params
-
-    d = load_params(ROOT / "params.yaml").to_dict()
-    for dotted, value in {**overrides, "train.seed": seed, "train.device": device}.items():
-        section, key = dotted.split(".", 1)
-        if section not in d or key not in d[section]:
-            raise SystemExit(f"unknown param {dotted!r}; the keys are params.yaml's, e.g. train.max_steps")
-        d[section][key] = value
-    return Params.from_dict(d)
+NAME = re.compile(r"(?P<recipe>.+)-s(?P<seed>\d+)")  # an experiment's name: <recipe>-s<seed>
+SOURCE_TAG, RECIPE_TAG, MACHINE_TAG = "gptcore.sweep_source", "gptcore.recipe", "gptcore.machine"
 
 
 def load_recipes(path: Path, common: dict | None = None) -> dict[str, dict]:
@@ -80,144 +73,267 @@ def parse_sets(items: list[str]) -> dict:
     return out
 
 
-def die_with_parent(parent_pid: int) -> None:
-    """End this process when ``parent_pid`` (the sweep that launched it) dies (Linux).
+def with_overrides(overrides: dict, seed: int, device: str = "auto", root: Path = ROOT):
+    """params.yaml in ``root`` with the overrides, the seed and the device: validated Params."""
+    from gptcore.config import Params, load_params
 
-    The kernel sends SIGTERM, the trainer's stop request, so a run ends at its next step
-    boundary. Without it, killing a sweep leaves its runs training for up to an hour,
-    unseen, slowing whatever runs next on the same cores."""
-    if not sys.platform.startswith("linux"):
-        return
-    import ctypes
-    import signal
-
-    pr_set_pdeathsig = 1  # <linux/prctl.h>
-    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, int(signal.SIGTERM))
-    if os.getppid() != parent_pid:  # the sweep died before the line above took effect
-        raise SystemExit("recipe_sweep: the sweep that launched this run has ended")
+    d = load_params(root / "params.yaml").to_dict()
+    for dotted, value in {**overrides, "train.seed": seed, "train.device": device}.items():
+        section, _, key = dotted.partition(".")
+        if section not in d or key not in d[section]:
+            raise SystemExit(f"unknown param {dotted!r}; the keys are params.yaml's, e.g. train.max_steps")
+        d[section][key] = value
+    return Params.from_dict(d)
 
 
-def run_one(name: str, overrides: dict, seed: int, device: str, progress: bool = False) -> dict:
-    """Train, then evaluate the best checkpoint on the whole val split (like the stages)."""
-    from gptcore.checkpoint import load_checkpoint
-    from gptcore.data.dataset import TokenData
-    from gptcore.evaluate import evaluate_tokens
-    from gptcore.training.device import resolve_device
-    from gptcore.training.loop import Trainer
+def set_arg(key: str, value) -> str:
+    """One ``-S key=value`` argument, the value written as YAML (1e-07 must stay a float)."""
+    import yaml
 
-    params = with_overrides(overrides, seed, device)
-    data = TokenData.load(ROOT / params.data.processed_dir)
-    t0 = time.monotonic()
-    with tempfile.TemporaryDirectory() as d:
-        r = Trainer(params, data, Path(d) / "best", Path(d) / "last", progress=progress).train()
-        dev = resolve_device(params.train.device)
-        model, _, _ = load_checkpoint(Path(d) / "best", device=dev)
-        ev = evaluate_tokens(model, data.val, data.tokenizer.eot_id, data.meta["val_bytes"],
-                             batch_size=params.evaluate.batch_size, dtype=params.evaluate.dtype,
-                             device=dev, progress=False)
-    tail = [row[1] for row in r.train_log[-50:]]
-    return {"name": name, "overrides": overrides, "seed": seed, "val_loss": ev["val_loss"],
-            "bits_per_byte": ev["bits_per_byte"], "best_step": r.best_step, "steps": r.steps,
-            "stopped_early": r.stopped_early, "train_loss_last50": statistics.mean(tail),
-            "tokens": r.tokens_seen, "tokens_per_s": r.tokens_per_s,
-            "wall_s": time.monotonic() - t0, "device": str(dev)}
+    text = value if isinstance(value, str) else yaml.safe_dump(value, default_flow_style=True).strip()
+    return f"{key}={text.removesuffix('...').strip()}"
 
 
-def summarize(rows: list[dict], order: list[str]) -> str:
-    lines = ["| recipe | overrides | seeds | val loss mean | spread (max-min) | bits/byte | "
-             "train loss | best step | tokens |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
-    for name in order:
-        rs = [r for r in rows if r["name"] == name and "val_loss" in r]
-        if not rs:
+def reproduce(overrides: dict, seeds: list[int]) -> str:
+    """The command that reproduces a recipe's runs: one queued experiment per seed (DVC
+    expands a comma list into a grid), then the queue."""
+    sets = [f"-S {set_arg(k, v)}" for k, v in overrides.items()]
+    seed = ",".join(str(s) for s in seeds)
+    if len(seeds) == 1:
+        return " ".join(["dvc exp run", *sets, f"-S train.seed={seed}"])
+    return " ".join(["dvc exp run --queue", *sets, f"-S train.seed={seed}"]) + " && dvc queue start -j 2"
+
+
+# -- MLflow ---------------------------------------------------------------------------------
+
+def _client(root: Path):
+    from gptcore import store
+
+    store.configure_env()
+    from mlflow.tracking import MlflowClient
+
+    uri = store.tracking_uri(root)
+    client = MlflowClient(uri)
+    return client, store.experiment(client, root, uri)
+
+
+def sweep_runs(root: Path) -> list[dict]:
+    """Every finished sweep run in the project's store: a queued experiment named
+    <recipe>-s<seed> that got through evaluate, or an imported row."""
+    client, exp_id = _client(root)
+    runs, token = [], None
+    while True:
+        page = client.search_runs([exp_id], "attributes.status = 'FINISHED'", max_results=1000, page_token=token)
+        runs += page
+        token = page.token
+        if not token:
+            break
+    out = []
+    for r in runs:
+        name = r.data.tags.get("dvc_exp_name") or r.info.run_name or ""
+        match = NAME.fullmatch(name)
+        if "eval_val_loss" not in r.data.metrics or not (match or SOURCE_TAG in r.data.tags):
             continue
+        out.append({"recipe": r.data.tags.get(RECIPE_TAG) or match["recipe"],
+                    "seed": int(r.data.params.get("train.seed") or match["seed"]), "name": name,
+                    "source": r.data.tags.get(SOURCE_TAG, "dvc exp"),
+                    "machine": r.data.tags.get(MACHINE_TAG, "not recorded"),
+                    "val_loss": r.data.metrics["eval_val_loss"],
+                    "bits_per_byte": r.data.metrics.get("eval_bits_per_byte"),
+                    "best_step": r.data.metrics.get("best_step"), "params": dict(r.data.params),
+                    "start": r.info.start_time})
+    return out
+
+
+def overrides_of(run: dict, root: Path) -> dict:
+    """What a run changed: for an imported row, the overrides it recorded; for an experiment,
+    each param that differs from params.yaml (compared as MLflow stores them, as text)."""
+    params = {k: v for k, v in run["params"].items() if k != "train.seed"}
+    if run["source"] != "dvc exp":
+        return params
+    from gptcore.config import load_params
+    from gptcore.schema import flatten
+
+    now = flatten(load_params(root / "params.yaml").to_dict())
+    return {k: v for k, v in params.items() if k in now and str(now[k]) != v and k != "train.device"}
+
+
+def table(runs: list[dict], root: Path, only: list[str] | None = None) -> str:
+    groups: dict[tuple, list[dict]] = {}
+    for run in sorted(runs, key=lambda r: r["start"]):
+        if only and run["recipe"] not in only:
+            continue
+        key = (run["recipe"], run["source"], run["machine"], json.dumps(overrides_of(run, root), sort_keys=True))
+        groups.setdefault(key, []).append(run)
+    lines = ["| recipe | seeds | val loss mean | spread (max-min) | bits/byte | best step | machine | source | "
+             "reproduce |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for (recipe, source, machine, over), rs in groups.items():
+        rs = list({r["seed"]: r for r in rs}.values())  # a seed re-run: its latest run
         v = [r["val_loss"] for r in rs]
-        over = ", ".join(f"{k}={val}" for k, val in rs[0]["overrides"].items()) or "(params.yaml)"
-        lines.append(
-            f"| {name} | {over} | {len(rs)} | {statistics.mean(v):.3f} | {max(v) - min(v):.3f} | "
-            f"{statistics.mean(r['bits_per_byte'] for r in rs):.3f} | "
-            f"{statistics.mean(r['train_loss_last50'] for r in rs):.3f} | "
-            f"{'/'.join(str(r['best_step']) for r in rs)} | {rs[0]['tokens']:,} |")
+        bpb = [r["bits_per_byte"] for r in rs if r["bits_per_byte"] is not None]
+        steps = "/".join(str(int(r["best_step"])) if r["best_step"] is not None else "?" for r in rs)
+        seeds = sorted(r["seed"] for r in rs)
+        lines.append(f"| {recipe} | {', '.join(map(str, seeds))} | {statistics.mean(v):.4f} | {max(v) - min(v):.4f} | "
+                     f"{f'{statistics.mean(bpb):.4f}' if bpb else '?'} | {steps} | {machine} | {source} | "
+                     f"`{reproduce(json.loads(over), seeds)}` |")
     return "\n".join(lines)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("recipes", type=Path)
-    ap.add_argument("--only", nargs="+")
-    ap.add_argument("--seeds", type=int, nargs="+", default=[1337, 1338, 1339])
-    ap.add_argument("--jobs", type=int, default=1)
-    ap.add_argument("--device", default="auto")
-    ap.add_argument("--threads", type=int, default=0, help="torch threads per run (0: torch's default)")
-    ap.add_argument("--out", type=Path, default=Path("sweep.jsonl"))
-    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                    help="an override for every recipe (repeatable), e.g. train.dtype=float32")
-    ap.add_argument("--one", help=argparse.SUPPRESS)  # internal: one run, JSON in, JSON out
-    args = ap.parse_args()
-    if args.one:
-        die_with_parent(int(os.environ.get("GPTCORE_SWEEP_PID", os.getppid())))
-        job = json.loads(args.one)
-        if args.threads:
-            import torch
-            torch.set_num_threads(args.threads)
-        print(json.dumps(run_one(job["name"], job["overrides"], job["seed"], args.device, progress=True)))
-        return
+def report(root: Path, only: list[str] | None, md: Path | None) -> None:
+    runs = sweep_runs(root)
+    text = table(runs, root, only)
+    if len(text.splitlines()) == 2:
+        raise SystemExit("no finished sweep runs in MLflow" + (f" for {only}" if only else "")
+                         + "; run `python bench/recipe_sweep.py queue RECIPES` first")
+    print(text)
+    if md is not None:
+        from gptcore.io import atomic_write_text
 
+        atomic_write_text(md, "<!-- made by `python bench/recipe_sweep.py report` from the MLflow runs; "
+                              "imported rows' overrides are of params.yaml as it was when measured -->\n\n"
+                          + text + "\n")
+        print(f"wrote {md}", file=sys.stderr)
+
+
+def import_rows(root: Path, path: Path, machine: str) -> None:
+    """Each measured row of a sweep_direct .jsonl as a finished MLflow run (once: a file's
+    rows already imported are skipped)."""
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    bad = [i + 1 for i, r in enumerate(rows) if not {"name", "seed", "val_loss"} <= set(r)]
+    if bad:
+        raise SystemExit(f"{path}: line(s) {bad} are not sweep rows (name, seed, val_loss); nothing imported")
+    client, exp_id = _client(root)
+    have = {(r["recipe"], r["seed"]) for r in sweep_runs(root) if r["source"] == str(path)}
+    from mlflow.entities import Metric, Param
+
+    added = 0
+    for row in rows:
+        if (row["name"], row["seed"]) in have:
+            continue
+        run = client.create_run(exp_id, run_name=f"{row['name']}-s{row['seed']}",
+                                tags={SOURCE_TAG: str(path), RECIPE_TAG: row["name"], MACHINE_TAG: machine})
+        now = int(time.time() * 1000)
+        params = [Param(k, str(v)) for k, v in {**row.get("overrides", {}), "train.seed": row["seed"]}.items()]
+        metrics = [Metric(f"eval_{k}", float(row[k]), now, 0) for k in ("val_loss", "bits_per_byte") if k in row]
+        metrics += [Metric(k, float(row[k]), now, 0) for k in ("best_step", "steps", "wall_s", "tokens_per_s")
+                    if row.get(k) is not None]
+        client.log_batch(run.info.run_id, params=params, metrics=metrics)
+        client.set_terminated(run.info.run_id, "FINISHED")
+        added += 1
+    print(f"{path}: {added} run(s) imported, {len(rows) - added} already there", file=sys.stderr)
+
+
+# -- the queue ------------------------------------------------------------------------------
+
+def _dvc(root: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    p = subprocess.run(["dvc", *args], cwd=root, capture_output=True, text=True)
+    if check and p.returncode != 0:
+        last = [line for line in (p.stderr or p.stdout).splitlines() if line.strip()][-1:] or [f"exit {p.returncode}"]
+        raise SystemExit(f"`dvc {' '.join(args)}` failed: {last[0]}")
+    return p
+
+
+def queue_status(root: Path, names: set[str]) -> dict[str, str]:
+    """Our experiments' states in `dvc queue status`: Queued, Running, Success or Failed."""
+    out = {}
+    for line in _dvc(root, "queue", "status").stdout.splitlines():
+        cols = line.split()
+        if len(cols) >= 3 and cols[1] in names:
+            out[cols[1]] = cols[-1]
+    return out
+
+
+def run_queue(root: Path, recipes: dict[str, dict], names: list[str], seeds: list[int], jobs: int) -> list[str]:
+    """Queue what MLflow lacks, run it `jobs` at a time, wait; returns the failed names."""
+    for name in names:  # a bad override fails here, before anything is queued
+        try:
+            with_overrides(recipes[name], seeds[0], root=root)
+        except (Exception, SystemExit) as e:  # noqa: BLE001 - ConfigError or an unknown key: one line naming it
+            raise SystemExit(f"recipe {name!r}: {e}") from None
+    done = {r["name"] for r in sweep_runs(root) if r["source"] == "dvc exp"}
+    todo = [(n, s) for n in names for s in seeds if f"{n}-s{s}" not in done]
+    print(f"{len(todo)} experiment(s) to run ({len(names) * len(seeds) - len(todo)} already in MLflow), "
+          f"{jobs} at a time", file=sys.stderr)
+    queued = set()
+    try:
+        for name, seed in todo:
+            exp = f"{name}-s{seed}"
+            sets = [a for k, v in recipes[name].items() for a in ("-S", set_arg(k, v))]
+            _dvc(root, "exp", "run", "--queue", "-n", exp, *sets, "-S", f"train.seed={seed}")
+            queued.add(exp)
+        if not queued:
+            return []
+        _dvc(root, "queue", "start", "-j", str(jobs))
+        t0, shown = time.monotonic(), None
+        while True:
+            states = queue_status(root, queued)
+            counts = {s: list(states.values()).count(s) for s in ("Queued", "Running", "Success", "Failed")}
+            line = ", ".join(f"{n} {s.lower()}" for s, n in counts.items() if n)
+            if line != shown:
+                print(f"[{time.monotonic() - t0:6.0f} s] {line}", file=sys.stderr, flush=True)
+                shown = line
+            if not counts["Queued"] and not counts["Running"]:
+                break
+            time.sleep(5)
+    except KeyboardInterrupt:
+        # Stop what this sweep started; finished experiments stay (and are skipped next time).
+        _dvc(root, "queue", "remove", *[n for n, s in queue_status(root, queued).items() if s == "Queued"],
+             check=False)
+        _dvc(root, "queue", "kill", *[n for n, s in queue_status(root, queued).items() if s == "Running"],
+             check=False)
+        raise SystemExit("interrupted: the finished experiments are kept; run the same command to go on") from None
+    finally:
+        _dvc(root, "queue", "stop", check=False)  # the workers, once the queue is empty
+    failed = sorted(n for n, s in queue_status(root, queued).items() if s == "Failed")
+    for name in failed:
+        log = [line for line in _dvc(root, "queue", "logs", name, check=False).stdout.splitlines() if line.strip()]
+        print(f"{name} FAILED: {log[-1] if log else 'no log'} (`dvc queue logs {name}`)", file=sys.stderr)
+    return failed
+
+
+def project_root() -> Path:
+    root = Path.cwd()
+    if not (root / "dvc.yaml").exists() or not (root / ".git").exists():
+        raise SystemExit(f"{root} is not a gptcore project's root (dvc.yaml and git); run the sweep from there")
+    return root
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="command", required=True)
+    q = sub.add_parser("queue", help="run recipes x seeds as DVC experiments, then print the table")
+    q.add_argument("recipes", type=Path)
+    q.add_argument("--seeds", type=int, nargs="+", default=[1337, 1338, 1339])
+    q.add_argument("--jobs", "-j", type=int, default=2, help="experiments at a time (dvc queue start -j)")
+    q.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="an override for every recipe (repeatable), e.g. train.dtype=float32")
+    r = sub.add_parser("report", help="the results table from the MLflow runs")
+    for p in (q, r):
+        p.add_argument("--only", nargs="+", metavar="NAME")
+        p.add_argument("--md", type=Path, help="also write the table to this Markdown file")
+    i = sub.add_parser("import", help="log sweep_direct .jsonl rows as MLflow runs")
+    i.add_argument("jsonl", type=Path, nargs="+")
+    i.add_argument("--machine", required=True, help='where the rows were measured, e.g. "AMD EPYC Zen 3, float32"')
+    args = ap.parse_args(argv)
+    root = project_root()
+    if args.command == "import":
+        for path in args.jsonl:
+            import_rows(root, path, args.machine)
+        return
+    if args.command == "report":
+        return report(root, args.only, args.md)
     recipes = load_recipes(args.recipes, parse_sets(args.set))
     names = args.only or list(recipes)
     unknown = [n for n in names if n not in recipes]
     if unknown:
-        raise SystemExit(f"unknown recipe(s) {unknown}; the file has {list(recipes)}")
-    from gptcore.errors import ConfigError
-    for name in names:  # fail on a bad override before any training...
-        try:
-            params = with_overrides(recipes[name] or {}, args.seeds[0], args.device)
-        except ConfigError as e:
-            raise SystemExit(f"recipe {name!r}: {e}") from None
-        processed = ROOT / params.data.processed_dir
-        if not (processed / "meta.json").exists():  # ...and tokenize a variant's data once
-            from gptcore.data.corpus import tokenize_corpus
-            print(f"{name}: tokenizing {params.data.raw_dir} -> {processed} ({params.tokenizer.kind})",
-                  file=sys.stderr)
-            tokenize_corpus(dataclasses.replace(params.data, processed_dir=str(processed),
-                                                raw_dir=str(ROOT / params.data.raw_dir)), params.tokenizer.kind)
-    done = [json.loads(line) for line in args.out.read_text().splitlines()] if args.out.exists() else []
-    have = {(r["name"], r["seed"]) for r in done if "val_loss" in r}
-    jobs = [{"name": n, "overrides": recipes[n] or {}, "seed": s}
-            for n in names for s in args.seeds if (n, s) not in have]
-    # A CPU run can take an hour: each run's validation lines go to its own log (several
-    # runs at once would garble one terminal; the progress bar stays off, stderr not being a
-    # terminal), named here up front.
-    logs = args.out.with_name(args.out.stem + ".logs")
-    print(f"{len(jobs)} runs ({len(have)} already in {args.out}), {args.jobs} at a time; "
-          f"progress: {logs}/<recipe>-<seed>.log", file=sys.stderr)
-
-    def launch(job: dict) -> dict:
-        cmd = [sys.executable, __file__, str(args.recipes), "--one", json.dumps(job),
-               "--device", args.device, "--threads", str(args.threads)]
-        logs.mkdir(parents=True, exist_ok=True)
-        log = logs / f"{job['name']}-{job['seed']}.log"
-        with log.open("w") as err:
-            # The kernel ties the run to this thread, not the process; a pool worker lives
-            # until the pool's last run has ended, so a finished thread never stops a run.
-            p = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=err, text=True,
-                               env={**os.environ, "GPTCORE_SWEEP_PID": str(os.getpid())})
-        if p.returncode != 0:
-            last = [line for line in log.read_text().splitlines() if line.strip()][-1:]
-            return {**job, "error": last or [f"exit {p.returncode}"], "log": str(log)}
-        return json.loads(p.stdout.strip().splitlines()[-1])
-
-    with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool, args.out.open("a") as out:
-        for future in concurrent.futures.as_completed([pool.submit(launch, j) for j in jobs]):
-            row = future.result()
-            out.write(json.dumps(row) + "\n")
-            out.flush()
-            done.append(row)
-            shown = (f"val {row['val_loss']:.4f} (best step {row['best_step']}, {row['wall_s']:.0f} s)"
-                     if "val_loss" in row else f"FAILED: {row['error']}")
-            print(f"{row['name']} seed {row['seed']}: {shown}", file=sys.stderr, flush=True)
-    print(summarize(done, names))
+        raise SystemExit(f"unknown recipe(s) {unknown}; {args.recipes} has {list(recipes)}")
+    failed = run_queue(root, recipes, names, args.seeds, args.jobs)
+    report(root, names, args.md)
+    if failed:
+        raise SystemExit(f"{len(failed)} experiment(s) failed: {failed}")
 
 
 if __name__ == "__main__":
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    os.environ.setdefault("DVC_NO_ANALYTICS", "1")
     main()

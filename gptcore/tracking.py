@@ -141,8 +141,12 @@ class Tracker:
                 self._logged = {key: max((m.step for m in client.get_metric_history(self.run_id, key)),
                                          default=-1) for key in run.data.metrics}
                 return
+            from .training.device import describe_machine
+
+            # The machine: CPU numbers (speed, and float32 vs bf16 results) depend on it.
             all_tags = {"git_commit": git_commit(self.root) or "unknown",
-                        "dvc_exp_name": os.environ.get("DVC_EXP_NAME", ""), **(tags or {})}
+                        "dvc_exp_name": os.environ.get("DVC_EXP_NAME", ""),
+                        "gptcore.machine": describe_machine(), **(tags or {})}
             name = os.environ.get("DVC_EXP_NAME") or readable_run_name(self.root, params)
             run = client.create_run(exp_id, tags={k: v for k, v in all_tags.items() if v},
                                     run_name=name or None)

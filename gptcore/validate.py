@@ -105,33 +105,15 @@ def _baseline(root: Path, base: str, name: str) -> bytes | None:
     return proc.stdout if proc.returncode == 0 else None
 
 
-def _machine() -> str:
-    """The CPU class the numbers depend on: its model, family and model number, and whether
-    training could run in bfloat16 (the default falls back to float32 without bf16 kernels)."""
-    import platform
-
-    from .training.device import cpu_has_bf16_kernels
-
-    fields: dict[str, str] = {}
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                key, _, value = line.partition(":")
-                fields.setdefault(key.strip(), value.strip())
-    except OSError:
-        pass
-    dtype = "bfloat16" if cpu_has_bf16_kernels() else "float32 (no bf16 kernels)"
-    return (f"{fields.get('model name', platform.machine())} (cpu family {fields.get('cpu family', '?')}, "
-            f"model {fields.get('model', '?')}), {os.cpu_count()} cores, {dtype}")
-
-
 def _write(root: Path, sets: list[str], files: dict[str, bytes]) -> Path:
     """validation/: the metric files and setting.json (the setting and the machine)."""
     out = root / OUT_DIR
     out.mkdir(exist_ok=True)
     for name, data in files.items():
         atomic_write_bytes(out / name, data)
-    atomic_write_text(out / SETTING, json.dumps({"set": sets, "machine": _machine()}, indent=2) + "\n")
+    from .training.device import describe_machine  # torch: imported only once a run is done
+
+    atomic_write_text(out / SETTING, json.dumps({"set": sets, "machine": describe_machine()}, indent=2) + "\n")
     return out
 
 
@@ -171,6 +153,8 @@ def validate(root: Path, base: str, sets: list[str], tolerance: float, progress:
         from .plots import plot_runs
         plot_runs(runs, out / "loss.png", smooth=20)
 
+    from .training.device import describe_machine
+
     new_bpb = json.loads(files["eval.json"])["bits_per_byte"]
     old_bpb = json.loads(base_eval)["bits_per_byte"]
     worse = new_bpb - old_bpb
@@ -184,7 +168,7 @@ def validate(root: Path, base: str, sets: list[str], tolerance: float, progress:
         "# Pipeline validation", "",
         f"**{verdict}**", "",
         f"Setting: `{' '.join('-S ' + s for s in sets)}` · base: `{base}`", "",
-        f"This run: {_machine()}. The baseline's: {base_setting.get('machine', 'not recorded')}.", "",
+        f"This run: {describe_machine()}. The baseline's: {base_setting.get('machine', 'not recorded')}.", "",
         "## Params (against the base)", "", params or "No params changed.", "",
         "## Metrics (validation/, against the base's)", "",
         metrics or "No metric changed: this run reproduces the baseline exactly.", "",

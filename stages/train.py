@@ -39,7 +39,8 @@ def main() -> None:
                       version_tags=init.tags if init is not None else None)
     write_train_outputs(result, "metrics")
     write_run_file(tracker.run_id)
-    tracker.log_metrics({"final_val_loss": result.final_val_loss, "train_tokens_per_s": result.tokens_per_s,
+    tracker.log_metrics({"final_val_loss": result.final_val_loss, "best_step": result.best_step,
+                         "train_tokens_per_s": result.tokens_per_s,
                          "train_wall_time_s": result.wall_time_s,
                          "train_step_time_s": result.train_time_s}, step=result.steps)
     tracker.set_tags({"train.device_used": result.device, "train.dtype_used": result.dtype})

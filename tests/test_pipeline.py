@@ -184,48 +184,6 @@ def test_mlflow_ui_shows_both_runs_with_dataset_and_model(project):
         assert b"<html" in page.lower()  # the UI itself is served
 
 
-def test_queued_experiments_on_two_workers_log_into_the_same_store(project):
-    """Three `dvc exp run --queue` experiments run by `dvc queue start -j 2` in temporary
-    copies of the repo, two at a time: each lands in the repo's mlflow.db (MLflow paths
-    come from DVC_ROOT) as its own run, named after it, with its own params and metrics,
-    and the SQLite store survives the concurrent writers intact."""
-    import sqlite3
-    import time
-
-    root, env = project
-    dvc = str(VENV_BIN / "dvc")
-    rates = {"q2e3": "0.002", "q25e4": "0.0025", "q3e3": "0.003"}
-    for name, lr in rates.items():
-        _run([dvc, "exp", "run", "--queue", "-n", name, "--set-param", f"train.learning_rate={lr}"], root, env)
-    _run([dvc, "queue", "start", "-j", "2"], root, env)
-    try:
-        deadline = time.monotonic() + 600
-        while True:
-            status = _run([dvc, "queue", "status"], root, env).stdout
-            if "Queued" not in status and "Running" not in status:
-                break
-            assert time.monotonic() < deadline, status
-            time.sleep(3)
-    finally:
-        subprocess.run([dvc, "queue", "stop"], cwd=root, env=env, capture_output=True, timeout=60)
-    assert status.count("Success") == 3, status
-
-    client = _mlflow_client(root)
-    runs = client.search_runs([client.get_experiment_by_name("gptcore").experiment_id])
-    by_name = {r.info.run_name: r for r in runs}
-    for name, lr in rates.items():
-        run = by_name[name]
-        assert run.data.params["train.learning_rate"] == lr
-        assert run.data.tags["dvc_exp_name"] == name
-        assert len(client.get_metric_history(run.info.run_id, "train_loss")) == 6
-        assert "eval_perplexity" in run.data.metrics
-        assert {"samples.md", "samples.json"} <= {a.path for a in client.list_artifacts(run.info.run_id)}
-    losses = {by_name[n].data.metrics["eval_val_loss"] for n in rates}
-    assert len(losses) == 3  # three different runs, not one logged three times
-    with sqlite3.connect(root / "mlflow.db") as db:
-        assert db.execute("PRAGMA integrity_check").fetchone() == ("ok",)
-
-
 def test_own_corpus_folder_is_a_tracked_dependency(tmp_path, mirror_dir):
     """data.sources pointing at a local folder: the tokenize stage refuses it until
     dvc.yaml lists it as a dep; then editing a file in it makes DVC re-run tokenize."""

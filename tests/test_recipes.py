@@ -36,11 +36,13 @@ def test_every_recipe_is_a_valid_configuration(sweep, name):
     assert d["train"]["seed"] == 1338
 
 
-def test_a_bad_recipe_value_is_one_line_naming_the_recipe(tmp_path):
+@pytest.mark.parametrize("runner", ["recipe_sweep", "sweep_direct"])
+def test_a_bad_recipe_value_is_one_line_naming_the_recipe(tmp_path, runner):
     bad = tmp_path / "recipes.yaml"
     bad.write_text("oops: {train.label_smoothing: 1.5}\n")
-    p = subprocess.run([sys.executable, str(REPO / "bench" / "recipe_sweep.py"), str(bad),
-                        "--out", str(tmp_path / "s.jsonl")], capture_output=True, text=True, cwd=REPO)
+    args = ["queue", str(bad)] if runner == "recipe_sweep" else [str(bad), "--out", str(tmp_path / "s.jsonl")]
+    p = subprocess.run([sys.executable, str(REPO / "bench" / f"{runner}.py"), *args],
+                       capture_output=True, text=True, cwd=REPO)
     assert p.returncode != 0
     assert "recipe 'oops'" in p.stderr and "label_smoothing" in p.stderr
     assert "Traceback" not in p.stderr
@@ -74,15 +76,15 @@ def _gone(pid: int) -> bool:
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
 def test_a_run_ends_when_its_sweep_is_killed(tmp_path):
-    # A sweep's run trains for up to an hour in its own process: kill -9 the sweep and the
+    # A direct sweep's run trains for up to an hour in its own process: kill -9 the sweep and the
     # run must not keep a core busy, unseen. The "sweep" here is a real parent process
     # launching a real child that calls the run's own guard; then SIGKILL, then wait.
     parent = tmp_path / "sweep.py"
     parent.write_text(textwrap.dedent(f"""
         import os, subprocess, sys
         child = subprocess.Popen([sys.executable, "-c", (
-            "import os, sys, time; sys.path.insert(0, {str(REPO / "bench")!r}); import recipe_sweep; "
-            "recipe_sweep.die_with_parent(int(os.environ['GPTCORE_SWEEP_PID'])); "
+            "import os, sys, time; sys.path.insert(0, {str(REPO / "bench")!r}); import sweep_direct; "
+            "sweep_direct.die_with_parent(int(os.environ['GPTCORE_SWEEP_PID'])); "
             "print('ready', flush=True); time.sleep(300)")],
             env={{**os.environ, "GPTCORE_SWEEP_PID": str(os.getpid())}}, stdout=subprocess.PIPE, text=True)
         assert child.stdout.readline().strip() == "ready"
@@ -110,8 +112,8 @@ def test_a_run_whose_sweep_already_ended_does_not_start():
     # The guard's other half: the sweep died before the guard was set (its pid is not
     # this process's parent any more), so the run exits instead of training unowned.
     p = subprocess.run([sys.executable, "-c",
-                        f"import sys; sys.path.insert(0, {str(REPO / 'bench')!r}); import recipe_sweep; "
-                        "recipe_sweep.die_with_parent(1)"], capture_output=True, text=True)
+                        f"import sys; sys.path.insert(0, {str(REPO / 'bench')!r}); import sweep_direct; "
+                        "sweep_direct.die_with_parent(1)"], capture_output=True, text=True)
     if sys.platform.startswith("linux"):
         assert p.returncode != 0 and "has ended" in p.stderr
         assert "Traceback" not in p.stderr
