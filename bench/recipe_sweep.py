@@ -41,6 +41,7 @@ import re
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -226,7 +227,13 @@ def import_rows(root: Path, path: Path, machine: str) -> None:
 # -- the queue ------------------------------------------------------------------------------
 
 def _dvc(root: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-    p = subprocess.run(["dvc", *args], cwd=root, capture_output=True, text=True)
+    # Output goes through files, not pipes: `dvc queue start` leaves a daemon worker that
+    # inherits them, and a pipe it holds open would keep this call waiting for its EOF.
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        code = subprocess.run(["dvc", *args], cwd=root, stdin=subprocess.DEVNULL, stdout=out, stderr=err).returncode
+        out.seek(0)
+        err.seek(0)
+        p = subprocess.CompletedProcess(args, code, out.read(), err.read())
     if check and p.returncode != 0:
         last = [line for line in (p.stderr or p.stdout).splitlines() if line.strip()][-1:] or [f"exit {p.returncode}"]
         raise SystemExit(f"`dvc {' '.join(args)}` failed: {last[0]}")
