@@ -31,7 +31,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from machine import describe, headline  # noqa: E402 - bench/ is on sys.path
 
-RECIPES = "lr_a: {train.learning_rate: 0.0015}\nlr_b: {train.learning_rate: 0.002}\n"
+RATES = {"lr_a": 0.0015, "lr_b": 0.002}  # two recipes
 TINY = ["model.n_layer=1", "model.n_head=2", "model.n_embd=32", "model.block_size=32", "train.batch_size=4",
         "train.max_steps=6", "train.warmup_steps=2", "train.eval_interval=3", "train.eval_batches=2",
         "train.checkpoint_interval=3", "train.patience=0", "sample.max_new_tokens=12"]
@@ -69,13 +69,13 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory(prefix="gptcore-queue-bench-") as work:
         clone = _clone(Path(work), env)
-        recipes = Path(work) / "recipes.yaml"
-        recipes.write_text(RECIPES)
         seeds = [str(s) for s in args.seeds]
         n = 2 * len(seeds)
         for size in args.sizes:
             sets = [*(TINY if size == "tiny" else [f"train.max_steps={args.steps}"]), "train.threads=1"]
             set_args = [a for s in sets for a in ("--set", s)]
+            recipes = Path(work) / f"recipes-{size}.yaml"  # names of its own: another size is another experiment
+            recipes.write_text("".join(f"{name}_{size}: {{train.learning_rate: {lr}}}\n" for name, lr in RATES.items()))
             direct = _timed([sys.executable, str(clone / "bench" / "sweep_direct.py"), str(recipes), "--seeds", *seeds,
                              "--jobs", "2", "--threads", "1", "--device", "cpu",
                              "--out", str(Path(work) / f"direct-{size}.jsonl"), *set_args], clone, env)

@@ -257,8 +257,18 @@ def run_queue(root: Path, recipes: dict[str, dict], names: list[str], seeds: lis
             with_overrides(recipes[name], seeds[0], root=root)
         except (Exception, SystemExit) as e:  # noqa: BLE001 - ConfigError or an unknown key: one line naming it
             raise SystemExit(f"recipe {name!r}: {e}") from None
-    done = {r["name"] for r in sweep_runs(root) if r["source"] == "dvc exp"}
-    todo = [(n, s) for n in names for s in seeds if f"{n}-s{s}" not in done]
+    # Done: a finished run of that name with exactly these settings (the same recipe name
+    # with other --set values is another experiment, and runs).
+    from gptcore.schema import flatten
+
+    done = {(r["name"], json.dumps({k: r["params"].get(k) for k in sorted(recipes[r["recipe"]])}))
+            for r in sweep_runs(root) if r["source"] == "dvc exp" and r["recipe"] in recipes}
+
+    def wanted(name: str, seed: int) -> str:
+        settings = flatten(with_overrides(recipes[name], seed, root=root).to_dict())
+        return json.dumps({k: str(settings[k]) for k in sorted(recipes[name])})
+
+    todo = [(n, s) for n in names for s in seeds if (f"{n}-s{s}", wanted(n, s)) not in done]
     print(f"{len(todo)} experiment(s) to run ({len(names) * len(seeds) - len(todo)} already in MLflow), "
           f"{jobs} at a time", file=sys.stderr)
     queued = set()
