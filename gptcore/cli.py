@@ -114,6 +114,14 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--threads", type=int, default=None, metavar="N",
                    help="torch threads for decoding (default: one fewer than torch's default, at least 1: "
                         "the HTTP side needs a core too)")
+    s.add_argument("--api-key", action="append", default=[], metavar="KEY",
+                   help="require Authorization: Bearer KEY on /v1 (repeatable: any of them; default: the "
+                        "environment variable GPTCORE_API_KEY, else no key). /health and /metrics stay open")
+    s.add_argument("--allowed-host", action="append", default=[], metavar="NAME",
+                   help="a Host name clients may use besides this server's own (repeatable), e.g. a proxy's; "
+                        "bound to loopback, only localhost, 127.0.0.1 and [::1] are accepted otherwise")
+    s.add_argument("--no-access-log", dest="access_log", action="store_false",
+                   help="no per-request line on stderr (id, status, tokens, time to first token, total ms, finish)")
 
     p = sub.add_parser("promote", help="point the registry's 'champion' alias at a model version",
                        description="Set the alias champion of the registered model gptcore by hand "
@@ -280,6 +288,14 @@ def _serve(args: argparse.Namespace) -> int:
         if value is not None and (value < low or (name == "port" and value > 65535)):
             allowed = "0 <= port <= 65535" if name == "port" else f"an integer >= {low}"
             raise _UsageError(invalid(f"--{name.replace('_', '-')}", value, allowed))
+    cpus = os.cpu_count() or 1
+    if args.threads is not None and args.threads > cpus:  # 1000 on 2 cores made a completion 90x slower
+        raise _UsageError(invalid("--threads", args.threads, f"at most this machine's {cpus} CPUs"))
+    keys = args.api_key or ([os.environ["GPTCORE_API_KEY"]] if os.environ.get("GPTCORE_API_KEY") else [])
+    for key in keys:  # a key is sent in a header: printable ASCII, no spaces, not blank
+        if not key or not all(33 <= ord(c) <= 126 for c in key):
+            raise _UsageError("an API key must be printable ASCII without spaces, and not empty "
+                              "(--api-key or GPTCORE_API_KEY)")
     import torch
 
     from .serving.app import Limits, serve
@@ -288,7 +304,8 @@ def _serve(args: argparse.Namespace) -> int:
     model, tokenizer = _load(args)
     serve(model, tokenizer, host=args.host, port=args.port, model_id=args.model_name,
           max_batch=args.max_batch, max_queue=args.max_queue,
-          limits=Limits(max_tokens=args.max_tokens, max_n=args.max_n, max_body=args.max_body))
+          limits=Limits(max_tokens=args.max_tokens, max_n=args.max_n, max_body=args.max_body),
+          api_keys=tuple(keys), access_log=args.access_log, allowed_hosts=tuple(args.allowed_host))
     return 0
 
 

@@ -8,7 +8,9 @@ Input: prompts (a list of strings, or a DataFrame with a string column ``prompt`
 Output: their completions, one string each (the prompt not included). Params: the
 sampling settings of ``gptcore generate``, each with its default (``SIGNATURE`` below);
 ``seed`` -1 means a fresh random seed. Each prompt is generated as ``gptcore generate``
-generates it, so the same settings give the same completions.
+generates it, so the same settings give the same completions. ``max_new_tokens`` is capped
+at ``MAX_NEW_TOKENS`` (1,024, gptcore serve's default cap), and a bad param is a 400 with one
+line naming it, from ``mlflow models serve`` too.
 
 The checkpoint is the model's artifact ``checkpoint`` (the directory ``models/best``),
 read by the same safe loader as any checkpoint (safetensors, no pickle).
@@ -21,7 +23,7 @@ from mlflow.models import ModelSignature
 from mlflow.pyfunc import PythonModel
 from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 
-from gptcore.generation.sampling import SamplingConfig  # torch-free
+from gptcore.generation.sampling import MAX_NEW_TOKENS, SamplingConfig  # torch-free
 
 _D = SamplingConfig()  # the defaults of `gptcore generate`
 # name -> (MLflow type, default, SamplingConfig field)
@@ -67,12 +69,29 @@ class GptcoreModel(PythonModel):
     def predict(self, context, model_input, params=None) -> list[str]:
         from gptcore.generation.generate import generate
 
-        params = params or {}
-        values = {field: params.get(name, default) for name, (_, default, field) in PARAMS.items()}
-        if values["seed"] is not None and values["seed"] < 0:
-            values["seed"] = None
-        cfg = SamplingConfig(**values, stop=tuple(params.get("stop") or ()))
-        return [generate(self.model, self.tokenizer, prompt, cfg) for prompt in _prompts(model_input)]
+        try:
+            cfg = settings(params or {})
+            prompts = _prompts(model_input)
+        except (ValueError, TypeError) as exc:
+            # MLflow's scoring server answers an MlflowException with its message alone (400);
+            # anything else became "Encountered an unexpected error" and a 25-line traceback
+            # holding the server's paths, the reason on its last line.
+            from mlflow.exceptions import MlflowException
+            from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+
+            raise MlflowException(str(exc), error_code=INVALID_PARAMETER_VALUE) from None
+        return [generate(self.model, self.tokenizer, prompt, cfg) for prompt in prompts]
+
+
+def settings(params: dict) -> SamplingConfig:
+    """The request's params as sampling settings; ValueError (a ConfigError) names a bad one."""
+    values = {field: params.get(name, default) for name, (_, default, field) in PARAMS.items()}
+    if values["max_new_tokens"] > MAX_NEW_TOKENS:  # greedy text may never reach end-of-text
+        raise ValueError(f"max_new_tokens={values['max_new_tokens']} is over this model's cap; "
+                         f"allowed: 0 <= max_new_tokens <= {MAX_NEW_TOKENS}")
+    if values["seed"] is not None and values["seed"] < 0:
+        values["seed"] = None
+    return SamplingConfig(**values, stop=tuple(params.get("stop") or ()))
 
 
 mlflow.models.set_model(GptcoreModel())

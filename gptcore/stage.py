@@ -49,6 +49,23 @@ def project_root() -> Path:
     return Path(os.environ.get("DVC_ROOT") or os.getcwd()).resolve()
 
 
+def outputs_inside(params) -> None:
+    """Refuse stage outputs outside the project: DVC tracks data.raw_dir, data.processed_dir and
+    train.out_dir as outputs, which must lie inside the repository (one outside passed, ran
+    once, then failed inside DVC with an empty reason). Relative to where the stage runs: the
+    project's root, or a queued experiment's copy of it."""
+    from .errors import ConfigError
+
+    here = Path.cwd().resolve()
+    for key, value in (("data.raw_dir", params.data.raw_dir), ("data.processed_dir", params.data.processed_dir),
+                       ("train.out_dir", params.train.out_dir)):
+        path = (here / Path(value).expanduser()).resolve()
+        if path == here or here not in path.parents:
+            raise ConfigError(f"{key}={value!r} is not inside the project ({here}); DVC tracks it as a stage "
+                              "output, which must be a directory in the repository; allowed: a relative path "
+                              "such as data/processed")
+
+
 def covered(path: str | Path, deps: list[str], root: Path | None = None) -> bool:
     """Whether a declared dep (absolute, as :func:`declared_deps` gives) is ``path`` or a
     directory above it: DVC re-runs a stage only when a dep changes, so a stage refuses

@@ -226,6 +226,56 @@ def test_full_disk_during_a_checkpoint_fails_cleanly(project, failing_write):
     assert snapshot(root) == before  # the published model and metrics are the previous run's
 
 
+FULL_DISK_TOKENIZE = """
+import errno, runpy
+import gptcore.data.corpus as corpus
+real_open = open
+class Filling:  # a disk that fills up after 20,000 bytes of token ids
+    def __init__(self, f):
+        self.f, self.n = f, 0
+    def write(self, data):
+        self.n += len(data)
+        if self.n > 20_000:
+            raise OSError(errno.ENOSPC, "No space left on device")  # as a buffered write raises it: no file named
+        return self.f.write(data)
+    def __getattr__(self, name):
+        return getattr(self.f, name)
+def filling_open(path, mode="r", *args, **kwargs):
+    f = real_open(path, mode, *args, **kwargs)
+    return Filling(f) if str(path).endswith(".bin") and "w" in mode else f
+corpus.open = filling_open
+runpy.run_module("stages.tokenize", run_name="__main__")
+"""
+
+
+def test_full_disk_during_tokenize_says_so_and_names_the_file(project):
+    # numpy's tofile said only "317725 requested and 149378 written".
+    root, env = project
+    before = snapshot(root)
+    proc = subprocess.run([sys.executable, "-c", FULL_DISK_TOKENIZE], cwd=root, env=env, capture_output=True,
+                          text=True, timeout=180)
+    line = error_line(proc)
+    assert line.startswith("error: No space left on device (") and "train.bin" in line, line
+    assert "outputs already written are intact" in line, line
+    assert snapshot(root) == before  # data/processed is the previous run's
+
+
+def test_outputs_outside_the_project_are_refused_before_anything_runs(project, params_restored, tmp_path):
+    # One outside passed, ran once, then failed inside DVC with an empty reason.
+    root, env = project
+    before = snapshot(root)
+    outside = tmp_path / "elsewhere"
+    for key, section, stage in (("processed_dir", "data", "tokenize"), ("out_dir", "train", "train"),
+                                ("raw_dir", "data", "download")):
+        for value in ("../elsewhere", str(outside)):
+            write_params(root, {section: {key: value}})
+            line = error_line(run_stage(stage, root, env))
+            assert f"{section}.{key}={value!r} is not inside the project" in line, line
+            assert "allowed: a relative path" in line, line
+    assert not outside.exists() and not (root.parent / "elsewhere").exists()
+    assert snapshot(root) == before
+
+
 FULL_DISK_ON_FSYNC = """
 import errno, os, runpy, sys
 def fsync(fd):  # the disk fills up as the metrics file is flushed

@@ -219,6 +219,43 @@ def test_low_temperature_approaches_greedy(model, tok):
     assert cold == greedy
 
 
+def test_a_temperature_below_the_floor_is_greedy_not_garbage(model, tok):
+    # 1e-40 overflowed float32: every score infinite, end-of-text drawn, empty text reported
+    # as a normal stop. Below MIN_TEMPERATURE a temperature is greedy.
+    from gptcore.generation.sampling import MIN_TEMPERATURE
+
+    assert SamplingConfig(temperature=1e-40).temperature == 0.0 and SamplingConfig(temperature=1e-40).greedy
+    assert SamplingConfig(temperature=MIN_TEMPERATURE).temperature == MIN_TEMPERATURE
+    prompt = tok.encode("All")
+    greedy = generate_ids(model, prompt, dataclasses.replace(GREEDY, max_new_tokens=10))
+    for t in (1e-40, 1e-300, 5e-324):
+        assert generate_ids(model, prompt, SamplingConfig(max_new_tokens=10, temperature=t, seed=0,
+                                                          stop_at_eot=False)) == greedy
+
+
+def test_scoring_is_the_models_log_softmax_window_by_window(model, tok):
+    from gptcore.generation.scoring import score_tokens
+
+    block = model.config.block_size
+    ids = tok.encode("First Citizen:\nBefore we proceed any further, hear me speak. " * 4)[:2 * block + 7]
+    scored = score_tokens(model, ids, top_n=2)
+    assert scored[0] is None and all(s is not None for s in scored[1:])
+    with torch.no_grad():  # the first window: one forward pass, the next block tokens predicted
+        logits, _ = model(torch.tensor([ids[:block]]))
+        lp = torch.log_softmax(logits[0].float(), -1)
+    for i in range(1, block + 1):
+        value, alts = scored[i]
+        assert abs(value - float(lp[i - 1, ids[i]])) < 1e-5
+        assert [a for a, _ in alts] == lp[i - 1].topk(2).indices.tolist()
+    with torch.no_grad():  # a later token: scored with its window's context (half a block back at least)
+        start = block // 2
+        logits, _ = model(torch.tensor([ids[start:start + block]]))
+        lp = torch.log_softmax(logits[0].float(), -1)
+    i = block + 1
+    assert abs(scored[i][0] - float(lp[i - start - 1, ids[i]])) < 1e-5
+    assert score_tokens(model, ids[:1]) == [None] and score_tokens(model, []) == []
+
+
 def kept(logits: torch.Tensor, **settings) -> list[list[int]]:
     """Per row, the ids the filters leave (sorted)."""
     scores, ids = candidates(logits, SamplingConfig(**{"temperature": 1.0, **settings}))

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 from browser import Browser, find_chromium
 from conftest import REPO, never_ending_checkpoint
-from test_serve import running_server
+from test_serve import MODEL, running_server
 
 pytestmark = pytest.mark.slow  # a real server, and Chromium where installed: `make test-all` and CI
 
@@ -179,3 +179,22 @@ def test_playground_stop_button_aborts_the_stream(server, browser):
     # The server let go of the aborted request: a new one is still answered.
     status, answer = complete(server, {"prompt": "ROMEO:", "max_tokens": 5, "temperature": 0})
     assert status == 200 and len(answer["choices"][0]["text"]) == 5, answer
+
+
+def test_playground_asks_for_the_key_and_sends_it(checkpoint, browser, tmp_path):
+    key = "playground-key-42"
+    with running_server(checkpoint, tmp_path, "--api-key", key) as s:
+        browser.open(s.base + "/")
+        # /health says a key is needed: the field shows, and listing the model failed with 401.
+        browser.wait_for("!document.getElementById('key_field').hidden", timeout=WAIT_S)
+        browser.wait_for("!document.getElementById('error').hidden", timeout=WAIT_S)
+        assert "needs an API key" in text_of(browser, "error")
+        browser.type_text("#api_key", key, clear=True)
+        browser.evaluate("document.getElementById('api_key').dispatchEvent(new Event('change'))")
+        browser.wait_for(f"document.getElementById('model').textContent === {json.dumps(MODEL)}",
+                         timeout=WAIT_S)
+        browser.type_text("#prompt", "ROMEO:", clear=True)
+        browser.type_text("#max_tokens", "8", clear=True)
+        assert generate(browser) == "done", text_of(browser, "error")
+        assert len(text_of(browser, "output")) == len("ROMEO:") + 8
+        assert browser.evaluate("document.getElementById('error').hidden")

@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -153,8 +154,21 @@ def test_mlflow_models_serve_answers_with_the_champion(project, tmp_path):
                             cwd=tmp_path, env=serve_env, stdout=log, stderr=log, start_new_session=True)
     try:
         body = json.dumps({"inputs": PROMPTS, "params": GREEDY}).encode()
-        answer = _post_when_up(proc, f"http://127.0.0.1:{port}/invocations", body, tmp_path / "serve.log")
+        url = f"http://127.0.0.1:{port}/invocations"
+        answer = _post_when_up(proc, url, body, tmp_path / "serve.log")
         assert answer == {"predictions": expected}
+        # Bad params: one line naming the param, no traceback with the server's paths. A
+        # billion greedy tokens (a loop on "::::" that never ends) is refused, not decoded.
+        for params, words in (({"temperature": -1}, "temperature=-1.0"), ({"seed": 2**70}, "seed="),
+                              ({"temperature": 0, "max_new_tokens": 10**9}, "max_new_tokens <= 1024")):
+            req = urllib.request.Request(url, json.dumps({"inputs": ["ROMEO:"], "params": params}).encode(),
+                                         {"Content-Type": "application/json"})
+            with pytest.raises(urllib.error.HTTPError) as refused:
+                urllib.request.urlopen(req, timeout=60)
+            error = json.loads(refused.value.read())
+            assert refused.value.code == 400 and error["error_code"] == "INVALID_PARAMETER_VALUE", error
+            assert words in error["message"] and "\n" not in error["message"], error
+            assert "stack_trace" not in error and "site-packages" not in json.dumps(error), error
     finally:
         _stop(proc)
         log.close()

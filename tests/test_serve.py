@@ -90,7 +90,7 @@ def _free_port() -> int:
 
 
 @contextmanager
-def running_server(checkpoint: Path, log_dir: Path, *flags: str):
+def running_server(checkpoint: Path, log_dir: Path, *flags: str, extra_env: dict | None = None):
     """A real `gptcore serve` with ``flags`` on a free port, once /health answers ok;
     its stderr goes to a file (never a pipe: a full pipe would block the server) the
     tests read. Killed with its process group afterwards."""
@@ -100,7 +100,7 @@ def running_server(checkpoint: Path, log_dir: Path, *flags: str):
     with open(stderr, "wb") as err:
         proc = subprocess.Popen([str(GPTCORE), "serve", "--checkpoint", str(checkpoint), "--port", str(port),
                                  "--model-name", MODEL, *flags],
-                                stdout=err, stderr=err, env=env(), start_new_session=True)
+                                stdout=err, stderr=err, env={**env(), **(extra_env or {})}, start_new_session=True)
     server = Server(port, f"http://127.0.0.1:{port}", stderr, proc)
     try:
         deadline = time.monotonic() + WAIT_S
@@ -392,7 +392,11 @@ BAD_REQUESTS = [
     ("n-over-max-n", {"n": MAX_N + 1}, 400, "n", None, [f"n={MAX_N + 1}", f"n <= {MAX_N}"]),
     ("max-tokens-over-cap", {"max_tokens": LONG + 1}, 400, "max_tokens", None, [f"max_tokens={LONG + 1}", str(LONG)]),
     ("characters-not-in-vocabulary", {"prompt": "naïve €5"}, 400, "prompt", None, ["'5ï€'", "vocabulary"]),
-    ("logprobs", {"logprobs": 3}, 400, "logprobs", None, ["logprobs is not supported"]),
+    ("best-of", {"best_of": 3}, 400, "best_of", None, ["best_of is not supported"]),
+    # Misspelt fields were ignored and the defaults silently applied.
+    ("misspelt-max-tokens", {"max_token": 5}, 400, "max_token", "unknown_field", ["did you mean 'max_tokens'?"]),
+    ("misspelt-temperature", {"temprature": 0.5}, 400, "temprature", "unknown_field", ["'temperature'"]),
+    ("unknown-field", {"zzz": 1}, 400, "zzz", "unknown_field", ["the fields are", "max_tokens"]),
     ("stream-not-a-bool", {"stream": "yes"}, 400, "stream", None, ["stream='yes'", "true or false"]),
     ("prompt-not-text", {"prompt": 42}, 400, "prompt", None, ["prompt must be a string"]),
     ("empty-stop", {"stop": ""}, 400, "stop", None, ["stop strings must not be empty"]),
@@ -529,7 +533,8 @@ def test_models_health_and_unknown_routes(server, client):
     assert status == 200 and models["object"] == "list"
     [card] = models["data"]
     assert (card["id"], card["object"], card["context_length"]) == (MODEL, "model", BLOCK)
-    assert server.health() == {"status": "ok", "rows_in_flight": 0, "max_batch": 4, "max_queue": 64}
+    assert server.health() == {"status": "ok", "api_key_required": False, "rows_in_flight": 0, "max_batch": 4,
+                               "max_queue": 64}
     check_error(*request(server.port, "GET", "/v1/nothing-here"), 404, code="not_found", words=["/v1/nothing-here"])
     check_error(*request(server.port, "GET", "/v1/completions"), 405, code="method_not_allowed")
 
@@ -538,6 +543,7 @@ def test_binds_localhost_by_default(server):
     """Started without --host: it says, and does, listen on 127.0.0.1 only."""
     wait_until(lambda: "http://" in server.log(), "the ready line is on stderr", timeout=10)
     assert f"gptcore serve: {MODEL!r} on http://127.0.0.1:{server.port} (" in server.log()
+    assert "with no API key" not in server.log()  # loopback: no warning
     tables = {name: Path("/proc/net", name) for name in ("tcp", "tcp6")}
     if not tables["tcp"].is_file():
         pytest.skip("no /proc/net/tcp to read listening sockets from")

@@ -25,6 +25,7 @@ when complete, so a crash or Ctrl-C never leaves a ``train.bin`` that looks fini
 from __future__ import annotations
 
 import codecs
+import contextlib
 import hashlib
 import os
 import sys
@@ -233,8 +234,21 @@ class _SplitWriter:
     def _write_one(self) -> None:
         item = self._inflight.popleft()
         ids = np.array([self.tokenizer.eot_id], dtype=self.dtype) if item is None else item.result()
-        ids.tofile(self._file)
+        with self._naming_the_file():
+            # file.write, not ndarray.tofile: on a full disk tofile says only "317725 requested
+            # and 149378 written", without the errno or the file.
+            self._file.write(ids.tobytes())
         self.tokens += ids.size
+
+    @contextlib.contextmanager
+    def _naming_the_file(self):
+        """An OSError from writing names this file (a buffered write's own error does not)."""
+        try:
+            yield
+        except OSError as exc:
+            if exc.filename is None:
+                raise OSError(exc.errno, exc.strerror or str(exc), str(self.path)) from exc
+            raise
 
     def close(self) -> None:
         """Encode and write what is left, then close the file."""
@@ -242,6 +256,8 @@ class _SplitWriter:
             self.end_document()
             while self._inflight:
                 self._write_one()
+            with self._naming_the_file():
+                self._file.flush()  # the buffer's last bytes: a full disk may show only here
         finally:
             self._file.close()
 

@@ -46,6 +46,7 @@ from ..model.decode import CachedDecoder, UncachedDecoder
 from ..model.gpt import GPT
 from .logits import draw
 from .sampling import SamplingConfig, _is_int
+from .scoring import Scored, top_alternatives
 
 __all__ = ["Engine", "Row"]
 
@@ -70,6 +71,8 @@ class Row:
     pending: int | None = field(default=None, repr=False)  # the token to feed next step
     logits: torch.Tensor | None = field(default=None, repr=False)
     slot: int | None = None
+    logprobs: int | None = None         # report each token's log-probability and this many alternatives
+    scored: Scored | None = None        # ...the last token's (with ``logprobs``): see scoring.py
 
     @property
     def finished(self) -> bool:
@@ -80,10 +83,14 @@ class Row:
             self.finish_reason = reason
 
 
-def _top(cfg: SamplingConfig) -> int | None:
+def _top(row: Row) -> int | None:
     """How many of the largest logits can decide the next token (None: all of them).
-    The repetition penalty re-ranks logits, so it needs them all."""
-    return None if cfg.repetition_penalty != 1.0 else 1 if cfg.greedy else cfg.top_k or None
+    The repetition penalty re-ranks logits, and log-probabilities normalise over all of
+    them, so both need them all."""
+    cfg = row.cfg
+    if cfg.repetition_penalty != 1.0 or row.logprobs is not None:
+        return None
+    return 1 if cfg.greedy else cfg.top_k or None
 
 
 def _check_int(name: str, value, low: int, high: int | None = None) -> None:
@@ -124,8 +131,11 @@ class Engine:
 
     # ------------------------------------------------------------------ rows in and out
 
-    def submit(self, prompt_ids: Sequence[int], cfg: SamplingConfig | None = None, tag: Any = None) -> Row:
-        """Queue a completion of ``prompt_ids``; it is admitted at a coming step."""
+    def submit(self, prompt_ids: Sequence[int], cfg: SamplingConfig | None = None, tag: Any = None,
+               logprobs: int | None = None) -> Row:
+        """Queue a completion of ``prompt_ids``; it is admitted at a coming step. With
+        ``logprobs`` (n >= 0), after each step ``row.scored`` holds the token's
+        log-probability and the n most probable alternatives."""
         cfg = cfg or SamplingConfig()
         ids = [int(i) for i in (prompt_ids.tolist() if torch.is_tensor(prompt_ids) else prompt_ids)]
         bad = [i for i in ids if not 0 <= i < self.vocab]
@@ -144,7 +154,7 @@ class Engine:
                 generator.seed()
             else:
                 generator.manual_seed(cfg.seed)
-        row = Row(cfg, ids, seen, generator, tag, start=max(0, len(ids) - self.block))
+        row = Row(cfg, ids, seen, generator, tag, start=max(0, len(ids) - self.block), logprobs=logprobs)
         if cfg.max_new_tokens == 0:
             row.finish_reason = "length"
         else:
@@ -179,13 +189,13 @@ class Engine:
             row.slot = len(self.active)
             self.active.append(row)
             window = tuple(row.context[row.start:])
-            key = (window, _top(row.cfg))  # screened logits depend on the depth
+            key = (window, _top(row))  # screened logits depend on the depth
             twin = first_of.get(key)
             if twin is not None:
                 self.decoder.move(twin.slot, row.slot)
                 row.logits = twin.logits.clone()  # a copy: filters work on rows in place
             else:
-                row.logits = self.decoder.prefill(row.slot, list(window), _top(row.cfg))
+                row.logits = self.decoder.prefill(row.slot, list(window), _top(row))
                 first_of[key] = row
 
     # ------------------------------------------------------------------ one step
@@ -201,9 +211,14 @@ class Engine:
         self._admit()
         if not self.active:
             return []
+        # Before the draw, from the model's own logits: no temperature, penalty or filter.
+        scoring = {id(r): torch.log_softmax(r.logits.float(), -1) for r in self.active if r.logprobs is not None}
         tokens = self._pick(self.active)
         events = []
         for row, token in zip(self.active, tokens):
+            if row.logprobs is not None:
+                lp = scoring[id(row)]
+                row.scored = (float(lp[token]), top_alternatives(lp.unsqueeze(0), row.logprobs)[0])
             row.logits = None
             if row.cfg.stop_at_eot and token == self.eot_id:
                 row.finish_reason = "stop"
@@ -236,7 +251,7 @@ class Engine:
     def _shared_top(rows: list[Row]) -> int | None:
         """The one screening depth every row can use: the largest top-k (None if any row
         needs every logit)."""
-        tops = [_top(r.cfg) for r in rows]
+        tops = [_top(r) for r in rows]
         return None if None in tops else max(tops)
 
     def _pick(self, rows: list[Row]) -> list[int]:

@@ -15,7 +15,15 @@ from ..config import Params
 from ..errors import ConfigError, invalid
 from ..schema import from_dict
 
-__all__ = ["SampleConfig", "SamplingConfig", "sample_settings"]
+__all__ = ["MAX_NEW_TOKENS", "MIN_TEMPERATURE", "SampleConfig", "SamplingConfig", "sample_settings"]
+
+# Below this a temperature is greedy (0): dividing logits by it leaves only exact ties to
+# chance, and far below it float32 overflows (1e-40 made every score infinite and drew
+# end-of-text: empty text, reported as a normal stop).
+MIN_TEMPERATURE = 1e-5
+# The most tokens one completion may ask a server for (gptcore serve's default --max-tokens,
+# and the MLflow model's cap): greedy text can loop forever without reaching end-of-text.
+MAX_NEW_TOKENS = 1024
 
 
 def _fail(name: str, value, allowed: str) -> None:
@@ -36,10 +44,10 @@ class SamplingConfig:
     """How to pick each new token.
 
     ``max_new_tokens`` may be 0 (nothing is generated). ``temperature`` 0 means greedy
-    (argmax; ties go to the lowest token id). ``top_k`` 0 and ``top_p`` 1 switch those
-    filters off; ``repetition_penalty`` 1 does. ``stop`` is a sequence of non-empty
-    strings (a single string counts as one stop string; stored as a tuple). ``seed``
-    None draws a fresh random seed per call.
+    (argmax; ties go to the lowest token id), and so does any below ``MIN_TEMPERATURE``.
+    ``top_k`` 0 and ``top_p`` 1 switch those filters off; ``repetition_penalty`` 1 does.
+    ``stop`` is a sequence of non-empty strings (a single string counts as one stop string;
+    stored as a tuple). ``seed`` None draws a fresh random seed per call.
     """
 
     max_new_tokens: int = 200
@@ -70,7 +78,7 @@ class SamplingConfig:
         if not isinstance(self.stop_at_eot, bool):
             _fail("stop_at_eot", self.stop_at_eot, "true | false")
         object.__setattr__(self, "stop", tuple(stop))
-        object.__setattr__(self, "temperature", float(self.temperature))
+        object.__setattr__(self, "temperature", float(self.temperature) if self.temperature >= MIN_TEMPERATURE else 0.0)
         object.__setattr__(self, "top_p", float(self.top_p))
         object.__setattr__(self, "repetition_penalty", float(self.repetition_penalty))
 

@@ -179,6 +179,12 @@ class CachedDecoder:
         self.head = w[:self.limit]
         self.packable = _packable(w)
 
+    @staticmethod
+    def cache_bytes(model: GPT, max_rows: int) -> int:
+        """The KV cache a decoder of ``max_rows`` allocates for ``model`` (all of it up front)."""
+        cfg, w = model.config, model.lm_head.weight
+        return cfg.n_layer * max_rows * 2 * cfg.block_size * cfg.n_embd * w.element_size()
+
     def _slot_cache(self, slot: int, length: int = 0) -> KVCache:
         return KVCache(k=[b[slot:slot + 1, 0] for b in self.kv], v=[b[slot:slot + 1, 1] for b in self.kv],
                        length=length)

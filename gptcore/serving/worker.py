@@ -18,10 +18,12 @@ import asyncio
 import queue
 import sys
 import threading
+import time
 from dataclasses import dataclass, field
 
 from ..generation.engine import Engine
 from ..generation.sampling import SamplingConfig
+from ..generation.scoring import score_tokens
 from ..generation.text import TextPieces
 
 
@@ -36,16 +38,22 @@ class TooLarge(Exception):
 @dataclass(eq=False)
 class Job:
     """One request: ``len(prompts) * n`` completions. Events arrive on ``events`` as
-    ``(choice index, text, None, None)`` per token (the text may be "" while held back),
-    ``(choice index, text, finish_reason, tokens produced)`` once a choice ends, or
-    ``(None, message, "error", None)`` if decoding failed."""
+    ``(choice index, text, None, None, scored)`` per token (the text may be "" while held
+    back; ``scored`` is ``(token id, (log-probability, alternatives))`` with ``logprobs``,
+    else None), ``(choice index, text, finish_reason, tokens produced, None)`` once a choice
+    ends, or ``(None, message, "error", None, None)`` if decoding failed. With ``echo`` and
+    ``logprobs``, ``prompt_scores[p]`` holds prompt p's tokens' scores (scoring.py) before
+    the first event."""
 
     prompts: list[list[int]]
     cfg: SamplingConfig
     n: int
     events: asyncio.Queue
     loop: asyncio.AbstractEventLoop
+    logprobs: int | None = None
+    echo: bool = False
     rows: list = field(default_factory=list)
+    prompt_scores: list = field(default_factory=list)
 
     def send(self, item) -> None:
         self.loop.call_soon_threadsafe(self.events.put_nowait, item)
@@ -67,6 +75,7 @@ class Worker:
         self.inbox: queue.SimpleQueue = queue.SimpleQueue()
         self.lock = threading.Lock()
         self.outstanding = 0  # rows submitted and not yet finished (guarded by lock)
+        self.on_step = None  # called with each step's seconds (the server's metrics)
         self.engine = self._new_engine()
         self.thread = threading.Thread(target=self._loop, name="gptcore-engine", daemon=True)
         self.thread.start()
@@ -77,7 +86,8 @@ class Worker:
 
     # ------------------------------------------------------------ event-loop side
 
-    def submit(self, prompts: list[list[int]], cfg: SamplingConfig, n: int) -> Job:
+    def submit(self, prompts: list[list[int]], cfg: SamplingConfig, n: int, logprobs: int | None = None,
+               echo: bool = False) -> Job:
         """Queue a request (call from the event loop)."""
         rows = len(prompts) * n
         if rows > self.max_rows + self.max_queue:
@@ -90,7 +100,7 @@ class Worker:
                                 f"queued; at most {self.max_rows} decode at once and {self.max_queue} wait)")
             self.outstanding += rows
         loop = asyncio.get_running_loop()
-        job = Job(prompts, cfg, n, asyncio.Queue(), loop)
+        job = Job(prompts, cfg, n, asyncio.Queue(), loop, logprobs, echo)
         self.inbox.put(("submit", job))
         return job
 
@@ -122,10 +132,13 @@ class Worker:
             return
         kind, job = message
         if kind == "submit":
+            if job.echo and job.logprobs is not None and not self._score_prompts(job):
+                return
             for p, ids in enumerate(job.prompts):
                 for i in range(job.n):
                     cfg = job.cfg.for_sample(i)
-                    row = self.engine.submit(ids, cfg, tag=(job, p * job.n + i, TextPieces(self.tokenizer, cfg.stop)))
+                    row = self.engine.submit(ids, cfg, tag=(job, p * job.n + i, TextPieces(self.tokenizer, cfg.stop)),
+                                             logprobs=job.logprobs)
                     job.rows.append(row)
                     if row.finished:  # max_tokens 0
                         job.send(self._finish(row))
@@ -134,6 +147,19 @@ class Worker:
                 if not row.finished:
                     row.cancel("cancelled")
                     self._release()
+
+    def _score_prompts(self, job: Job) -> bool:
+        """The prompts' own log-probabilities (echo), on this thread: the model is not
+        thread-safe. A failure fails this request alone."""
+        try:
+            job.prompt_scores = [score_tokens(self.model, ids, job.logprobs) for ids in job.prompts]
+            return True
+        except Exception as exc:  # noqa: BLE001 -- one failure must not stop the server
+            print(f"gptcore serve: scoring a prompt failed ({type(exc).__name__}: {exc})", file=sys.stderr, flush=True)
+            for _ in range(len(job.prompts) * job.n):
+                self._release()
+            job.send((None, "the server failed while scoring the prompt", "error", None, None))
+            return False
 
     def _release(self) -> None:
         with self.lock:
@@ -145,11 +171,14 @@ class Worker:
         # Released before the client hears: one that has its whole answer and sends the
         # next request must not find this row still counted (a stale /health, a false 503).
         self._release()
-        return index, text.finish(), row.finish_reason, row.produced
+        return index, text.finish(), row.finish_reason, row.produced, None
 
     def _step(self) -> None:
         try:
+            t0 = time.perf_counter()
             events = self.engine.step()
+            if self.on_step is not None:
+                self.on_step(time.perf_counter() - t0)
         except Exception as exc:  # noqa: BLE001 -- one failure must not stop the server
             print(f"gptcore serve: decoding failed ({type(exc).__name__}: {exc}); "
                   "failing the requests in flight", file=sys.stderr, flush=True)
@@ -158,7 +187,7 @@ class Worker:
                 if not row.finished:
                     row.cancel("error")
                     self._release()
-                    job.send((None, "the server failed while decoding this request", "error", None))
+                    job.send((None, "the server failed while decoding this request", "error", None, None))
             self.engine = self._new_engine()
             return
         # One wake-up of the event loop per step, not one per token: each wake-up takes the
@@ -171,7 +200,8 @@ class Worker:
                 piece = text.push(token)
                 if text.stopped:
                     row.cancel("stop")
-                batch.append((job, (index, piece, None, None)))  # one event per token; its text may be held ("")
+                scored = (token, row.scored) if row.logprobs is not None else None
+                batch.append((job, (index, piece, None, None, scored)))  # one event per token; its text may be held
             if row.finished:
                 batch.append((job, self._finish(row)))
         if batch:
