@@ -9,11 +9,13 @@ copied: the tokenize stage reads them where they are.
 from gptcore.config import load_params
 from gptcore.data.fetch import fetch_sources, prune
 from gptcore.data.sources import files_to_fetch
-from gptcore.stage import run_stage
+from gptcore.stage import outputs_inside, run_stage
 
 
 def main() -> None:
-    data = load_params().data
+    params = load_params()
+    outputs_inside(params)
+    data = params.data
     pinned = files_to_fetch(data)
     for name, sha in fetch_sources(data.raw_dir, pinned, retries=data.retries,
                                    timeout_s=data.timeout_s).items():

@@ -9,11 +9,12 @@ from gptcore.data.corpus import tokenize_corpus
 from gptcore.data.documents import untracked_sources
 from gptcore.errors import ConfigError
 from gptcore.init_source import check_tracked, init_chars
-from gptcore.stage import declared_deps, project_root, run_stage
+from gptcore.stage import declared_deps, outputs_inside, project_root, run_stage
 
 
 def main() -> None:
     params = load_params()
+    outputs_inside(params)
     deps = declared_deps("tokenize", params.to_dict())
     missing = untracked_sources(params.data, deps, project_root()) if deps is not None else []
     if missing:

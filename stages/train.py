@@ -13,7 +13,7 @@ from gptcore.config import flatten, load_params
 from gptcore.data.dataset import TokenData
 from gptcore.init_source import check_tracked
 from gptcore.io import copy_dir
-from gptcore.stage import declared_deps, run_stage
+from gptcore.stage import declared_deps, outputs_inside, run_stage
 from gptcore.tracking import Tracker, project_root, write_run_file
 from gptcore.training import distributed, init_from, resume
 from gptcore.training.loop import Trainer
@@ -22,6 +22,7 @@ from gptcore.training.metrics import write_train_outputs
 
 def main() -> None:
     params = load_params()
+    outputs_inside(params)
     data = TokenData.load(params.data.processed_dir)
     check_tracked(params.train.init_from, declared_deps("train", params.to_dict()), project_root())
     init = init_from.load_init(params.train.init_from, params.model, data.tokenizer)
