@@ -21,7 +21,7 @@ export HF_HUB_OFFLINE := 1
 # Stages run `python`: make it the venv's.
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: setup repro test test-all lint validate validate-baseline bench plots exps ui-check clean-venv
+.PHONY: setup repro test test-all lint validate validate-baseline bench plots exps sweeps ui-check clean-venv
 
 setup: $(STAMP)
 
@@ -41,6 +41,19 @@ repro: setup
 exps: setup
 	$(BIN)/dvc exp show --no-pager --only-changed --md \
 		--drop '.*_time_s|.*tokens_per_s|resumed_from_step|stopped_early|val_tokens|val_bytes|models|.*mlflow_run.*|(gptcore|stages|data)/.*'
+
+# Every recipe-sweep run as a table made from MLflow (docs/sweeps.md): the runs of
+# `python bench/recipe_sweep.py queue`, plus the rows measured before sweeps were DVC
+# experiments (bench/sweep_*.jsonl, imported once into this project's store, tagged with
+# the machine they ran on). Each row cites the `dvc exp run` command that redoes it.
+sweeps: setup
+	$(BIN)/python bench/recipe_sweep.py import --recipes bench/recipes.yaml bench/sweep_h200.jsonl --machine "1x NVIDIA H200, bf16, 12 runs at a time"
+	$(BIN)/python bench/recipe_sweep.py import --recipes bench/recipes.yaml bench/sweep_cpu_zen3_bpe_fp32.jsonl bench/sweep_cpu_zen3_char_fp32.jsonl \
+		--machine "2-core AMD EPYC Zen 3 (cpu family 25, model 1), float32"
+	$(BIN)/python bench/recipe_sweep.py import --recipes bench/recipes.yaml bench/sweep_cpu_zen4_bpe_bf16.jsonl \
+		--machine "2-core AMD EPYC Zen 4 (cpu family 25, model 17), bf16"
+	$(BIN)/python bench/recipe_sweep.py import --recipes bench/recipes.yaml bench/sweep_cpu_char.jsonl --machine "2-core AMD EPYC with AVX-512 bf16, bf16"
+	$(BIN)/python bench/recipe_sweep.py report --md docs/sweeps.md > /dev/null
 
 # mlflow ui shows every run with its name, datasets and model, the training view (loss
 # columns, sorted), and the registry's gptcore model with its champion alias and version

@@ -190,15 +190,16 @@ def report(root: Path, only: list[str] | None, md: Path | None) -> None:
     if md is not None:
         from gptcore.io import atomic_write_text
 
-        atomic_write_text(md, "<!-- made by `python bench/recipe_sweep.py report` from the MLflow runs; "
-                              "imported rows' overrides are of params.yaml as it was when measured -->\n\n"
-                          + text + "\n")
+        atomic_write_text(md, "<!-- made by `python bench/recipe_sweep.py report` from the project's MLflow runs "
+                              "(`make sweeps`); do not edit -->\n\n" + text + "\n")
         print(f"wrote {md}", file=sys.stderr)
 
 
-def import_rows(root: Path, path: Path, machine: str) -> None:
+def import_rows(root: Path, path: Path, machine: str, recipes: dict[str, dict] | None = None) -> None:
     """Each measured row of a sweep_direct .jsonl as a finished MLflow run (once: a file's
-    rows already imported are skipped)."""
+    rows already imported are skipped). Its params: the row's overrides, over its recipe's in
+    ``recipes`` when it has one there (a recipes file keeps each recipe as it was measured,
+    while a row written before a ``base`` existed recorded only the recipe's own keys)."""
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     bad = [i + 1 for i, r in enumerate(rows) if not {"name", "seed", "val_loss"} <= set(r)]
     if bad:
@@ -214,7 +215,8 @@ def import_rows(root: Path, path: Path, machine: str) -> None:
         run = client.create_run(exp_id, run_name=f"{row['name']}-s{row['seed']}",
                                 tags={SOURCE_TAG: str(path), RECIPE_TAG: row["name"], MACHINE_TAG: machine})
         now = int(time.time() * 1000)
-        params = [Param(k, str(v)) for k, v in {**row.get("overrides", {}), "train.seed": row["seed"]}.items()]
+        settings = {**(recipes or {}).get(row["name"], {}), **row.get("overrides", {}), "train.seed": row["seed"]}
+        params = [Param(k, str(v)) for k, v in settings.items()]
         metrics = [Metric(f"eval_{k}", float(row[k]), now, 0) for k in ("val_loss", "bits_per_byte") if k in row]
         metrics += [Metric(k, float(row[k]), now, 0) for k in ("best_step", "steps", "wall_s", "tokens_per_s")
                     if row.get(k) is not None]
@@ -331,11 +333,13 @@ def main(argv: list[str] | None = None) -> None:
     i = sub.add_parser("import", help="log sweep_direct .jsonl rows as MLflow runs")
     i.add_argument("jsonl", type=Path, nargs="+")
     i.add_argument("--machine", required=True, help='where the rows were measured, e.g. "AMD EPYC Zen 3, float32"')
+    i.add_argument("--recipes", type=Path, help="the recipes file the rows ran (their settings complete the rows')")
     args = ap.parse_args(argv)
     root = project_root()
     if args.command == "import":
+        recipes = load_recipes(args.recipes) if args.recipes else None
         for path in args.jsonl:
-            import_rows(root, path, args.machine)
+            import_rows(root, path, args.machine, recipes)
         return
     if args.command == "report":
         return report(root, args.only, args.md)

@@ -9,8 +9,9 @@ Output: their completions, one string each (the prompt not included). Params: th
 sampling settings of ``gptcore generate``, each with its default (``SIGNATURE`` below);
 ``seed`` -1 means a fresh random seed. Each prompt is generated as ``gptcore generate``
 generates it, so the same settings give the same completions. ``max_new_tokens`` is capped
-at ``MAX_NEW_TOKENS`` (1,024, gptcore serve's default cap), and a bad param is a 400 with one
-line naming it, from ``mlflow models serve`` too.
+at ``MAX_NEW_TOKENS`` (1,024, gptcore serve's default cap). A bad param is a ValueError naming
+it; ``mlflow models serve`` answers it with 400 and that line after its own "Failed to predict
+data" line, with no traceback.
 
 The checkpoint is the model's artifact ``checkpoint`` (the directory ``models/best``),
 read by the same safe loader as any checkpoint (safetensors, no pickle).

@@ -110,6 +110,16 @@ def test_rows_measured_without_dvc_join_the_table_once(tmp_path, mirror_dir):
     assert row == [f"| rope | 1337, 1338 | 4.6000 | 0.2000 | 2.3000 | 700/700 | 1x H200, bf16 | {rows} | "
                    "`dvc exp run --queue -S model.position=rope -S train.seed=1337,1338 && dvc queue start -j 2` |"]
 
+    # A row written before its recipes file had a base recorded only the recipe's own keys:
+    # --recipes completes it, so the cited command is the whole setting.
+    recipes = tmp_path / "recipes.yaml"
+    recipes.write_text("base: {model.mlp_activation: gelu}\nqk: {model.qk_norm: true}\n")
+    old = tmp_path / "old.jsonl"
+    old.write_text(json.dumps({"name": "qk", "overrides": {"model.qk_norm": True}, "seed": 7, "val_loss": 4.4}) + "\n")
+    assert sweep(root, env, "import", str(old), "--machine", "m", "--recipes", str(recipes)).returncode == 0
+    row = [line for line in sweep(root, env, "report", "--only", "qk").stdout.splitlines() if line.startswith("| qk")]
+    assert row and "`dvc exp run -S model.mlp_activation=gelu -S model.qk_norm=True -S train.seed=7`" in row[0], row
+
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"name": "x"}\n')
     refused = sweep(root, env, "import", str(bad), "--machine", "m")
