@@ -120,6 +120,9 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--allowed-host", action="append", default=[], metavar="NAME",
                    help="a Host name clients may use besides this server's own (repeatable), e.g. a proxy's; "
                         "bound to loopback, only localhost, 127.0.0.1 and [::1] are accepted otherwise")
+    s.add_argument("--drain-timeout", type=float, default=10.0, metavar="SECONDS",
+                   help="on Ctrl-C or SIGTERM, how long completions in flight may go on before they are cut "
+                        "short, each stream ending with a last chunk that says so (default: %(default)s)")
     s.add_argument("--no-access-log", dest="access_log", action="store_false",
                    help="no per-request line on stderr (id, status, tokens, time to first token, total ms, finish)")
 
@@ -288,6 +291,8 @@ def _serve(args: argparse.Namespace) -> int:
         if value is not None and (value < low or (name == "port" and value > 65535)):
             allowed = "0 <= port <= 65535" if name == "port" else f"an integer >= {low}"
             raise _UsageError(invalid(f"--{name.replace('_', '-')}", value, allowed))
+    if not (args.drain_timeout >= 0 and args.drain_timeout < float("inf")):
+        raise _UsageError(invalid("--drain-timeout", args.drain_timeout, "a number of seconds >= 0"))
     cpus = os.cpu_count() or 1
     if args.threads is not None and args.threads > cpus:  # 1000 on 2 cores made a completion 90x slower
         raise _UsageError(invalid("--threads", args.threads, f"at most this machine's {cpus} CPUs"))
@@ -305,7 +310,8 @@ def _serve(args: argparse.Namespace) -> int:
     serve(model, tokenizer, host=args.host, port=args.port, model_id=args.model_name,
           max_batch=args.max_batch, max_queue=args.max_queue,
           limits=Limits(max_tokens=args.max_tokens, max_n=args.max_n, max_body=args.max_body),
-          api_keys=tuple(keys), access_log=args.access_log, allowed_hosts=tuple(args.allowed_host))
+          api_keys=tuple(keys), access_log=args.access_log, allowed_hosts=tuple(args.allowed_host),
+          drain_s=args.drain_timeout)
     return 0
 
 

@@ -117,9 +117,11 @@ def running_server(checkpoint: Path, log_dir: Path, *flags: str, extra_env: dict
             time.sleep(0.1)
         yield server
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
         try:
+            os.killpg(proc.pid, signal.SIGTERM)
             proc.wait(timeout=30)
+        except ProcessLookupError:  # a test that stopped it itself
+            pass
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(timeout=30)

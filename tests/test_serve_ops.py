@@ -194,3 +194,42 @@ def test_pages_in_a_browser_cannot_drive_the_server(checkpoint, tmp_path):  # no
                                      headers={"Host": host, "Content-Type": "application/json; charset=utf-8"})
             assert status == 200 and answer["usage"]["completion_tokens"] == 2, (host, answer)
         assert request(s.port, "GET", "/health")[1]["rows_in_flight"] == 0
+
+
+def test_sigterm_drains_then_ends_every_stream_properly(checkpoint, tmp_path):  # noqa: F811
+    """SIGTERM cut 16 streams mid-body: no finish_reason, no [DONE], an unterminated chunked
+    body. Now: new requests get 503, a short completion in flight finishes, and the streams
+    still decoding when the drain time is up end with a last chunk, the reason and [DONE]."""
+    import json
+    import os
+    import signal
+    import time
+
+    from test_serve import LONG, RawStream
+
+    with running_server(checkpoint, tmp_path, "--max-batch", "4", "--max-tokens", str(LONG),
+                        "--drain-timeout", "2") as s:
+        streams = [RawStream(s, {"prompt": PROMPT, "max_tokens": LONG, "temperature": 0}) for _ in range(3)]
+        try:
+            for stream in streams:
+                json.loads(stream.next_event())  # each is decoding
+            os.kill(s.proc.pid, signal.SIGTERM)
+            wait_until(lambda: "stopping: 3 completion(s) in flight" in s.log(), "the drain starts", timeout=10)
+            status, health = request(s.port, "GET", "/health")
+            assert status == 503 and health["status"] == "draining", health
+            check_error(*request(s.port, "POST", "/v1/completions", {"prompt": PROMPT, "max_tokens": 2}), 503,
+                        code="shutting_down", kind="server_error", words=["shutting down"])
+            t0 = time.monotonic()
+            for stream in streams:
+                events = []
+                while not events or events[-1] != "[DONE]":
+                    events.append(stream.next_event())
+                cut = [json.loads(e) for e in events[:-1]]
+                assert cut[-1]["error"]["code"] == "shutting_down", cut[-1]
+                assert cut[-2]["choices"][0]["finish_reason"] == "abort", cut[-2]
+                assert stream.response.read() == b"\n"  # the event's blank line, then a proper end of body
+            assert time.monotonic() - t0 < 10
+            assert s.proc.wait(timeout=30) is not None  # and the server exits
+        finally:
+            for stream in streams:
+                stream.hang_up()

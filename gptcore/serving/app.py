@@ -31,7 +31,7 @@ from starlette.exceptions import HTTPException
 from ..errors import ConfigError, TokenizerError, invalid
 from ..generation.sampling import MAX_NEW_TOKENS, SamplingConfig, _is_int
 from .observe import ApiKeys, Metrics, Observed, SameOrigin, Trace, loopback, trace_of
-from .worker import Job, QueueFull, TooLarge, Worker
+from .worker import SHUTDOWN, Job, QueueFull, TooLarge, Worker
 
 if TYPE_CHECKING:
     from ..data.tokenizer import Tokenizer
@@ -203,8 +203,12 @@ def create_app(worker: Worker, model_id: str, limits: Limits = Limits(), api_key
     async def bad_request(request, exc: BadRequest):
         return _error(exc.status, str(exc), exc.param, exc.code, exc.kind)
 
+    app.state.draining = False  # set when the server is told to stop: no new completions
+
     @app.get("/health")
     async def health():
+        if app.state.draining:  # a load balancer stops sending requests here
+            return JSONResponse({"status": "draining", **worker.stats()}, status_code=503)
         return {"status": "ok", "api_key_required": bool(api_keys), **worker.stats()}
 
     @app.get("/metrics")
@@ -224,6 +228,9 @@ def create_app(worker: Worker, model_id: str, limits: Limits = Limits(), api_key
 
     @app.post("/v1/completions")
     async def completions(request: Request):
+        if app.state.draining:
+            raise BadRequest("the server is shutting down; retry on another instance", status=503,
+                             code="shutting_down", kind="server_error")
         body = await _json_body(request, limits.max_body)
         req = parse_request(body, limits)
         prompts, n = req.prompts, req.n
@@ -313,6 +320,9 @@ async def _collect(request: Request, worker: Worker, job: Job, head: dict, total
             index, text, reason, count, scored = event
             if reason == "error":
                 return _error(500, text, kind="server_error")
+            if reason == SHUTDOWN:
+                return _error(503, "the server is shutting down: this completion was cut short", code="shutting_down",
+                              kind="server_error")
             if scores is not None and job.echo and not texts[index]:  # the prompt's, before the first event
                 scores[index].prompt(job.prompts[index // job.n], job.prompt_scores[index // job.n])
             texts[index].append(text)
@@ -400,6 +410,16 @@ async def _sse(worker: Worker, job, head: dict, total: int, prompt_tokens: int, 
                     scores[index].add(*scored)
                 if reason is None:
                     trace.token(index)
+                elif reason == SHUTDOWN:
+                    # The stream ends with what was decoded, a last chunk saying it was cut
+                    # short ("abort", vLLM's word), the reason, and [DONE]: never mid-body.
+                    trace.finished("abort", count)
+                    last = _chunk(head, index, "".join(texts.pop(index)), "abort", include_usage,
+                                  scores[index].take() if scores is not None else None)
+                    reason_event = {"error": {"message": "the server is shutting down: this completion was cut short",
+                                              "type": "server_error", "code": "shutting_down"}}
+                    yield "".join(out) + last + f"data: {json.dumps(reason_event)}\n\ndata: [DONE]\n\n"
+                    return
                 else:
                     left, produced = left - 1, produced + count
                     trace.finished(reason, count)
@@ -447,8 +467,10 @@ def _check_memory(model, max_batch: int) -> None:
 
 def serve(model, tokenizer, *, host: str = "127.0.0.1", port: int = 8000, model_id: str = "gptcore",
           max_batch: int = 16, max_queue: int = 64, limits: Limits = Limits(), api_keys: tuple[str, ...] = (),
-          access_log: bool = True, allowed_hosts: tuple[str, ...] = ()) -> None:
-    """Run the server until Ctrl-C or SIGTERM (uvicorn handles both, finishing open requests)."""
+          access_log: bool = True, allowed_hosts: tuple[str, ...] = (), drain_s: float = 10.0) -> None:
+    """Run the server until Ctrl-C or SIGTERM, then drain: no new completions (503), the ones in
+    flight get up to ``drain_s`` seconds to finish, and any still decoding then end with a
+    last chunk saying why. A second signal stops at once."""
     import uvicorn  # with the server only: the CLI's other commands do not need it
 
     if not api_keys and not loopback(host):
@@ -461,7 +483,31 @@ def serve(model, tokenizer, *, host: str = "127.0.0.1", port: int = 8000, model_
     app = create_app(worker, model_id, limits, api_keys, access_log, host, allowed_hosts)
 
     class Server(uvicorn.Server):
+        drain_task = None
+
+        def handle_exit(self, sig, frame) -> None:
+            if app.state.draining or not self.started:  # the second signal, or not serving yet: stop now
+                return super().handle_exit(sig, frame)
+            app.state.draining = True
+            self.loop.call_soon_threadsafe(lambda: setattr(self, "drain_task", self.loop.create_task(self.drain(sig))))
+
+        async def drain(self, sig) -> None:
+            rows = worker.stats()["rows_in_flight"]
+            if rows:
+                print(f"gptcore serve: stopping: {rows} completion(s) in flight get up to {drain_s:g} s to finish; "
+                      "new requests get 503 (a second Ctrl-C or SIGTERM stops at once)", file=sys.stderr, flush=True)
+            deadline = time.monotonic() + drain_s
+            while worker.stats()["rows_in_flight"] and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+            if worker.stats()["rows_in_flight"]:
+                worker.shutdown()  # the rest end now, each stream with its last chunk
+                while worker.stats()["rows_in_flight"] and time.monotonic() < deadline + 5:
+                    await asyncio.sleep(0.05)
+                await asyncio.sleep(0.2)  # the handlers write their last chunks
+            super().handle_exit(sig, None)
+
         async def startup(self, sockets=None):
+            self.loop = asyncio.get_running_loop()
             await super().startup(sockets)
             if self.started:  # a port in use is uvicorn's error, already printed
                 bound = self.servers[0].sockets[0].getsockname()[1]  # --port 0: the one the OS chose

@@ -26,6 +26,8 @@ from ..generation.sampling import SamplingConfig
 from ..generation.scoring import score_tokens
 from ..generation.text import TextPieces
 
+SHUTDOWN = "shutdown"  # the finish reason of a row the server cut short as it stopped
+
 
 class QueueFull(Exception):
     """More rows are waiting than the queue holds (retry later)."""
@@ -108,6 +110,11 @@ class Worker:
         """Stop a request's rows (its client is gone); they leave at the next step."""
         self.inbox.put(("cancel", job))
 
+    def shutdown(self) -> None:
+        """End every row now (the server is stopping): each choice gets its finish event, with
+        the reason SHUTDOWN, so its handler can end the response properly."""
+        self.inbox.put(("shutdown", None))
+
     def stats(self) -> dict:
         with self.lock:
             outstanding = self.outstanding
@@ -142,6 +149,11 @@ class Worker:
                     job.rows.append(row)
                     if row.finished:  # max_tokens 0
                         job.send(self._finish(row))
+        elif kind == "shutdown":
+            for row in self.engine.active + list(self.engine.waiting):
+                if not row.finished:
+                    row.cancel(SHUTDOWN)
+                    row.tag[0].send(self._finish(row))
         elif kind == "cancel":
             for row in job.rows:
                 if not row.finished:
