@@ -123,6 +123,9 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--drain-timeout", type=float, default=10.0, metavar="SECONDS",
                    help="on Ctrl-C or SIGTERM, how long completions in flight may go on before they are cut "
                         "short, each stream ending with a last chunk that says so (default: %(default)s)")
+    s.add_argument("--header-timeout", type=float, default=10.0, metavar="SECONDS",
+                   help="close a connection that has not sent a whole request head this long after connecting "
+                        "or after its last response (default: %(default)s)")
     s.add_argument("--no-access-log", dest="access_log", action="store_false",
                    help="no per-request line on stderr (id, status, tokens, time to first token, total ms, finish)")
 
@@ -293,6 +296,8 @@ def _serve(args: argparse.Namespace) -> int:
             raise _UsageError(invalid(f"--{name.replace('_', '-')}", value, allowed))
     if not (args.drain_timeout >= 0 and args.drain_timeout < float("inf")):
         raise _UsageError(invalid("--drain-timeout", args.drain_timeout, "a number of seconds >= 0"))
+    if not (args.header_timeout > 0 and args.header_timeout < float("inf")):
+        raise _UsageError(invalid("--header-timeout", args.header_timeout, "a number of seconds > 0"))
     cpus = os.cpu_count() or 1
     if args.threads is not None and args.threads > cpus:  # 1000 on 2 cores made a completion 90x slower
         raise _UsageError(invalid("--threads", args.threads, f"at most this machine's {cpus} CPUs"))
@@ -311,7 +316,7 @@ def _serve(args: argparse.Namespace) -> int:
           max_batch=args.max_batch, max_queue=args.max_queue,
           limits=Limits(max_tokens=args.max_tokens, max_n=args.max_n, max_body=args.max_body),
           api_keys=tuple(keys), access_log=args.access_log, allowed_hosts=tuple(args.allowed_host),
-          drain_s=args.drain_timeout)
+          drain_s=args.drain_timeout, header_timeout_s=args.header_timeout)
     return 0
 
 

@@ -30,6 +30,7 @@ from starlette.exceptions import HTTPException
 
 from ..errors import ConfigError, TokenizerError, invalid
 from ..generation.sampling import MAX_NEW_TOKENS, SamplingConfig, _is_int
+from .connections import bounded_protocol, once_per_kind
 from .observe import ApiKeys, Metrics, Observed, SameOrigin, Trace, loopback, trace_of
 from .worker import SHUTDOWN, Job, QueueFull, TooLarge, Worker
 
@@ -467,7 +468,8 @@ def _check_memory(model, max_batch: int) -> None:
 
 def serve(model, tokenizer, *, host: str = "127.0.0.1", port: int = 8000, model_id: str = "gptcore",
           max_batch: int = 16, max_queue: int = 64, limits: Limits = Limits(), api_keys: tuple[str, ...] = (),
-          access_log: bool = True, allowed_hosts: tuple[str, ...] = (), drain_s: float = 10.0) -> None:
+          access_log: bool = True, allowed_hosts: tuple[str, ...] = (), drain_s: float = 10.0,
+          header_timeout_s: float = 10.0) -> None:
     """Run the server until Ctrl-C or SIGTERM, then drain: no new completions (503), the ones in
     flight get up to ``drain_s`` seconds to finish, and any still decoding then end with a
     last chunk saying why. A second signal stops at once."""
@@ -508,6 +510,7 @@ def serve(model, tokenizer, *, host: str = "127.0.0.1", port: int = 8000, model_
 
         async def startup(self, sockets=None):
             self.loop = asyncio.get_running_loop()
+            self.loop.set_exception_handler(once_per_kind)  # a refused accept, once, not per attempt
             await super().startup(sockets)
             if self.started:  # a port in use is uvicorn's error, already printed
                 bound = self.servers[0].sockets[0].getsockname()[1]  # --port 0: the one the OS chose
@@ -517,7 +520,7 @@ def serve(model, tokenizer, *, host: str = "127.0.0.1", port: int = 8000, model_
                       "Ctrl-C stops", file=sys.stderr, flush=True)
 
     server = Server(uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False,
-                                   timeout_graceful_shutdown=5))
+                                   timeout_graceful_shutdown=5, http=bounded_protocol(header_timeout_s)))
     server.run()
     if not server.started:
         raise OSError(f"could not listen on {host}:{port} (in use, or not an address of this machine)")
