@@ -197,12 +197,31 @@ class DataConfig:
         _check(self.timeout_s > 0, "timeout_s", self.timeout_s, "> 0")
 
 
+GPT2_VOCAB = 50257
+MAX_BPE_VOCAB = 1 << 18
+
+
 @dataclass(frozen=True)
 class TokenizerConfig:
-    kind: str = "gpt2"  # "gpt2" (tiktoken BPE) or "char"
+    kind: str = "gpt2"  # gpt2 (GPT-2's BPE, tiktoken) | bpe (a BPE trained on the train split) | char
+    # kind: bpe: ids of the trained vocabulary, end-of-text included (gpt2 and char ignore it).
+    vocab_size: int = 4096
 
     def __post_init__(self) -> None:
-        _check_choice("kind", self.kind, ("gpt2", "char"))
+        _check_choice("kind", self.kind, ("gpt2", "bpe", "char"))
+        _check(isinstance(self.vocab_size, int) and not isinstance(self.vocab_size, bool)
+               and 258 <= self.vocab_size <= MAX_BPE_VOCAB, "vocab_size", self.vocab_size,
+               f"an integer from 258 (256 bytes, one merge, end-of-text) to {MAX_BPE_VOCAB:,}")
+
+
+def auto_vocab_size(tokenizer: TokenizerConfig) -> int:
+    """``model.vocab_size: auto``: the tokenizer's id count, where params.yaml decides it."""
+    if tokenizer.kind == "gpt2":
+        return GPT2_VOCAB
+    if tokenizer.kind == "bpe":
+        return tokenizer.vocab_size
+    raise ConfigError("model.vocab_size=auto: a char vocabulary's size depends on the text; allowed: the "
+                      "vocab_size the tokenize stage prints (66 for Tiny Shakespeare: 65 characters + end-of-text)")
 
 
 @dataclass(frozen=True)
@@ -330,8 +349,13 @@ class Params:
     def from_dict(cls, data: dict) -> Params:
         # A model section that omits a key means the pipeline's choice, as omitting the
         # whole section does, not GPTConfig's (GPT-2's) default.
-        if isinstance(data, dict) and "model" in data and (data["model"] is None or isinstance(data["model"], dict)):
-            data = {**data, "model": {**PIPELINE_MODEL, **(data["model"] or {})}}
+        if isinstance(data, dict) and (data.get("model") is None or isinstance(data["model"], dict)):
+            model = {**PIPELINE_MODEL, **(data.get("model") or {})}
+            if model.get("vocab_size", "auto") == "auto":  # the tokenizer's size, once that is validated
+                tokenizer = data.get("tokenizer")
+                tokenizer = from_dict(TokenizerConfig, {} if tokenizer is None else tokenizer, "tokenizer")
+                model["vocab_size"] = auto_vocab_size(tokenizer)
+            data = {**data, "model": model}
         return from_dict(cls, data)
 
     def to_dict(self) -> dict:

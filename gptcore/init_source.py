@@ -16,7 +16,7 @@ import json
 import tempfile
 from pathlib import Path
 
-from .data.tokenizer import CharTokenizer, load_tokenizer
+from .data.tokenizer import BPETokenizer, CharTokenizer, Tokenizer, load_tokenizer
 from .errors import ConfigError, GptcoreError, TokenizerError
 from .io import current_dir
 from .stage import covered
@@ -51,6 +51,26 @@ def check_tracked(spec: str, deps: list[str] | None, root: Path, stage: str = "t
                           f"stages.{stage}.deps (docs/finetune.md)")
 
 
+def init_bpe(spec: str) -> BPETokenizer | None:
+    """The init model's trained BPE when it is a gptcore checkpoint (a directory or the
+    registry's) with one, else None. A fine-tune encodes its text with the BPE the model
+    learned its ids in, never with a new one trained on the new text."""
+    if spec == SCRATCH or spec.startswith(HF_PREFIX):
+        return None  # a Hugging Face directory holds GPT-2's BPE or characters (training/init_from.py checks)
+    where = f"train.init_from={spec!r}"
+    if spec.startswith(REGISTRY_PREFIX):
+        from .registry import fetch_checkpoint  # MLflow only where a registry URI is read
+
+        with tempfile.TemporaryDirectory(prefix="gptcore-init-") as tmp:
+            tokenizer = _checkpoint_tokenizer(fetch_checkpoint(spec, tmp, what="train.init_from"), where)
+    else:
+        directory = Path(spec)
+        if not directory.is_dir():
+            raise ConfigError(f"{where}: no such directory; allowed: {ALLOWED}")
+        tokenizer = _checkpoint_tokenizer(current_dir(directory), where)
+    return tokenizer if isinstance(tokenizer, BPETokenizer) else None
+
+
 def init_chars(spec: str) -> list[str] | None:
     """The init model's characters in id order when it is a char-level model, else None
     (scratch, or a GPT-2-vocabulary model: GPT-2's BPE is one fixed vocabulary).
@@ -77,11 +97,15 @@ def init_chars(spec: str) -> list[str] | None:
     return _checkpoint_chars(current_dir(directory), where)
 
 
-def _checkpoint_chars(directory: Path, where: str) -> list[str] | None:
+def _checkpoint_tokenizer(directory: Path, where: str) -> Tokenizer:
     try:
-        tokenizer = load_tokenizer(directory)
+        return load_tokenizer(directory)
     except TokenizerError as exc:
         raise TokenizerError(f"{where}: {exc}") from None
+
+
+def _checkpoint_chars(directory: Path, where: str) -> list[str] | None:
+    tokenizer = _checkpoint_tokenizer(directory, where)
     return tokenizer.chars if isinstance(tokenizer, CharTokenizer) else None
 
 

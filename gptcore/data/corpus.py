@@ -12,6 +12,8 @@ corpus tokenizes exactly as one string). Two passes, neither holding the corpus:
 1. **scan** every document in 1 MiB blocks: sha256 (checked against a pinned one, else
    recorded), strict UTF-8 (an error names the file and byte), character count and, for
    the char tokenizer, the character set.
+   For ``tokenizer.kind: bpe``, one more pass reads the train split's text into the BPE
+   trainer (:mod:`gptcore.data.bpe`): validation text never shapes the vocabulary.
 2. **tokenize**: decode the blocks again, cut the text into ~1 MiB chunks at places
    where GPT-2's pre-tokenizer splits anyway (a single space or newline between two
    non-space characters: no BPE token can span it, so chunked encoding equals encoding
@@ -42,6 +44,7 @@ from tqdm import tqdm
 from ..config import DataConfig
 from ..errors import DataError
 from ..io import atomic_dir, atomic_write_json
+from .bpe import train_bpe
 from .cuts import bpe_cut, last_class_cut, last_safe_cut
 from .documents import Document, resolve_documents
 from .tokenizer import CharTokenizer, GPT2Tokenizer, Tokenizer
@@ -271,16 +274,25 @@ class _SplitWriter:
 
 
 def tokenize_corpus(cfg: DataConfig, tokenizer_kind: str, progress: bool = False,
-                    threads: int | None = None, init_chars: list[str] | None = None) -> dict:
+                    threads: int | None = None, init_chars: list[str] | None = None,
+                    vocab_size: int = 4096, init_tokenizer: Tokenizer | None = None) -> dict:
     """``data.sources`` -> ``train.bin``/``val.bin``, ``meta.json`` and the tokenizer,
     streamed (peak memory independent of the corpus size). Returns the meta dict.
 
     ``init_chars``: a char-level fine-tune's vocabulary (the init model's characters, in id
-    order), used instead of the text's own so that ids mean what they meant in pretraining."""
+    order), used instead of the text's own so that ids mean what they meant in pretraining.
+    ``vocab_size``: ``tokenizer.kind: bpe``'s, trained on the train split unless
+    ``init_tokenizer`` (a bpe fine-tune's: the init model's own) is given."""
     docs = resolve_documents(cfg)
     charset = scan(docs, cfg, want_chars=tokenizer_kind == "char", progress=progress)
     plan = _checked_plan(docs, cfg)
-    if tokenizer_kind == "char" and init_chars is not None:
+    if tokenizer_kind == "bpe":
+        t0 = time.perf_counter()
+        tokenizer = init_tokenizer or train_bpe(_train_texts(plan, progress), vocab_size)
+        if progress and init_tokenizer is None:
+            print(f"trained the tokenizer ({tokenizer.describe()}) on the train split in "
+                  f"{time.perf_counter() - t0:.1f} s", file=sys.stderr)
+    elif tokenizer_kind == "char" and init_chars is not None:
         unknown = sorted(charset - set(init_chars))
         if unknown:
             where = docs[0].label if len(docs) == 1 else f"{len(docs)} files"
@@ -309,6 +321,33 @@ def tokenize_corpus(cfg: DataConfig, tokenizer_kind: str, progress: bool = False
               f"{seconds:.1f} s ({mb / max(seconds, 1e-9):,.1f} MB/s, {threads} encoding "
               f"thread{'s' if threads > 1 else ''})", file=sys.stderr)
     return meta
+
+
+def _train_texts(plan: list[tuple[Document, int]], progress: bool) -> Iterator[str]:
+    """The train split's text in ~1 MiB stretches, each cut where GPT-2's pre-tokenizer ends
+    a piece (so the trainer counts the words the encoder will see) and none spanning two
+    documents (they are joined by end-of-text, which no merge crosses)."""
+    with _bar(sum(doc.size * val_at // max(doc.chars, 1) for doc, val_at in plan), "bpe", progress) as bar:
+        for doc, val_at in plan:
+            if not val_at:
+                continue
+            at, buf = 0, ""
+            for text, nbytes in _decoded_blocks(doc):
+                part = text[:max(0, val_at - at)]
+                at += len(text)
+                buf += part
+                bar.update(nbytes * len(part) // max(len(text), 1))
+                while len(buf) >= 2 * CHUNK_CHARS:
+                    cut = (last_safe_cut(buf, CHUNK_CHARS // 2, CHUNK_CHARS)
+                           or last_class_cut(buf, CHUNK_CHARS // 2, CHUNK_CHARS))
+                    if cut is None:  # one piece over 1 MiB: counted as two pieces (its merges barely change)
+                        cut = CHUNK_CHARS
+                    yield buf[:cut]
+                    buf = buf[cut:]
+                if at >= val_at:
+                    break
+            if buf:
+                yield buf
 
 
 def _checked_plan(docs: list[Document], cfg: DataConfig) -> list[tuple[Document, int]]:

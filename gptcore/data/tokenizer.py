@@ -1,11 +1,14 @@
-"""Tokenizers: GPT-2 BPE (tiktoken, built from verified local files) and character-level.
+"""Tokenizers: GPT-2 BPE (tiktoken, built from verified local files), a byte-level BPE
+trained on the corpus (:mod:`gptcore.data.bpe` trains it; tiktoken encodes it, so both BPEs
+share one encoding path) and character-level.
 
-Both share one interface (:class:`Tokenizer`) and save themselves into a checkpoint
+All share one interface (:class:`Tokenizer`) and save themselves into a checkpoint
 directory, so a checkpoint loads offline with the exact vocabulary it was trained with.
 """
 
 from __future__ import annotations
 
+import base64
 import json
 import shutil
 from pathlib import Path
@@ -46,10 +49,13 @@ class Tokenizer:
     def save(self, directory: str | Path) -> None:
         raise NotImplementedError
 
+    def identity(self) -> tuple:
+        """What decides the ids a text gets: equal identities encode every text alike."""
+        return (self.kind, self.vocab_size)
+
     def same_as(self, other: Tokenizer) -> bool:
         """True if both map text to the same ids (same kind and vocabulary)."""
-        return (self.kind, self.vocab_size, getattr(self, "chars", None)) == \
-            (other.kind, other.vocab_size, getattr(other, "chars", None))
+        return self.identity() == other.identity()
 
     def describe(self) -> str:
         return f"{self.kind}, {self.vocab_size} ids"
@@ -66,22 +72,24 @@ def _read_verified(path: Path, expected_sha256: str) -> bytes:
     return data
 
 
-def _data_gym_ranks(vocab_bpe: bytes, encoder_json: bytes) -> dict[bytes, int]:
-    """GPT-2's (merges, encoder) files -> tiktoken's byte-level mergeable ranks.
-
-    GPT-2 stores bytes as printable unicode characters: printable non-space bytes map
-    to themselves, the other 68 bytes to chr(256 + n) in byte order.
-    """
+def byte_chars() -> dict[int, str]:
+    """GPT-2's printable spelling of bytes (its vocab.json and merges.txt, and Hugging
+    Face's byte-level BPE): printable non-space bytes stand for themselves, the other 68
+    bytes for chr(256 + n) in byte order. Iteration order is GPT-2's rank order of bytes."""
     printable = [b for b in range(256) if chr(b).isprintable() and chr(b) != " "]
-    char_to_byte = {chr(b): b for b in printable}
-    others = [b for b in range(256) if b not in char_to_byte.values()]
-    char_to_byte.update({chr(256 + n): b for n, b in enumerate(others)})
-    ordered = printable + others
+    others = [b for b in range(256) if b not in set(printable)]
+    return {**{b: chr(b) for b in printable}, **{b: chr(256 + n) for n, b in enumerate(others)}}
+
+
+def _data_gym_ranks(vocab_bpe: bytes, encoder_json: bytes) -> dict[bytes, int]:
+    """GPT-2's (merges, encoder) files -> tiktoken's byte-level mergeable ranks."""
+    spelling = byte_chars()
+    char_to_byte = {c: b for b, c in spelling.items()}
 
     def to_bytes(token: str) -> bytes:
         return bytes(char_to_byte[c] for c in token)
 
-    ranks = {bytes([b]): i for i, b in enumerate(ordered)}
+    ranks = {bytes([b]): i for i, b in enumerate(spelling)}
     for line in vocab_bpe.decode("utf-8").split("\n")[1:-1]:
         first, second = line.split()
         ranks[to_bytes(first) + to_bytes(second)] = len(ranks)
@@ -91,21 +99,10 @@ def _data_gym_ranks(vocab_bpe: bytes, encoder_json: bytes) -> dict[bytes, int]:
     return ranks
 
 
-class GPT2Tokenizer(Tokenizer):
-    """tiktoken's ``gpt2`` encoding, token for token, from two sha256-verified files."""
+class _TiktokenBPE(Tokenizer):
+    """Byte-level BPE encoded by tiktoken (``self._enc``): GPT-2's and a trained one."""
 
-    kind = "gpt2"
-
-    def __init__(self, directory: str | Path) -> None:
-        directory = Path(directory)
-        self.directory = directory
-        vocab = _read_verified(directory / "vocab.bpe", GPT2_FILES["vocab.bpe"])
-        encoder = _read_verified(directory / "encoder.json", GPT2_FILES["encoder.json"])
-        ranks = _data_gym_ranks(vocab, encoder)
-        self.eot_id = len(ranks)  # 50256
-        self._enc = tiktoken.Encoding(name="gpt2", pat_str=r50k_pat_str, mergeable_ranks=ranks,
-                                      special_tokens={EOT_TEXT: self.eot_id}, explicit_n_vocab=50257)
-        self.vocab_size = self._enc.n_vocab
+    _enc: tiktoken.Encoding
 
     def encode(self, text: str) -> list[int]:
         # "<|endoftext|>" inside user text is ordinary text, never a control token.
@@ -123,11 +120,94 @@ class GPT2Tokenizer(Tokenizer):
             raise TokenizerError(f"token id(s) {bad[:5]} outside the vocabulary [0, {self.vocab_size})")
         return self._enc.decode_bytes(list(ids))
 
+
+class GPT2Tokenizer(_TiktokenBPE):
+    """tiktoken's ``gpt2`` encoding, token for token, from two sha256-verified files."""
+
+    kind = "gpt2"
+
+    def __init__(self, directory: str | Path) -> None:
+        directory = Path(directory)
+        self.directory = directory
+        vocab = _read_verified(directory / "vocab.bpe", GPT2_FILES["vocab.bpe"])
+        encoder = _read_verified(directory / "encoder.json", GPT2_FILES["encoder.json"])
+        ranks = _data_gym_ranks(vocab, encoder)
+        self.eot_id = len(ranks)  # 50256
+        self._enc = tiktoken.Encoding(name="gpt2", pat_str=r50k_pat_str, mergeable_ranks=ranks,
+                                      special_tokens={EOT_TEXT: self.eot_id}, explicit_n_vocab=50257)
+        self.vocab_size = self._enc.n_vocab
+
     def save(self, directory: str | Path) -> None:
         directory = Path(directory)
         for name in GPT2_FILES:
             shutil.copyfile(self.directory / name, directory / name)
         atomic_write_json(directory / TOKENIZER_FILE, {"kind": self.kind, "files": GPT2_FILES})
+
+
+BPE_FILE = "bpe_ranks.txt"
+
+
+class BPETokenizer(_TiktokenBPE):
+    """A byte-level BPE trained on the corpus (``tokenizer.kind: bpe``): GPT-2's
+    pre-tokenizer and byte alphabet, its own merges, end-of-text as the last id.
+
+    ``tokens`` are the vocabulary's byte strings in rank order: the 256 single bytes, then
+    one token per merge in the order training learned them. tiktoken merges the adjacent
+    pair whose joined bytes rank lowest, so rank order is the merge order."""
+
+    kind = "bpe"
+
+    def __init__(self, tokens: list[bytes]) -> None:
+        if len(tokens) < 256 or set(tokens[:256]) != {bytes([b]) for b in range(256)}:
+            raise TokenizerError("a byte-level BPE vocabulary starts with the 256 single bytes")
+        if len(set(tokens)) != len(tokens):
+            raise TokenizerError("a BPE vocabulary's tokens must be distinct")
+        self.tokens = list(tokens)
+        self.eot_id = len(tokens)
+        self.vocab_size = len(tokens) + 1
+        self.digest = sha256_bytes(self._ranks_text().encode())
+        ranks = {t: i for i, t in enumerate(tokens)}
+        self._enc = tiktoken.Encoding(name=f"gptcore-bpe-{self.vocab_size}", pat_str=r50k_pat_str,
+                                      mergeable_ranks=ranks, special_tokens={EOT_TEXT: self.eot_id})
+
+    def _ranks_text(self) -> str:
+        # tiktoken's own file format (base64 token, space, rank): readable by tiktoken's loader.
+        return "".join(f"{base64.b64encode(t).decode()} {i}\n" for i, t in enumerate(self.tokens))
+
+    def identity(self) -> tuple:
+        return (self.kind, self.vocab_size, self.digest)
+
+    def describe(self) -> str:
+        return f"bpe, {self.vocab_size} ids ({self.digest[:12]})"
+
+    def save(self, directory: str | Path) -> None:
+        directory = Path(directory)
+        (directory / BPE_FILE).write_text(self._ranks_text(), encoding="ascii")
+        atomic_write_json(directory / TOKENIZER_FILE, {"kind": self.kind, "vocab_size": self.vocab_size,
+                                                       "pattern": "gpt2", "file": BPE_FILE, "sha256": self.digest})
+
+    @classmethod
+    def load(cls, directory: Path, spec: dict) -> BPETokenizer:
+        path = directory / BPE_FILE
+        try:
+            text = path.read_text(encoding="ascii")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise TokenizerError(f"{path}: unreadable ({exc}); a bpe tokenizer keeps its merges there") from None
+        if sha256_bytes(text.encode()) != spec.get("sha256"):
+            raise TokenizerError(f"{path}: its sha256 is not the one {TOKENIZER_FILE} records (edited or corrupt)")
+        tokens = []
+        for n, line in enumerate(text.splitlines()):
+            token, _, rank = line.partition(" ")
+            if rank != str(n):
+                raise TokenizerError(f"{path}: line {n + 1} is not '<base64 token> {n}'")
+            try:
+                tokens.append(base64.b64decode(token, validate=True))
+            except ValueError:  # binascii.Error
+                raise TokenizerError(f"{path}: line {n + 1}: {token[:40]!r} is not base64") from None
+        tokenizer = cls(tokens)
+        if tokenizer.vocab_size != spec.get("vocab_size"):
+            raise TokenizerError(f"{path}: {tokenizer.vocab_size} ids, {TOKENIZER_FILE} says {spec.get('vocab_size')}")
+        return tokenizer
 
 
 class CharTokenizer(Tokenizer):
@@ -142,6 +222,9 @@ class CharTokenizer(Tokenizer):
         self.stoi = {c: i for i, c in enumerate(self.chars)}
         self.eot_id = len(self.chars)
         self.vocab_size = len(self.chars) + 1
+
+    def identity(self) -> tuple:
+        return (self.kind, self.vocab_size, tuple(self.chars))
 
     def encode(self, text: str) -> list[int]:
         try:
@@ -182,4 +265,6 @@ def load_tokenizer(directory: str | Path) -> Tokenizer:
         if not isinstance(chars, list) or not chars:
             raise TokenizerError(f"{path}: 'chars' must be a non-empty list of characters")
         return CharTokenizer(chars)
-    raise TokenizerError(f"{path}: unknown tokenizer kind {kind!r}; allowed: gpt2 | char")
+    if kind == "bpe":
+        return BPETokenizer.load(directory, spec)
+    raise TokenizerError(f"{path}: unknown tokenizer kind {kind!r}; allowed: gpt2 | bpe | char")

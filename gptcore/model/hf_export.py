@@ -12,7 +12,7 @@ from pathlib import Path
 
 from safetensors.torch import save_file
 
-from ..data.tokenizer import EOT_TEXT, GPT2_FILES, Tokenizer, _read_verified
+from ..data.tokenizer import EOT_TEXT, GPT2_FILES, Tokenizer, _read_verified, byte_chars
 from ..io import atomic_dir
 from .gpt import GPT
 from .hf import HFError, hf_config_dict, to_hf_state_dict
@@ -71,12 +71,22 @@ def tokenizer_files(tokenizer: Tokenizer, block_size: int) -> dict[str, dict | b
                                           "add_prefix_space": False, "add_bos_token": False, "errors": "replace",
                                           "added_tokens_decoder": eot},
                 "special_tokens_map.json": {**special, "unk_token": EOT_TEXT}}
+    if tokenizer.kind == "bpe":
+        # A trained BPE in GPT-2's file format: GPT-2's tokenizer class applies the same
+        # pre-tokenizer and byte alphabet, so only the vocabulary and merges differ.
+        vocab, merges = bpe_vocab_merges(tokenizer.tokens)
+        return {"vocab.json": {**vocab, EOT_TEXT: tokenizer.eot_id},
+                "merges.txt": ("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges)).encode(),
+                "tokenizer_config.json": {"tokenizer_class": "GPT2Tokenizer", **common, "unk_token": EOT_TEXT,
+                                          "add_prefix_space": False, "add_bos_token": False, "errors": "replace",
+                                          "added_tokens_decoder": eot},
+                "special_tokens_map.json": {**special, "unk_token": EOT_TEXT}}
     if tokenizer.kind == "char":
         return {"tokenizer.json": char_tokenizer_json(tokenizer.chars),
                 "tokenizer_config.json": {"tokenizer_class": "PreTrainedTokenizerFast", **common,
                                           "added_tokens_decoder": eot},
                 "special_tokens_map.json": special}
-    raise HFError(f"tokenizer kind {tokenizer.kind!r} has no Hugging Face form here; allowed: gpt2 | char")
+    raise HFError(f"tokenizer kind {tokenizer.kind!r} has no Hugging Face form here; allowed: gpt2 | bpe | char")
 
 
 def char_tokenizer_json(chars: list[str]) -> dict:
@@ -95,3 +105,24 @@ def char_tokenizer_json(chars: list[str]) -> dict:
             "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
                       "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False, "ignore_merges": False,
                       "vocab": {**{c: i for i, c in enumerate(chars)}, EOT_TEXT: eot}, "merges": []}}
+
+
+def bpe_vocab_merges(tokens: list[bytes]) -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """Ranked byte tokens (tiktoken's form) -> GPT-2-style vocab.json and merges.
+
+    tiktoken merges the adjacent pair whose joined bytes rank lowest; a merges file merges
+    the listed pair that comes first. Listing, for each token in rank order, every split of
+    it into two lower-ranked tokens makes the two agree on every text: whichever pair
+    tiktoken would join, the merges file holds it, at the joined token's place."""
+    spell = byte_chars()
+
+    def spelled(t: bytes) -> str:
+        return "".join(spell[b] for b in t)
+
+    ranks = {t: i for i, t in enumerate(tokens)}
+    merges = []
+    for rank, token in enumerate(tokens):
+        splits = [(ranks[token[:i]], ranks[token[i:]]) for i in range(1, len(token))
+                  if ranks.get(token[:i], rank) < rank and ranks.get(token[i:], rank) < rank]
+        merges.extend((spelled(tokens[a]), spelled(tokens[b])) for a, b in sorted(splits))
+    return {spelled(t): i for i, t in enumerate(tokens)}, merges

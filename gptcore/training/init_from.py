@@ -119,8 +119,9 @@ def _check_hf_tokenizer(directory: Path, tokenizer: Tokenizer, where: str) -> No
         same = (read_json(vocab) == read_json(tokenizer.directory / "encoder.json")
                 and _merges(merges) == _merges(tokenizer.directory / "vocab.bpe"))
         if not same:
-            raise ConfigError(f"{where}: its vocab.json/merges.txt are not GPT-2's BPE, the only BPE "
-                              "gptcore trains with; allowed: a model with GPT-2's vocabulary")
+            raise ConfigError(f"{where}: its vocab.json/merges.txt are not GPT-2's BPE; allowed: a model with "
+                              "GPT-2's vocabulary (a model with a trained BPE fine-tunes from its gptcore checkpoint "
+                              "or registry version, whose BPE the tokenize stage reuses)")
     elif spec.is_file():
         chars = char_vocab(spec)
         if chars is None or not isinstance(tokenizer, CharTokenizer) or chars != tokenizer.chars:
