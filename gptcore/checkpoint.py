@@ -2,7 +2,7 @@
 
     <dir>/config.json        format name + version, the GPTConfig, free-form metadata
     <dir>/model.safetensors  weights (the tied LM head is stored once, as wte)
-    <dir>/tokenizer.json     tokenizer spec (+ vocab.bpe / encoder.json for gpt2)
+    <dir>/tokenizer.json     tokenizer spec (+ vocab.bpe / encoder.json for gpt2, bpe_ranks.txt for bpe)
     <dir>/trainer_state.pt   optional: optimizer, schedule, RNG and data position for resume
 
 Nothing here unpickles arbitrary objects: tensors come from safetensors, and the

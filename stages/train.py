@@ -41,14 +41,14 @@ def main() -> None:
     write_train_outputs(result, "metrics")
     write_run_file(tracker.run_id)
     tracker.log_metrics({"final_val_loss": result.final_val_loss, "best_step": result.best_step,
-                         "train_tokens_per_s": result.tokens_per_s,
+                         "train_tokens_per_s": result.tokens_per_s, "train_bytes_per_s": result.bytes_per_s,
                          "train_wall_time_s": result.wall_time_s,
                          "train_step_time_s": result.train_time_s}, step=result.steps)
     tracker.set_tags({"train.device_used": result.device, "train.dtype_used": result.dtype})
     tracker.end()  # training is done; evaluate and sample still log into the finished run
     resume.clear(work)
     print(f"best val loss {result.best_val_loss:.4f} at step {result.best_step}; "
-          f"{result.tokens_per_s:,.0f} tokens/s")
+          f"{result.tokens_per_s:,.0f} tokens/s ({result.bytes_per_s:,.0f} bytes of text/s)")
 
 
 if __name__ == "__main__":

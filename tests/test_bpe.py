@@ -168,6 +168,10 @@ def test_dvc_exp_run_with_a_trained_bpe_generates_everywhere(tmp_path, mirror_di
     ev = json.loads((root / "metrics/eval.json").read_text())
     assert ev["val_bytes"] == 111_540 and ev["val_tokens"] == meta["val_tokens"] and 0 < ev["bits_per_byte"] < 20
     assert "## ROMEO:" in (root / "metrics/samples.md").read_text()
+    # Training speed in bytes of text, the unit that compares across tokenizers.
+    train = json.loads((root / "metrics/train.json").read_text())
+    assert meta["train_bytes"] == 1_003_854  # Tiny Shakespeare is ASCII: its train characters
+    assert train["bytes_per_s"] == pytest.approx(train["tokens_per_s"] * 1_003_854 / meta["train_tokens"])
 
     prompt, greedy = "ROMEO:", ["--temperature", "0", "--max-new-tokens", "12"]
     cli = _run([str(VENV_BIN / "gptcore"), "generate", "--checkpoint", "models/best", "--prompt", prompt, *greedy],

@@ -410,6 +410,7 @@ def _meta(cfg: DataConfig, docs: list[Document], tokenizer: Tokenizer, dtype: np
         "train_tokens": train.tokens,
         "val_tokens": val.tokens,
         "train_chars": train.chars,
+        "train_bytes": train.nbytes,
         "val_chars": val.chars,
         "val_bytes": val.nbytes,
         "source_sha256": _corpus_digest(docs),

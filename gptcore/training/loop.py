@@ -364,12 +364,16 @@ class Trainer:
 
     def _result(self, stopped_early: bool) -> TrainResult:
         st = self.state
+        meta = self.data.meta
+        # train_bytes: data tokenized before it existed counted characters only (equal for ASCII text).
+        bytes_per_token = meta.get("train_bytes", meta.get("train_chars", 0)) / max(meta.get("train_tokens", 0), 1)
+        tokens_per_s = st.tokens_seen / max(st.train_time, 1e-9)
         return TrainResult(
             best_val_loss=st.best_val, final_val_loss=st.last_val, best_step=st.best_step,
-            steps=st.step, tokens_seen=st.tokens_seen, tokens_per_s=st.tokens_seen / max(st.train_time, 1e-9),
+            steps=st.step, tokens_seen=st.tokens_seen, tokens_per_s=tokens_per_s,
             train_time_s=st.train_time, wall_time_s=self._wall_now(), stopped_early=stopped_early,
             resumed_from_step=self.resumed_from, num_parameters=self.model.num_parameters(),
-            device=self.device.type, dtype=self.dtype,
+            device=self.device.type, dtype=self.dtype, bytes_per_s=tokens_per_s * bytes_per_token,
             train_log=st.train_log, val_log=st.val_log)
 
     def _flush(self, bar, tokens_per_step: int) -> None:

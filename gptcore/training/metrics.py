@@ -31,6 +31,9 @@ class TrainResult:
     # the hardware lacks it; see training.device.resolve_precision), so runs compare honestly.
     device: str = "cpu"
     dtype: str = "float32"
+    # tokens_per_s x the train split's bytes per token: the speed that compares across
+    # tokenizers (a smaller vocabulary makes steps cheaper but spends more tokens per byte).
+    bytes_per_s: float = 0.0
     train_log: list = field(default_factory=list)  # [step, train_loss, lr, tokens_per_s]
     val_log: list = field(default_factory=list)  # [step, val_loss]
 
