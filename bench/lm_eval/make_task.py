@@ -2,10 +2,12 @@
 multiple choice over Tiny Shakespeare's validation split, which no gptcore model trains on.
 
 Each item is a line of a speech (``context``: the speaker's name line and the lines before
-it, at most 4) and four candidate next lines: the true one and three other lines of the
-validation split of about its length (0.8-1.25x, so a model can't win by preferring short
-lines), drawn with a fixed seed. A model that knows the language picks the true line more
-often than chance (25 %).
+it, at most 4) and four candidate next lines: the true one and three shuffles of its words,
+drawn with a fixed seed. The candidates hold the same words, so neither their length nor
+their vocabulary gives the answer away: only word order does. A model that knows the
+language picks the true line more often than chance (25 %). (Other lines of the split as
+candidates made a task that 1-4 M-parameter models could not tell from chance, directly
+or through the server.)
 
     python bench/lm_eval/make_task.py [--items 500] [--out bench/lm_eval/shakespeare_next_line.jsonl]
 """
@@ -24,15 +26,19 @@ ROOT = Path(__file__).resolve().parents[2]
 def items(text: str, n: int, seed: int = 1337) -> list[dict]:
     val = text[int(len(text) * 0.9):]  # data.split: chars, val_fraction 0.1: the evaluate stage's split
     lines = val.split("\n")
-    pool = sorted({line for line in lines if len(line) > 20})
     rng = random.Random(seed)
     out = []
-    candidates = [i for i in range(4, len(lines)) if len(lines[i]) > 20 and lines[i - 1] and lines[i - 2]]
+    candidates = [i for i in range(4, len(lines)) if len(set(lines[i].split())) >= 5 and lines[i - 1] and lines[i - 2]]
     for i in rng.sample(candidates, min(n, len(candidates))):
         context = "\n".join(lines[i - 4:i]).lstrip("\n").split("\n\n")[-1] + "\n"
         true = lines[i]
-        alike = [line for line in pool if line != true and 0.8 * len(true) <= len(line) <= 1.25 * len(true)]
-        wrong = rng.sample(alike, 3)
+        wrong: list[str] = []
+        while len(wrong) < 3:
+            words = true.split()
+            rng.shuffle(words)
+            line = " ".join(words)
+            if line != true and line not in wrong:
+                wrong.append(line)
         choices = [true, *wrong]
         rng.shuffle(choices)
         out.append({"context": context, "choices": choices, "label": choices.index(true)})
