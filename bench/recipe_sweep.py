@@ -237,8 +237,11 @@ def _dvc(root: Path, *args: str, check: bool = True) -> subprocess.CompletedProc
         err.seek(0)
         p = subprocess.CompletedProcess(args, code, out.read(), err.read())
     if check and p.returncode != 0:
-        last = [line for line in (p.stderr or p.stdout).splitlines() if line.strip()][-1:] or [f"exit {p.returncode}"]
-        raise SystemExit(f"`dvc {' '.join(args)}` failed: {last[0]}")
+        lines = [line for line in (p.stderr or p.stdout).splitlines() if line.strip()]
+        # DVC ends its errors with a support footer ("Having any troubles? ..."): name its ERROR line.
+        fallback = lines[-1] if lines else f"exit {p.returncode}"
+        reason = next((line for line in lines if line.startswith("ERROR")), fallback)
+        raise SystemExit(f"`dvc {' '.join(args)}` failed: {reason}")
     return p
 
 

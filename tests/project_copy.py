@@ -43,7 +43,11 @@ def copy_project(root: Path) -> Path:
     def ignore(d: str, names: list[str]) -> list[str]:
         # Outputs are skipped at the top level only: gptcore/data/ is code, data/ is not.
         top = Path(d).resolve() == REPO
-        return [n for n in names if (n in SKIP and (top or n in NEVER)) or n.endswith((".egg-info", ".old"))]
+        # .dvc/tmp holds this checkout's experiment queue (tasks naming its own commits) and
+        # .dvc/cache its data: a copy with its own git history must start without either.
+        local_dvc = {"tmp", "cache"} if Path(d).resolve() == REPO / ".dvc" else set()
+        return [n for n in names if (n in SKIP and (top or n in NEVER)) or n in local_dvc
+                or n.endswith((".egg-info", ".old"))]
 
     shutil.copytree(REPO, root, ignore=ignore)
     return root
