@@ -57,17 +57,7 @@ def init_bpe(spec: str) -> BPETokenizer | None:
     learned its ids in, never with a new one trained on the new text."""
     if spec == SCRATCH or spec.startswith(HF_PREFIX):
         return None  # a Hugging Face directory holds GPT-2's BPE or characters (training/init_from.py checks)
-    where = f"train.init_from={spec!r}"
-    if spec.startswith(REGISTRY_PREFIX):
-        from .registry import fetch_checkpoint  # MLflow only where a registry URI is read
-
-        with tempfile.TemporaryDirectory(prefix="gptcore-init-") as tmp:
-            tokenizer = _checkpoint_tokenizer(fetch_checkpoint(spec, tmp, what="train.init_from"), where)
-    else:
-        directory = Path(spec)
-        if not directory.is_dir():
-            raise ConfigError(f"{where}: no such directory; allowed: {ALLOWED}")
-        tokenizer = _checkpoint_tokenizer(current_dir(directory), where)
+    tokenizer = _gptcore_tokenizer(spec)
     return tokenizer if isinstance(tokenizer, BPETokenizer) else None
 
 
@@ -80,21 +70,30 @@ def init_chars(spec: str) -> list[str] | None:
     meant in pretraining."""
     if spec == SCRATCH:
         return None
+    if spec.startswith(HF_PREFIX):
+        directory = Path(local_path(spec))
+        if not directory.is_dir():
+            raise ConfigError(f"train.init_from={spec!r}: no such directory; allowed: {ALLOWED}")
+        path = directory / "tokenizer.json"
+        if (directory / "vocab.json").is_file() or not path.is_file():
+            return None  # GPT-2's BPE (stated, or assumed for a bare save_pretrained)
+        return char_vocab(path)
+    tokenizer = _gptcore_tokenizer(spec)
+    return tokenizer.chars if isinstance(tokenizer, CharTokenizer) else None
+
+
+def _gptcore_tokenizer(spec: str) -> Tokenizer:
+    """The tokenizer of a gptcore model: a registry URI's or a checkpoint directory's."""
     where = f"train.init_from={spec!r}"
     if spec.startswith(REGISTRY_PREFIX):
         from .registry import fetch_checkpoint  # MLflow only where a registry URI is read
 
         with tempfile.TemporaryDirectory(prefix="gptcore-init-") as tmp:
-            return _checkpoint_chars(fetch_checkpoint(spec, tmp, what="train.init_from"), where)
-    directory = Path(local_path(spec))
+            return _checkpoint_tokenizer(fetch_checkpoint(spec, tmp, what="train.init_from"), where)
+    directory = Path(spec)
     if not directory.is_dir():
         raise ConfigError(f"{where}: no such directory; allowed: {ALLOWED}")
-    if spec.startswith(HF_PREFIX):
-        path = directory / "tokenizer.json"
-        if (directory / "vocab.json").is_file() or not path.is_file():
-            return None  # GPT-2's BPE (stated, or assumed for a bare save_pretrained)
-        return char_vocab(path)
-    return _checkpoint_chars(current_dir(directory), where)
+    return _checkpoint_tokenizer(current_dir(directory), where)
 
 
 def _checkpoint_tokenizer(directory: Path, where: str) -> Tokenizer:
@@ -102,11 +101,6 @@ def _checkpoint_tokenizer(directory: Path, where: str) -> Tokenizer:
         return load_tokenizer(directory)
     except TokenizerError as exc:
         raise TokenizerError(f"{where}: {exc}") from None
-
-
-def _checkpoint_chars(directory: Path, where: str) -> list[str] | None:
-    tokenizer = _checkpoint_tokenizer(directory, where)
-    return tokenizer.chars if isinstance(tokenizer, CharTokenizer) else None
 
 
 def read_json(path: Path):

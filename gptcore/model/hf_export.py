@@ -60,23 +60,22 @@ def tokenizer_files(tokenizer: Tokenizer, block_size: int) -> dict[str, dict | b
     common = {**special, "model_max_length": block_size, "clean_up_tokenization_spaces": False}
     eot = {str(tokenizer.eot_id): {"content": EOT_TEXT, "lstrip": False, "normalized": False, "rstrip": False,
                                    "single_word": False, "special": True}}
-    if tokenizer.kind == "gpt2":
-        # GPT-2's own files under the names transformers gives them (encoder.json is
-        # vocab.json, vocab.bpe is merges.txt); tokenizer_class picks GPT-2's byte-level BPE
-        # whatever the model_type (GPTNeoX's own tokenizer class is another vocabulary).
-        src = tokenizer.directory
-        return {"vocab.json": _read_verified(src / "encoder.json", GPT2_FILES["encoder.json"]),
-                "merges.txt": _read_verified(src / "vocab.bpe", GPT2_FILES["vocab.bpe"]),
-                "tokenizer_config.json": {"tokenizer_class": "GPT2Tokenizer", **common, "unk_token": EOT_TEXT,
-                                          "add_prefix_space": False, "add_bos_token": False, "errors": "replace",
-                                          "added_tokens_decoder": eot},
-                "special_tokens_map.json": {**special, "unk_token": EOT_TEXT}}
-    if tokenizer.kind == "bpe":
-        # A trained BPE in GPT-2's file format: GPT-2's tokenizer class applies the same
-        # pre-tokenizer and byte alphabet, so only the vocabulary and merges differ.
-        vocab, merges = bpe_vocab_merges(tokenizer.tokens)
-        return {"vocab.json": {**vocab, EOT_TEXT: tokenizer.eot_id},
-                "merges.txt": ("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges)).encode(),
+    if tokenizer.kind in ("gpt2", "bpe"):
+        if tokenizer.kind == "gpt2":
+            # GPT-2's own files under the names transformers gives them (encoder.json is
+            # vocab.json, vocab.bpe is merges.txt).
+            src = tokenizer.directory
+            vocab = _read_verified(src / "encoder.json", GPT2_FILES["encoder.json"])
+            merges = _read_verified(src / "vocab.bpe", GPT2_FILES["vocab.bpe"])
+        else:
+            # A trained BPE in GPT-2's file format: GPT-2's tokenizer class applies the same
+            # pre-tokenizer and byte alphabet, so only the vocabulary and merges differ.
+            spelled, pairs = bpe_vocab_merges(tokenizer.tokens)
+            vocab = {**spelled, EOT_TEXT: tokenizer.eot_id}
+            merges = ("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in pairs)).encode()
+        # tokenizer_class picks GPT-2's byte-level BPE whatever the model_type (GPTNeoX's own
+        # tokenizer class is another vocabulary).
+        return {"vocab.json": vocab, "merges.txt": merges,
                 "tokenizer_config.json": {"tokenizer_class": "GPT2Tokenizer", **common, "unk_token": EOT_TEXT,
                                           "add_prefix_space": False, "add_bos_token": False, "errors": "replace",
                                           "added_tokens_decoder": eot},
