@@ -13,6 +13,7 @@ from test_generate import BLOCK, tiny_model
 from gptcore.generation.engine import Engine
 from gptcore.generation.generate import generate_ids
 from gptcore.generation.sampling import SamplingConfig
+from gptcore.model.decode import TopLogits
 
 VOCAB = 40
 # Row settings that take every path of a step: greedy (screening depth 1), top-k (depth 5),
@@ -27,10 +28,9 @@ SETTINGS = [
 
 class CheckedEngine(Engine):
     """An engine that, before every pick, compares each row's logits with a full forward
-    pass over the row's current window (the ids the screened head left finite, and the
-    row's top ids)."""
+    pass over the row's current window (all of them, or the row's top ids and values)."""
 
-    checked = 0
+    checked = tops = 0
 
     def _pick(self, rows):
         for row in rows:
@@ -38,9 +38,13 @@ class CheckedEngine(Engine):
             assert 1 <= len(window) <= self.block
             with torch.no_grad():
                 full = self.model(torch.tensor([window]))[0][0, -1].float()
-            finite = torch.isfinite(row.logits)
-            torch.testing.assert_close(row.logits[finite], full[finite], atol=1e-4, rtol=0)
-            assert int(row.logits.argmax()) == int(full.argmax())
+            if isinstance(row.logits, TopLogits):  # the row's top: the full pass's, in order
+                ids = row.logits.ids
+                assert ids.tolist() == full.topk(len(ids)).indices.tolist()
+                torch.testing.assert_close(row.logits.values, full[ids], atol=1e-4, rtol=0)
+                self.tops += 1
+            else:
+                torch.testing.assert_close(row.logits, full, atol=1e-4, rtol=0)
             self.checked += 1
         return super()._pick(rows)
 
@@ -79,7 +83,7 @@ def test_rows_admitted_at_different_steps_equal_lone_decodes(model, crop_to, use
             out[row.tag].append(token)
         step += 1
     assert widest == 4  # four rows shared steps; the fifth waited
-    assert engine.checked == sum(budgets)
+    assert engine.checked == sum(budgets) and engine.tops > 0  # greedy and top-k rows got their top
     for i in range(5):
         assert out[i] == lone(model, prompts[i], cfgs[i], crop_to), f"row {i}"
         assert len(out[i]) == budgets[i]

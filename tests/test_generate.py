@@ -19,7 +19,7 @@ from gptcore.generation.logits import apply_repetition_penalty, candidates, draw
 from gptcore.generation.sampling import SampleConfig
 from gptcore.generation.text import TextPieces
 from gptcore.model import GPT, KVCache
-from gptcore.model.decode import CachedDecoder
+from gptcore.model.decode import CachedDecoder, exact_top
 
 TEXT = "First Citizen:\nBefore we proceed any further, hear me speak.\nAll: Speak, speak!\n"
 BLOCK = 16
@@ -454,23 +454,80 @@ def test_generation_with_the_gpt2_tokenizer(mirror_dir):
 # --------------------------------------------------------------------------- screened LM head
 
 
+def expected_top(logits: torch.Tensor, top: int) -> list[int]:
+    """The ``top`` ids of one row of logits by value descending, then id ascending (brute force)."""
+    values = logits.tolist()
+    return sorted(range(len(values)), key=lambda i: (-values[i], i))[:top]
+
+
+@pytest.mark.parametrize("vocab", [66, 700, 4096, 50257])
+@pytest.mark.parametrize("top", [1, 5, 200])
+@pytest.mark.parametrize("rows", [1, 8])
+def test_exact_top_is_the_brute_force_order_ties_included(vocab, top, rows):
+    """exact_top (block maxima, then the kept blocks' entries) returns each row's ``top``
+    largest logits in the order of a full sort, equal logits by id, with ties across the
+    margin, -0.0 equal to 0.0, and a vocabulary smaller than ``top``."""
+    gen = torch.Generator().manual_seed(vocab + top + rows)
+    logits = torch.randn(rows, vocab, generator=gen)
+    tied = (logits * 2).round() / 2  # a few distinct values: ties everywhere, across every margin
+    tied[0, :10] = -0.0
+    for case in (logits, tied):
+        got = exact_top(case, top)
+        assert got.ids.shape == (rows, min(top, vocab))
+        for r in range(rows):
+            want = expected_top(case[r] + 0.0, top)
+            assert got.ids[r].tolist() == want
+            assert torch.equal(got.values[r], case[r, want])
+
+
+@pytest.mark.parametrize("kind", ["fp16", "bf16"])
 @pytest.mark.parametrize("top", [1, 5, 40])
-def test_screened_head_keeps_the_exact_top_k(top):
-    """With a GPT-2-sized vocabulary a step screens the head in bf16 and recomputes the
-    survivors in fp32: the top ``top`` ids and values equal the full fp32 logits', ties
-    included, and every finite logit is the exact one."""
+def test_screened_head_keeps_the_exact_top_k(kind, top):
+    """With a GPT-2-sized vocabulary a step screens the head (fp16 weights through FBGEMM,
+    or bf16) and recomputes the candidates in fp32: the top ``top`` ids equal the full
+    fp32 logits' (ties by id) and their values the exact ones, one row and several at
+    different positions, and the screen did the work."""
     model = tiny_model(50257, seed=4)
-    seq = torch.randint(0, 50257, (BLOCK,), generator=torch.Generator().manual_seed(6)).tolist()
-    screened, full = CachedDecoder(model, screen=True), CachedDecoder(model)
-    pairs = [(screened.prefill(0, seq[:3], top), full.prefill(0, seq[:3]))]
-    pairs += [(screened.step([t], top)[0], full.step([t])[0]) for t in seq[3:]]
+    seqs = torch.randint(0, 50257, (3, BLOCK), generator=torch.Generator().manual_seed(6)).tolist()
+    screened, full = CachedDecoder(model, max_rows=3, screen=kind), CachedDecoder(model, max_rows=3)
+    if kind not in screened._screen_kinds():
+        pytest.skip(f"this torch has no {kind} head")  # fp16 needs FBGEMM (x86 CPU wheels have it)
+    pairs = []
+    for slot, n in enumerate((3, 4, 6)):
+        pairs.append((screened.prefill(slot, seqs[slot][:n], top), full.prefill(slot, seqs[slot][:n])[None]))
+    for t in range(6, 12):
+        tokens = [seqs[r][t] for r in range(3)]
+        pairs.append((screened.step(tokens, top), full.step(tokens)))
+    # A step whose candidates the band can't vouch for falls back to the exact head (also
+    # checked below); most must not.
+    assert screened._screens == 9 and screened._misses <= 2
     for got, ref in pairs:
-        finite = torch.isfinite(got)
-        assert top <= int(finite.sum()) < 50257  # screened: only candidates were computed
-        torch.testing.assert_close(got[finite], ref[finite], atol=1e-5, rtol=0)
-        got_top, ref_top = got.topk(top), ref.topk(top)
-        assert got_top.indices.tolist() == ref_top.indices.tolist()
-        torch.testing.assert_close(got_top.values, ref_top.values, atol=1e-5, rtol=0)
+        got_ids, got_values = got.ids.view(-1, top), got.values.view(-1, top)
+        for g_ids, g_values, r in zip(got_ids, got_values, ref):
+            assert g_ids.tolist() == expected_top(r, top)
+            torch.testing.assert_close(g_values, r[g_ids], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("kind", ["fp16", "bf16"])
+def test_a_screens_radius_bounds_its_error(kind):
+    """The screen's radius is an upper bound of |approximate - exact| for every logit,
+    on rows as large as a final norm gives and larger, and not loose by orders of
+    magnitude (so the band keeps few candidates)."""
+    model = tiny_model(50257, seed=4)
+    decoder = CachedDecoder(model, screen=kind)
+    if kind not in decoder._screen_kinds():
+        pytest.skip(f"this torch has no {kind} head")
+    approx, radius = decoder._make_screen(kind)
+    gen = torch.Generator().manual_seed(1)
+    with torch.inference_mode():
+        for scale in (1.0, 30.0):
+            x = torch.randn(8, 32, generator=gen) * scale
+            exact = x.double() @ model.lm_head.weight.double().t()
+            y = approx(x)
+            err = (y.double() - exact).abs().amax(-1, keepdim=True)
+            r = radius(x, y).double()
+            assert (err <= r).all()
+            assert (r < 100 * err).all()
 
 
 def test_sampling_reads_only_ids_the_tokenizer_has():
@@ -540,24 +597,6 @@ def test_decoder_rows_at_different_positions_equal_full_forwards(tok, fast, vari
     got = twin.step([seqs[0][6], seqs[1][6]])
     for r in range(2):
         torch.testing.assert_close(got[r], expect(seqs[r][:7]), atol=1e-4, rtol=0)
-
-
-@pytest.mark.parametrize("top", [1, 5])
-def test_batched_screened_head_keeps_each_rows_exact_top_k(top):
-    model = tiny_model(50257, seed=4)
-    seqs = torch.randint(0, 50257, (3, BLOCK), generator=torch.Generator().manual_seed(6)).tolist()
-    screened, full = CachedDecoder(model, max_rows=3, screen=True), CachedDecoder(model, max_rows=3)
-    pairs = []
-    for slot, n in enumerate((3, 4, 6)):  # rows at different positions
-        pairs.append((screened.prefill(slot, seqs[slot][:n], top)[None], full.prefill(slot, seqs[slot][:n])[None]))
-    for t in range(6, 10):
-        tokens = [seqs[r][t] for r in range(3)]
-        pairs.append((screened.step(tokens, top), full.step(tokens)))
-    for got, ref in pairs:
-        for g, r in zip(got, ref):
-            finite = torch.isfinite(g)
-            torch.testing.assert_close(g[finite], r[finite], atol=1e-5, rtol=0)
-            assert g.topk(top).indices.tolist() == r.topk(top).indices.tolist()
 
 
 @pytest.mark.parametrize("crop_to", [None, 3])

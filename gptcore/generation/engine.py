@@ -42,7 +42,7 @@ from typing import Any
 import torch
 
 from ..errors import invalid
-from ..model.decode import CachedDecoder, UncachedDecoder
+from ..model.decode import CachedDecoder, TopLogits, UncachedDecoder
 from ..model.gpt import GPT
 from .logits import draw
 from .sampling import SamplingConfig, _is_int
@@ -69,7 +69,7 @@ class Row:
     produced: int = 0
     finish_reason: str | None = None
     pending: int | None = field(default=None, repr=False)  # the token to feed next step
-    logits: torch.Tensor | None = field(default=None, repr=False)
+    logits: torch.Tensor | TopLogits | None = field(default=None, repr=False)  # the next token's
     slot: int | None = None
     logprobs: int | None = None         # report each token's log-probability and this many alternatives
     scored: Scored | None = None        # ...the last token's (with ``logprobs``): see scoring.py
@@ -127,6 +127,7 @@ class Engine:
         limit = self.vocab if vocab_size is None else min(self.vocab, vocab_size)
         self.decoder = (CachedDecoder if use_cache else UncachedDecoder)(model, max_rows, limit)
         self.active: list[Row] = []      # active[i] sits in decoder slot i
+        self._stepped: tuple = ((), None)  # the last step's rows and their logits, as one batch
         self.waiting: deque[Row] = deque()
 
     # ------------------------------------------------------------------ rows in and out
@@ -205,6 +206,7 @@ class Engine:
         order; ``None`` instead of an id means the row drew end-of-text (with
         ``cfg.stop_at_eot``) and ends there. Check ``row.finished`` after each step."""
         self._retire()
+        self._stepped = ((), None)
         feeding = [r for r in self.active if r.pending is not None]
         if feeding:
             self._forward(feeding)
@@ -244,8 +246,10 @@ class Engine:
                 row.start = len(row.context) - self.keep
                 self.decoder.prefill(row.slot, row.context[row.start:-1], top)
         logits = self.decoder.step([r.pending for r in rows], top)
-        for row, lg in zip(rows, logits):
-            row.logits, row.pending = lg, None
+        self._stepped = (rows, logits)
+        for i, row in enumerate(rows):
+            row.logits = logits.row(i) if isinstance(logits, TopLogits) else logits[i]
+            row.pending = None
 
     @staticmethod
     def _shared_top(rows: list[Row]) -> int | None:
@@ -261,10 +265,20 @@ class Engine:
         groups: dict[tuple, list[int]] = {}
         for i, row in enumerate(rows):
             c = row.cfg
-            groups.setdefault((c.temperature, c.top_k, c.top_p, c.repetition_penalty), []).append(i)
-        for members in groups.values():
+            top = isinstance(row.logits, TopLogits)
+            groups.setdefault((c.temperature, c.top_k, c.top_p, c.repetition_penalty, top), []).append(i)
+        for (*_, top), members in groups.items():
             cfg = rows[members[0]].cfg
-            logits = torch.stack([rows[i].logits for i in members])
+            if top:  # each row's candidates, as many as its draw reads (rows may hold more)
+                width = 1 if cfg.greedy else cfg.top_k
+                stepped, batch = self._stepped
+                if len(members) == len(rows) == len(stepped) and all(a is b for a, b in zip(rows, stepped)):
+                    logits = TopLogits(batch.values[:, :width], batch.ids[:, :width])  # one step's rows, as they came
+                else:
+                    logits = TopLogits(torch.stack([rows[i].logits.values[:width] for i in members]),
+                                       torch.stack([rows[i].logits.ids[:width] for i in members]))
+            else:
+                logits = torch.stack([rows[i].logits for i in members])
             seen = [rows[i].seen for i in members] if cfg.repetition_penalty != 1.0 else None
             picked = draw(logits, cfg, [rows[i].generator for i in members], seen)
             for i, token in zip(members, picked):

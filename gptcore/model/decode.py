@@ -3,7 +3,9 @@
 A decoder holds up to ``max_rows`` rows in numbered slots. ``prefill(slot, ids)`` runs a
 row's window from position 0 and returns the next-token logits; ``step(tokens)`` feeds
 one token to each of the rows in slots ``0 .. len(tokens) - 1``, each at its own position,
-and returns their logits (rows, vocab_limit), fp32. Rows may sit at different positions:
+and returns their logits (rows, vocab_limit), fp32. Given ``top`` (only a row's ``top``
+largest logits matter: greedy 1, top-k sampling k), both return :class:`TopLogits`
+instead: those logits and their ids, exact, in order. Rows may sit at different positions:
 that is what lets a server admit a new request while others are half way through.
 ``move(src, dst)`` copies a row to another slot (the engine keeps its rows in the first
 slots, so a step works on one contiguous block).
@@ -25,11 +27,6 @@ import torch.nn.functional as F
 
 from .gpt import GPT, KVCache, apply_rope, relu2, rope_angles
 from .loss import soft_cap
-
-# Relative error bound of one bf16 rounding (8 significant bits), doubled for safety
-# margin over fp32 accumulation error in both the screening and the exact products.
-_BF16_BOUND = 2.0 ** -7
-
 
 _DERIVED: weakref.WeakKeyDictionary[GPT, dict] = weakref.WeakKeyDictionary()
 
@@ -73,6 +70,109 @@ def _packable(w: torch.Tensor) -> bool:
             and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
 
 
+class TopLogits(NamedTuple):
+    """The ``top`` largest next-token logits of each row (all of them in a smaller
+    vocabulary), exact fp32: ``values`` (rows, top) in descending order and their ``ids``
+    (rows, top); equal logits in ascending id order, and a tie at the ``top``-th logit
+    keeps the lowest ids. So greedy decoding (the first id: the lowest of the largest, as
+    ``argmax`` picks) and top-k sampling (the first k) pick what they would from the whole
+    vocabulary."""
+
+    values: torch.Tensor
+    ids: torch.Tensor
+
+    def row(self, i: int) -> TopLogits:
+        return TopLogits(self.values[i], self.ids[i])
+
+    def clone(self) -> TopLogits:
+        return TopLogits(self.values.clone(), self.ids.clone())
+
+
+def _in_order(values: torch.Tensor, ids: torch.Tensor, top: int) -> TopLogits:
+    """The ``top`` largest of each row's candidates ``values``/``ids`` (rows, n), by value
+    descending and, among equal values, id ascending. Usually one sorted topk of one
+    more than ``top`` whose values all differ: then no order among equals is left to fix.
+    Otherwise one topk over integer keys that order exactly so: a float's bits read as an
+    integer (negatives' magnitude bits flipped) order as the floats do, and the id fills
+    the low 32 bits."""
+    n = ids.size(-1)
+    if top < n:
+        first, at = values.topk(top + 1, dim=-1)
+        if bool((first[:, 1:] < first[:, :-1]).all()):
+            at = at[:, :top]
+            return TopLogits(first[:, :top], ids.gather(-1, at))
+    bits = (values + 0.0).view(torch.int32).to(torch.int64)  # + 0.0: -0.0 becomes 0.0, its equal
+    bits = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
+    _, at = (bits * 2 ** 32 + (2 ** 32 - 1 - ids)).topk(min(top, n), dim=-1)
+    return TopLogits(values.gather(-1, at), ids.gather(-1, at))
+
+
+def _margin(top: int) -> int:
+    """How many more candidates than ``top`` a row keeps: room for ties and, when the head
+    was screened, for the ids within the error band of the ``top``-th logit."""
+    return max(16, top // 4)
+
+
+_FAN = 8          # blocks per block one level up
+_DIRECT = 1024    # a row this short takes one topk
+
+
+def _block_top(scores: torch.Tensor, top: int, band: torch.Tensor | None = None, extra: int | None = None):
+    """Each row's ``n = top + extra`` (default ``_margin(top)``) largest ``scores`` (rows, V), and whether
+    that set holds every id within ``band`` (rows, 1; 0 when None) of the row's ``top``-th
+    largest score: ``(values, ids, complete)``, in no order, ``complete`` (rows, 1) bool.
+
+    ``torch.topk`` over a whole vocabulary costs about as much per row as the decoding
+    step around it (it copies and partially sorts all V scores, and slows sharply past a
+    few thousand). So the rows get a pyramid of strided block maxima, each level
+    ``_FAN`` times shorter, up to one of at most ``_DIRECT``; from the top, each level
+    keeps the n entries with the largest maxima and the next level down looks only at
+    their children: a few topk over a few thousand entries each. An entry not kept has
+    a maximum no larger than the smallest kept one, so if that lies below the band under
+    the ``top``-th score at every level, nothing within the band was left out (and the
+    ``top``-th kept score is the row's true one). One row takes one topk: torch's is
+    fast for a single row; it is the batched kernel that slows sharply with length."""
+    rows, vocab = scores.shape
+    device = scores.device
+    n = top + (_margin(top) if extra is None else extra)
+    if n >= vocab:
+        ids = torch.arange(vocab, device=device).expand(rows, -1)
+        return scores, ids, torch.ones(rows, 1, dtype=torch.bool, device=device)
+    levels = [scores]
+    while rows > 1 and levels[-1].size(1) > _DIRECT and levels[-1].size(1) // _FAN >= n:
+        m = levels[-1]
+        nb = m.size(1) // _FAN
+        levels.append(m[:, :nb * _FAN].view(rows, _FAN, nb).amax(1))  # block j: entries j, j + nb, ...
+    values, ids = levels[-1].topk(n, dim=-1, sorted=False)
+    floors = [values.amin(-1, keepdim=True)]
+    fan = torch.arange(_FAN, device=device).view(1, _FAN, 1)
+    for below in reversed(levels[:-1]):
+        nb = below.size(1) // _FAN
+        children = (ids.unsqueeze(1) + nb * fan).view(rows, -1)
+        if nb * _FAN < below.size(1):  # the last few entries belong to no block: always looked at
+            children = torch.cat([children, torch.arange(nb * _FAN, below.size(1), device=device).expand(rows, -1)], 1)
+        values, at = below.gather(1, children).topk(n, dim=-1, sorted=False)
+        ids = children.gather(1, at)
+        floors.append(values.amin(-1, keepdim=True))
+    kth = values.topk(top, dim=-1, sorted=False).values.amin(-1, keepdim=True)
+    cut = kth if band is None else kth - band
+    complete = torch.cat(floors, 1).amax(-1, keepdim=True) < cut
+    return values, ids, complete
+
+
+def exact_top(logits: torch.Tensor, top: int) -> TopLogits:
+    """Each row's top ``top`` of the exact ``logits`` (rows, V), as :class:`TopLogits`."""
+    if top == 1:  # greedy: argmax gives the first (lowest) id of a tie
+        ids = logits.argmax(-1, keepdim=True)
+        return TopLogits(logits.gather(-1, ids), ids)
+    if logits.size(0) == 1:  # one row: torch's topk is fast, and _in_order takes one
+        return _in_order(logits, torch.arange(logits.size(-1), device=logits.device).expand_as(logits), top)
+    values, ids, complete = _block_top(logits, top)
+    if not bool(complete.all()):  # ties across the margin: every id
+        values, ids = logits, torch.arange(logits.size(-1), device=logits.device).expand_as(logits)
+    return _in_order(values, ids, top)
+
+
 class UncachedDecoder:
     """Reference: a full forward pass over each row's whole window every step."""
 
@@ -91,14 +191,18 @@ class UncachedDecoder:
         logits, _ = self.model(torch.tensor([window], dtype=torch.long, device=self.device))
         return logits[0, -1, :self.limit].float()
 
-    def prefill(self, slot: int, ids: list[int], top: int | None = None) -> torch.Tensor | None:
+    def prefill(self, slot: int, ids: list[int], top: int | None = None) -> torch.Tensor | TopLogits | None:
         self.windows[slot] = list(ids)
-        return self._last_logits(self.windows[slot]) if ids else None
+        if not ids:
+            return None
+        logits = self._last_logits(self.windows[slot])
+        return logits if top is None else exact_top(logits[None], top).row(0)
 
-    def step(self, tokens: list[int], top: int | None = None) -> torch.Tensor:
+    def step(self, tokens: list[int], top: int | None = None) -> torch.Tensor | TopLogits:
         for window, token in zip(self.windows, tokens):
             window.append(token)
-        return torch.stack([self._last_logits(w) for w in self.windows[:len(tokens)]])
+        logits = torch.stack([self._last_logits(w) for w in self.windows[:len(tokens)]])
+        return logits if top is None else exact_top(logits, top)
 
     def move(self, src: int, dst: int) -> None:
         self.windows[dst] = list(self.windows[src])
@@ -122,21 +226,21 @@ class CachedDecoder:
     row: the weights are streamed once for all of them). In training mode (dropout on)
     each row steps through ``GPT.hidden_states``.
 
-    ``top`` (per call): when only the ``top`` largest logits of each row matter (greedy:
-    1; top-k sampling: k), and bf16 is faster than fp32 here (``screen`` None: timed once
-    per model; True/False: forced), the LM head is screened in bf16 (half the bytes of the head to
-    stream, which is most of a step) and exactly the ids that can still be among some
-    row's top are recomputed in fp32: every logit's bf16 error is bounded (|x|_1 and the
-    row's largest |w|), so an id whose upper bound is below the k-th largest lower bound
-    cannot be in the top-k. The others come back as -inf; the top ``top`` are exact,
-    ties included, so greedy and top-k sampling pick what they would from the full fp32
-    logits.
+    ``top`` (per call): when only the ``top`` largest logits of each row matter, and a
+    low-precision head is faster than fp32 here (``screen`` None: timed once per model;
+    True/False/"bf16"/"fp16": forced), the LM head is screened: bf16 (CPUs with AMX or
+    AVX-512 BF16, GPUs) or fp16 weights (FBGEMM; AVX2 CPUs) stream half the bytes of the
+    head, which is most of a step, and only the ids that can still be among a row's top
+    are recomputed in fp32 (``_screened``). Otherwise the fp32 head runs and each row's
+    top is selected from it (``_block_top``). Either way the result is the same exact
+    :class:`TopLogits`, so greedy and top-k sampling pick what they would from all the
+    fp32 logits.
     """
 
     def __init__(self, model: GPT, max_rows: int = 1, vocab_limit: int | None = None,
-                 screen: bool | None = None) -> None:
+                 screen: bool | str | None = None) -> None:
         self.model = model
-        self.screen = screen  # None: screen where bf16 is timed faster (tests force True)
+        self.screen = screen  # None: screen where that is timed faster (tests force it)
         cfg = model.config
         self.limit = cfg.vocab_size if vocab_limit is None else vocab_limit
         self.C, self.nh, self.block = cfg.n_embd, cfg.n_head, cfg.block_size
@@ -178,6 +282,8 @@ class CachedDecoder:
             self.act = relu2 if cfg.mlp_activation == "relu2" else (lambda h: F.gelu(h, approximate="tanh"))
         self.head = w[:self.limit]
         self.packable = _packable(w)
+        self._chosen: dict[bool, tuple | bool] = {}  # several rows? -> the screen (False: none)
+        self._screens = self._misses = 0  # screened heads, and those that fell back to the exact one
 
     @staticmethod
     def cache_bytes(model: GPT, max_rows: int) -> int:
@@ -199,7 +305,8 @@ class CachedDecoder:
         idx = torch.tensor([ids], dtype=torch.long, device=self.device)
         h = self.model.hidden_states(idx, self._slot_cache(slot))[:, -1]  # only the last position's logits
         self.lengths[slot] = len(ids)
-        return self._logits(h, top)[0]
+        logits = self._logits(h, top)
+        return logits.row(0) if isinstance(logits, TopLogits) else logits[0]
 
     def move(self, src: int, dst: int) -> None:
         """Copy the row in ``src`` (its cached positions) into ``dst``."""
@@ -208,24 +315,24 @@ class CachedDecoder:
             b[dst, :, :, :n] = b[src, :, :, :n]
         self.lengths[dst] = n
 
-    def _logits(self, x: torch.Tensor, top: int | None) -> torch.Tensor:
-        """Next-token logits (rows, limit) from the final-LayerNorm output ``x`` (rows, C),
-        soft-capped when the model caps them (order-preserving, so screening is unchanged)."""
+    def _logits(self, x: torch.Tensor, top: int | None) -> torch.Tensor | TopLogits:
+        """Next-token logits from the final-norm output ``x`` (rows, C), soft-capped when
+        the model caps them: all of them (rows, limit) when ``top`` is None, else each
+        row's exact top (:class:`TopLogits`; the cap keeps the order, so it is applied
+        after the selection)."""
         cap = self.model.config.logit_softcap
-        logits = self._raw_logits(x, top)
-        if not cap:
-            return logits
-        return torch.where(torch.isfinite(logits), soft_cap(logits, cap), logits)  # screened-out ids stay -inf
+        if top is None:
+            logits = self._dense(x)
+            return soft_cap(logits, cap) if cap else logits
+        found = self._screened(x, top) if top + _margin(top) <= self.limit // 8 else None
+        if found is None:  # not screened here, or the screen's check failed: the exact head
+            logits = self._dense(x)
+            return exact_top(soft_cap(logits, cap) if cap else logits, top)
+        values, ids = found
+        return _in_order(soft_cap(values, cap) if cap else values, ids, top)
 
-    def _raw_logits(self, x: torch.Tensor, top: int | None) -> torch.Tensor:
-        # Screening pays when a few candidates survive (with most of the vocabulary in play,
-        # a tiny char vocabulary or a huge top_k, the plain fp32 head is as fast) and when
-        # this machine multiplies bf16 faster than fp32.
-        if top is not None and 0 < top <= self.limit // 8:
-            if self.screen is None:  # decided once per decoder (the weights do not change under it)
-                self.screen = self._bf16_pays()
-            if self.screen:
-                return self._screened_logits(x, top)
+    def _dense(self, x: torch.Tensor) -> torch.Tensor:
+        """Every logit (rows, limit), fp32, uncapped."""
         if not self.fast:
             return F.linear(x, self.head).float()
         if x.size(0) > 1 and self.packable:
@@ -240,6 +347,153 @@ class CachedDecoder:
         # streaming the copy) is faster here than oneDNN.
         return torch.mm(x, self._head_t()).float()
 
+    def _head_t(self) -> torch.Tensor:
+        return _derived(self.model, "head_t", self.limit, lambda: self.head.t().contiguous())
+
+    # ------------------------------------------------------------------ the screened head
+
+    def _screen_kinds(self) -> dict:
+        """The low-precision heads this machine has: name -> a function that builds
+        ``(x -> approximate logits (rows, limit) fp32, the unit roundoff of x and of the
+        output, the weights as they are multiplied)``. bf16 everywhere (fast with AMX,
+        AVX-512 BF16 or a GPU; a slow reference kernel on AVX2; x and the output are rounded
+        too); on x86 CPUs also fp16 weights
+        through FBGEMM, which widens them to fp32 inside its kernel (F16C) and multiplies
+        fp32 x, so AVX2 streams half the bytes too. fp16 only while every weight fits its
+        range."""
+        head = self.head
+
+        def bf16():
+            w = _derived(self.model, "head_bf16", self.limit, lambda: head.to(torch.bfloat16))
+            return (lambda x: F.linear(x.to(torch.bfloat16), w).float()), 2.0 ** -8, 2.0 ** -8, w
+
+        kinds = {"bf16": bf16}
+        if (head.device.type == "cpu" and head.dtype == torch.float32
+                and "fbgemm" in torch.backends.quantized.supported_engines
+                and hasattr(torch.ops.quantized, "linear_prepack_fp16")
+                and _derived(self.model, "head_absmax", self.limit, lambda: float(head.abs().amax())) < 60000.0):
+            def fp16():
+                w = _derived(self.model, "head_fp16", self.limit,
+                             lambda: torch.ops.quantized.linear_prepack_fp16(head.contiguous(), None))
+                return (lambda x: torch.ops.quantized.linear_dynamic_fp16(x, w)), 0.0, 0.0, head.half()
+
+            kinds["fp16"] = fp16
+        return kinds
+
+    def _make_screen(self, kind: str):
+        """``(approximate head, radius)`` for screen ``kind``, or None when the kernel does
+        not compute what the bound assumes (checked once on random rows: a kernel that
+        rounded x or accumulated in low precision would break exactness).
+
+        The radius bounds |exact - approximate| per row, for x (rows, C): with w' the
+        weights as multiplied, x' = x rounded (unit roundoff u_x) and K = C,
+        x.w - x'.w' = x.(w - w') + (x - x').w', so by Cauchy-Schwarz it is at most
+        |x|_2 (max_v |w_v - w'_v|_2 + u_x max_v |w'_v|_2), plus the output's rounding
+        (u_out times the largest |approximate logit| of the row) and the fp32 accumulation
+        error of the approximate and the exact products, each under K 2^-24 |x|_2 |w_v|_2.
+        The L2 norms of each vocabulary row's rounding error are precomputed: a bound of
+        the size of the real error, not |x|_1 max|w| (tens of times larger)."""
+        approx, u_x, u_out, w_low = self._screen_kinds()[kind]()
+
+        def norms():
+            w, low = self.head.double(), w_low.double()
+            return float((w - low).norm(dim=1).amax()), float(torch.maximum(w.norm(dim=1), low.norm(dim=1)).amax())
+
+        err, wnorm = _derived(self.model, f"screen_norms_{kind}", self.limit, norms)
+        accumulate = 2.02 * self.C * 2.0 ** -24
+        per_x = err + wnorm * (1.01 * u_x + accumulate)
+
+        def radius(x, y):
+            r = x.norm(dim=-1, keepdim=True) * per_x
+            return r + y.abs().amax(-1, keepdim=True) * (1.01 * u_out) if u_out else r
+
+        x = torch.randn(4, self.C, device=self.device, dtype=self.head.dtype)
+        x_low = x.to(torch.bfloat16) if u_x else x
+        ref = x_low.double() @ w_low.double().t()
+        y = approx(x)
+        if not bool(((y.double() - ref).abs() <= x.double().norm(dim=-1, keepdim=True) * wnorm * accumulate
+                     + y.double().abs() * 1.01 * u_out + 1e-30).all()):
+            return None
+        return approx, radius
+
+    def _screen(self, rows: int, top: int):
+        """The screen this decoder uses for a head of ``rows`` rows, ``(x -> approximate
+        logits, (x, approximate) -> radius)``, or None for the exact fp32 head. Unless
+        ``screen`` forces it (True, False, "bf16" or "fp16": tests), whichever of the
+        three selects a row's top fastest here, timed once per model for one row and
+        once for several: a screen streams fewer bytes, which pays most when several
+        rows share the head, but it adds the recomputation. Either way the top ids are
+        exact, so the choice changes speed, never tokens."""
+        several = rows > 1
+        if several not in self._chosen:
+            kinds = self._screen_kinds()
+            kind = self.screen
+            if kind is True:
+                kind = "fp16" if "fp16" in kinds else "bf16"
+            elif kind is None:
+                kind = _derived(self.model, f"screen_kind_{int(several)}", self.limit,
+                                lambda: self._fastest(kinds, rows, top))
+            self._chosen[several] = (self._made_screen(kind) if kind in kinds else None) or False
+        return self._chosen[several] or None
+
+    def _made_screen(self, kind: str):
+        """``_make_screen(kind)``, once per model and weights version."""
+        return _derived(self.model, f"screen_{kind}", self.limit, lambda: self._make_screen(kind))
+
+    def _fastest(self, kinds: dict, rows: int, top: int) -> str | None:
+        """Which head gives ``rows`` rows' top ``top`` fastest here: a screen's name, or
+        None for fp32 (each timed end to end, best of 3 after a warm-up, on unit-variance
+        rows like a final norm's output)."""
+        several = rows > 1
+        x = F.layer_norm(torch.randn(rows, self.C, device=self.device, dtype=self.head.dtype), (self.C,))
+        best = {}
+        for name in (None, *kinds):
+            self._chosen[several] = (self._made_screen(name) if name else None) or False
+            if name and not self._chosen[several]:
+                continue  # its kernel failed the check
+            for _ in range(4):
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize(self.device)
+                start = time.perf_counter()
+                self._logits(x, top)
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize(self.device)
+                best[name] = min(best.get(name, float("inf")), time.perf_counter() - start)
+        del self._chosen[several]
+        self._screens = self._misses = 0
+        return min(best, key=best.get)
+
+    def _screened(self, x: torch.Tensor, top: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Each row's exact top ``top`` (and the ids in the screen's error band below it)
+        from a low-precision head: ``(values, ids)``, not yet in order, or None when the
+        screen can't vouch for its candidates (ties or outliers the band can't resolve).
+
+        Every approximate logit is within ``r`` of the exact one (``_make_screen``). An id
+        whose approximate logit is more than 2r below the ``top``-th largest cannot be in
+        the exact top, so only a row's largest few, which hold every id above that band
+        (``_block_top`` checks it), are recomputed in fp32, as one batched product."""
+        screen = self._screen(x.size(0), top)
+        if screen is None:
+            return None
+        approx, radius = screen
+        y = approx(x)
+        band = 2.02 * radius(x, y)  # 2r, and 1 % over the rounding of r's own arithmetic
+        self._screens += 1
+        for extra in (_margin(top), 4 * _margin(top), 16 * _margin(top)):  # more ids in the band: wider
+            _, ids, complete = _block_top(y, top, band, extra)
+            if bool(complete.all()):
+                break
+        else:
+            self._misses += 1
+            if self._screens >= 16 and self._misses * 4 > self._screens:
+                self._chosen[x.size(0) > 1] = False  # logits too close for this screen's bound: stop trying
+            return None
+        rows, n = ids.shape
+        weights = self.head.index_select(0, ids.reshape(-1)).view(rows, n, self.C)
+        # Each logit one dot product, the same arithmetic in a batch of rows as alone
+        # (torch.bmm with one column takes a path several times slower here).
+        return (weights * x.unsqueeze(1)).sum(-1).float(), ids
+
     @torch.inference_mode()
     def step(self, tokens: list[int], top: int | None = None) -> torch.Tensor:
         """Feed ``tokens[i]`` to the row in slot ``i`` at its next position; logits (rows, limit)."""
@@ -248,7 +502,8 @@ class CachedDecoder:
         if max(lengths) >= self.block:
             raise ValueError(f"KV cache full ({max(lengths)} positions); crop and prefill again")
         if not self.fast:
-            return torch.cat([self._module_step(b, token, top) for b, token in enumerate(tokens)])
+            h = torch.cat([self._module_hidden(b, token) for b, token in enumerate(tokens)])
+            return self._logits(h, top)
         C, nh, hs, eps, shape = self.C, self.nh, self.hs, self.eps, (self.C,)
         addmm, act, sdpa = torch.addmm, self.act, F.scaled_dot_product_attention
 
@@ -293,59 +548,11 @@ class CachedDecoder:
             self.lengths[b] += 1
         return self._logits(norm(x, *self.ln_f), top)
 
-    def _module_step(self, slot: int, token: int, top: int | None) -> torch.Tensor:
-        """One row through ``nn.Module`` calls (training mode: dropout as in training)."""
+    def _module_hidden(self, slot: int, token: int) -> torch.Tensor:
+        """One row through ``nn.Module`` calls (training mode: dropout as in training):
+        its final-norm output (1, C)."""
         cache = self._slot_cache(slot, self.lengths[slot])
         idx = torch.tensor([[token]], dtype=torch.long, device=self.device)
         h = self.model.hidden_states(idx, cache)[:, -1]
         self.lengths[slot] = cache.length
-        return self._logits(h, top)
-
-    def _head_t(self) -> torch.Tensor:
-        return _derived(self.model, "head_t", self.limit, lambda: self.head.t().contiguous())
-
-    def _bf16_pays(self) -> bool:
-        """Whether the bf16 head is faster than the fp32 one here, timed once per model.
-        CPUs with bf16 instructions (AMX, AVX-512 BF16) and GPUs stream half the bytes;
-        on an AVX2-only CPU torch falls back to a reference bf16 kernel, slower than
-        fp32. Either way the top ids are exact, so the choice changes speed, never tokens."""
-        def measure():
-            x = torch.randn(4, self.C, device=self.device, dtype=self.head.dtype)
-            head_t = self._head_t()
-            head_bf16 = _derived(self.model, "screen", self.limit, self._screen_weights)[0]
-            runs = {"fp32": lambda: torch.mm(x, head_t), "bf16": lambda: F.linear(x.to(torch.bfloat16), head_bf16)}
-            best = {}
-            for name, run in runs.items():
-                for _ in range(3):
-                    if self.device.type == "cuda":
-                        torch.cuda.synchronize(self.device)
-                    start = time.perf_counter()
-                    run()
-                    if self.device.type == "cuda":
-                        torch.cuda.synchronize(self.device)
-                    best[name] = min(best.get(name, float("inf")), time.perf_counter() - start)
-            return best["bf16"] < best["fp32"]
-
-        return _derived(self.model, "bf16_pays", self.limit, measure)
-
-    def _screen_weights(self):
-        return self.head.to(torch.bfloat16), self.head.abs().amax(dim=1) * _BF16_BOUND
-
-    def _screened_logits(self, x: torch.Tensor, top: int) -> torch.Tensor:
-        """Exact fp32 logits (rows, limit) for every id that can be among some row's top
-        ``top``; -inf elsewhere. Rows share one set of recomputed ids (their union): an id
-        outside a row's own candidates is still exact, and still below that row's top
-        ``top``, so it cannot change what the row picks."""
-        head_bf16, row_bound = _derived(self.model, "screen", self.limit, self._screen_weights)
-        xb = x.to(torch.bfloat16)
-        approx = F.linear(xb, head_bf16).float()  # (rows, limit)
-        # |x.w - xb.wb| <= 2^-8 (|x|_1 + |xb|_1) max|w| per row; bounded generously above.
-        radius = (x.abs().sum(-1, keepdim=True) + xb.float().abs().sum(-1, keepdim=True)) * row_bound
-        lower = approx - radius
-        kth = lower.amax(-1, keepdim=True) if top == 1 else lower.topk(top, dim=-1).values[:, -1:]
-        ids = (approx + radius >= kth).any(0).nonzero().squeeze(1)
-        logits = torch.full((x.size(0), self.limit), float("-inf"), dtype=torch.float32, device=x.device)
-        rows = self.head.index_select(0, ids)
-        # One row: a matrix-vector product (the single-sequence path's exact arithmetic).
-        logits[:, ids] = (torch.mv(rows, x[0]).unsqueeze(0) if x.size(0) == 1 else torch.mm(x, rows.t())).float()
-        return logits
+        return h
