@@ -39,9 +39,12 @@ class CheckedEngine(Engine):
             with torch.no_grad():
                 full = self.model(torch.tensor([window]))[0][0, -1].float()
             if isinstance(row.logits, TopLogits):  # the row's top: the full pass's, in order
-                ids = row.logits.ids
-                assert ids.tolist() == full.topk(len(ids)).indices.tolist()
-                torch.testing.assert_close(row.logits.values, full[ids], atol=1e-4, rtol=0)
+                ids, values = row.logits.ids, row.logits.values
+                torch.testing.assert_close(values, full[ids], atol=1e-4, rtol=0)
+                assert (values[1:] <= values[:-1]).all()
+                others = torch.ones_like(full, dtype=torch.bool)
+                others[ids] = False  # no id left out is larger than the smallest kept (within rounding)
+                assert not others.any() or full[others].max() <= values[-1] + 1e-4
                 self.tops += 1
             else:
                 torch.testing.assert_close(row.logits, full, atol=1e-4, rtol=0)

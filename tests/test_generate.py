@@ -19,7 +19,7 @@ from gptcore.generation.logits import apply_repetition_penalty, candidates, draw
 from gptcore.generation.sampling import SampleConfig
 from gptcore.generation.text import TextPieces
 from gptcore.model import GPT, KVCache
-from gptcore.model.decode import CachedDecoder, exact_top
+from gptcore.model.decode import CachedDecoder, _block_top, exact_top
 
 TEXT = "First Citizen:\nBefore we proceed any further, hear me speak.\nAll: Speak, speak!\n"
 BLOCK = 16
@@ -478,6 +478,39 @@ def test_exact_top_is_the_brute_force_order_ties_included(vocab, top, rows):
             want = expected_top(case[r] + 0.0, top)
             assert got.ids[r].tolist() == want
             assert torch.equal(got.values[r], case[r, want])
+
+
+@pytest.mark.parametrize("rows", [2, 8])
+def test_block_top_looks_into_the_tails_and_holds_the_whole_band(rows):
+    """The pyramid's check passes on distinct logits (no fallback), finds a top logit placed
+    in the entries no block holds at either level, and with a band keeps every id within
+    it of the top-th logit, or says it could not."""
+    vocab, top = 50257, 20  # 50257 = 8 * 6282 + 1; 6282 = 8 * 785 + 2: a tail at each level
+    gen = torch.Generator().manual_seed(rows)
+    logits = torch.randn(rows, vocab, generator=gen)
+    logits[:, vocab - 1] = 9.0  # the last id: no level-0 block holds it
+    logits[:, 6281 + 6282 * 3] = 8.0  # a level-0 block in the level-1 tail
+    values, ids, complete = _block_top(logits, top)
+    assert complete.all()
+    for r in range(rows):
+        assert set(expected_top(logits[r], top)) <= set(ids[r].tolist())
+    band = torch.full((rows, 1), 0.05)
+    values, ids, complete = _block_top(logits, top, band)
+    for r in range(rows):
+        kth = logits[r].topk(top).values[-1]
+        within = set((logits[r] >= kth - 0.05).nonzero().squeeze(1).tolist())
+        assert within <= set(ids[r].tolist()) or not complete[r]
+    assert _block_top(logits, top, torch.full((rows, 1), 10.0))[2].logical_not().all()  # too wide to vouch for
+
+
+def test_sampled_top_k_rows_in_one_batch_equal_their_lone_decodes(model, tok):
+    """Top-k rows without a penalty draw from the step's batched top (the engine's
+    shortcut): each equals the single decode with its seed."""
+    cfg = SamplingConfig(temperature=0.9, top_k=7, seed=21, max_new_tokens=40, stop_at_eot=False)
+    rows = batch_ids(model, tok.encode("First"), 4, cfg)
+    assert rows == [generate_ids(model, tok.encode("First"), dataclasses.replace(cfg, seed=cfg.seed + i))
+                    for i in range(4)]
+    assert len({tuple(r) for r in rows}) == 4
 
 
 @pytest.mark.parametrize("kind", ["fp16", "bf16"])

@@ -208,9 +208,10 @@ def test_soft_capped_logits_stay_within_the_cap_in_every_path():
     torch.testing.assert_close(model(idx, targets, return_logits=False)[1], loss, rtol=1e-5, atol=1e-6)
 
 
-def test_screened_head_with_a_soft_cap_keeps_the_exact_top_k():
-    """Screening bounds the raw logits; the cap keeps their order, so the screened top-k
-    are still exactly the full head's, capped."""
+def test_a_soft_capped_model_takes_the_exact_head_and_keeps_the_exact_top_k():
+    """tanh's saturation could make an id a screen left out equal, once capped, to the
+    top-th logit, so a capped model is never screened, even when asked to be: its top-k
+    are exactly the full head's, capped."""
     torch.manual_seed(10)
     model = GPT(dataclasses.replace(SMALL, vocab_size=4000, logit_softcap=3.0)).eval()
     with torch.no_grad():
@@ -221,7 +222,7 @@ def test_screened_head_with_a_soft_cap_keeps_the_exact_top_k():
     for slot in range(2):
         screened.prefill(slot, seqs[slot][:5], 5), full.prefill(slot, seqs[slot][:5])
     got, ref = screened.step([seqs[0][5], seqs[1][5]], 5), full.step([seqs[0][5], seqs[1][5]])
-    assert ref.abs().max() <= 3.0 and screened._screens > 0 and screened._misses == 0
+    assert ref.abs().max() <= 3.0 and screened._screens == 0
     for ids, values, r in zip(got.ids, got.values, ref):
         assert ids.tolist() == r.topk(5).indices.tolist()
         torch.testing.assert_close(values, r[ids], atol=1e-6, rtol=0)

@@ -83,14 +83,15 @@ class Row:
             self.finish_reason = reason
 
 
-def _top(row: Row) -> int | None:
+def _top(row: Row, vocab: int) -> int | None:
     """How many of the largest logits can decide the next token (None: all of them).
     The repetition penalty re-ranks logits, and log-probabilities normalise over all of
-    them, so both need them all."""
+    them, so both need them all; so does a top-k of the whole vocabulary (``vocab``), which
+    then draws over the ids in id order, as a row that needs them all does."""
     cfg = row.cfg
     if cfg.repetition_penalty != 1.0 or row.logprobs is not None:
         return None
-    return 1 if cfg.greedy else cfg.top_k or None
+    return 1 if cfg.greedy else cfg.top_k if 0 < cfg.top_k < vocab else None
 
 
 def _check_int(name: str, value, low: int, high: int | None = None) -> None:
@@ -190,13 +191,14 @@ class Engine:
             row.slot = len(self.active)
             self.active.append(row)
             window = tuple(row.context[row.start:])
-            key = (window, _top(row))  # screened logits depend on the depth
+            top = _top(row, self.decoder.limit)
+            key = (window, top)  # a row's top depends on the depth
             twin = first_of.get(key)
             if twin is not None:
                 self.decoder.move(twin.slot, row.slot)
                 row.logits = twin.logits.clone()  # a copy: filters work on rows in place
             else:
-                row.logits = self.decoder.prefill(row.slot, list(window), _top(row))
+                row.logits = self.decoder.prefill(row.slot, list(window), top)
                 first_of[key] = row
 
     # ------------------------------------------------------------------ one step
@@ -251,11 +253,10 @@ class Engine:
             row.logits = logits.row(i) if isinstance(logits, TopLogits) else logits[i]
             row.pending = None
 
-    @staticmethod
-    def _shared_top(rows: list[Row]) -> int | None:
+    def _shared_top(self, rows: list[Row]) -> int | None:
         """The one screening depth every row can use: the largest top-k (None if any row
         needs every logit)."""
-        tops = [_top(r) for r in rows]
+        tops = [_top(r, self.decoder.limit) for r in rows]
         return None if None in tops else max(tops)
 
     def _pick(self, rows: list[Row]) -> list[int]:

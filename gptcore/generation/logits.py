@@ -77,6 +77,7 @@ def draw(logits: torch.Tensor | TopLogits, cfg: SamplingConfig, generators: Sequ
     (:class:`TopLogits`), all rows with the settings ``cfg``; row ``i`` draws from
     ``generators[i]`` and its penalty counts ``seen[i]``."""
     if isinstance(logits, TopLogits):
+        assert seen is None or cfg.repetition_penalty == 1.0, "a penalty re-ranks every logit: pass them all"
         if cfg.greedy:
             return logits.ids[:, 0].tolist()
         scores, ids = candidates(logits, cfg)

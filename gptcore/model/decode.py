@@ -232,9 +232,10 @@ class CachedDecoder:
     AVX-512 BF16, GPUs) or fp16 weights (FBGEMM; AVX2 CPUs) stream half the bytes of the
     head, which is most of a step, and only the ids that can still be among a row's top
     are recomputed in fp32 (``_screened``). Otherwise the fp32 head runs and each row's
-    top is selected from it (``_block_top``). Either way the result is the same exact
+    top is selected from it (``_block_top``). Either way the result is the exact
     :class:`TopLogits`, so greedy and top-k sampling pick what they would from all the
-    fp32 logits.
+    fp32 logits (up to the rounding of the fp32 products themselves). A model with a
+    logit soft cap is not screened (see ``_logits``).
     """
 
     def __init__(self, model: GPT, max_rows: int = 1, vocab_limit: int | None = None,
@@ -324,7 +325,10 @@ class CachedDecoder:
         if top is None:
             logits = self._dense(x)
             return soft_cap(logits, cap) if cap else logits
-        found = self._screened(x, top) if top + _margin(top) <= self.limit // 8 else None
+        # Screened only without a soft cap: tanh's saturation can make an id the screen left
+        # out equal, once capped, to the top-th logit, a tie the dense path breaks by id.
+        screenable = not cap and top + _margin(top) <= self.limit // 8
+        found = self._screened(x, top) if screenable else None
         if found is None:  # not screened here, or the screen's check failed: the exact head
             logits = self._dense(x)
             return exact_top(soft_cap(logits, cap) if cap else logits, top)
@@ -365,7 +369,20 @@ class CachedDecoder:
 
         def bf16():
             w = _derived(self.model, "head_bf16", self.limit, lambda: head.to(torch.bfloat16))
-            return (lambda x: F.linear(x.to(torch.bfloat16), w).float()), 2.0 ** -8, 2.0 ** -8, w
+
+            def approx(x):
+                if x.device.type != "cuda":
+                    return F.linear(x.to(torch.bfloat16), w).float()
+                # cuBLAS may otherwise add partial sums in bf16, which the bound does not cover
+                matmul = torch.backends.cuda.matmul
+                allowed = matmul.allow_bf16_reduced_precision_reduction
+                matmul.allow_bf16_reduced_precision_reduction = False
+                try:
+                    return F.linear(x.to(torch.bfloat16), w).float()
+                finally:
+                    matmul.allow_bf16_reduced_precision_reduction = allowed
+
+            return approx, 2.0 ** -8, 2.0 ** -8, w
 
         kinds = {"bf16": bf16}
         if (head.device.type == "cpu" and head.dtype == torch.float32
@@ -375,7 +392,8 @@ class CachedDecoder:
             def fp16():
                 w = _derived(self.model, "head_fp16", self.limit,
                              lambda: torch.ops.quantized.linear_prepack_fp16(head.contiguous(), None))
-                return (lambda x: torch.ops.quantized.linear_dynamic_fp16(x, w)), 0.0, 0.0, head.half()
+                packed = torch.ops.quantized.linear_unpack_fp16(w)[0]  # the weights as FBGEMM multiplies them
+                return (lambda x: torch.ops.quantized.linear_dynamic_fp16(x, w)), 0.0, 0.0, packed
 
             kinds["fp16"] = fp16
         return kinds
@@ -398,9 +416,13 @@ class CachedDecoder:
         except RuntimeError:  # a kernel this build or CPU can't run: decode without it
             return None
 
-        def norms():
-            w, low = self.head.double(), w_low.double()
-            return float((w - low).norm(dim=1).amax()), float(torch.maximum(w.norm(dim=1), low.norm(dim=1)).amax())
+        def norms():  # in chunks of rows: float64 copies of a whole head would be large
+            err = wnorm = 0.0
+            for start in range(0, self.limit, 8192):
+                w, low = self.head[start:start + 8192].double(), w_low[start:start + 8192].double()
+                err = max(err, float((w - low).norm(dim=1).amax()))
+                wnorm = max(wnorm, float(torch.maximum(w.norm(dim=1), low.norm(dim=1)).amax()))
+            return err, wnorm
 
         err, wnorm = _derived(self.model, f"screen_norms_{kind}", self.limit, norms)
         accumulate = 2.02 * self.C * 2.0 ** -24
@@ -410,16 +432,17 @@ class CachedDecoder:
             r = x.norm(dim=-1, keepdim=True) * per_x
             return r + y.abs().amax(-1, keepdim=True) * (1.01 * u_out) if u_out else r
 
-        x = torch.randn(4, self.C, device=self.device, dtype=self.head.dtype)
-        x_low = x.to(torch.bfloat16) if u_x else x
-        ref = x_low.double() @ w_low.double().t()
-        try:
-            y = approx(x)
-        except RuntimeError:
-            return None
-        if not bool(((y.double() - ref).abs() <= x.double().norm(dim=-1, keepdim=True) * wnorm * accumulate
-                     + y.double().abs() * 1.01 * u_out + 1e-30).all()):
-            return None
+        for rows in (1, 3, 8):  # kernels are picked by shape: a vector, a few rows, a batch
+            x = torch.randn(rows, self.C, device=self.device, dtype=self.head.dtype)
+            x_low = x.to(torch.bfloat16) if u_x else x
+            ref = x_low.double() @ w_low.double().t()
+            try:
+                y = approx(x)
+            except RuntimeError:
+                return None
+            if not bool(((y.double() - ref).abs() <= x.double().norm(dim=-1, keepdim=True) * wnorm * accumulate
+                         + y.double().abs() * 1.01 * u_out + 1e-30).all()):
+                return None
         return approx, radius
 
     def _screen(self, rows: int, top: int):
@@ -428,8 +451,10 @@ class CachedDecoder:
         ``screen`` forces it (True, False, "bf16" or "fp16": tests), whichever of the
         three selects a row's top fastest here, timed once per model for one row and
         once for several: a screen streams fewer bytes, which pays most when several
-        rows share the head, but it adds the recomputation. Either way the top ids are
-        exact, so the choice changes speed, never tokens."""
+        rows share the head, but it adds the recomputation. Either way the top ids and
+        logits are the fp32 ones, up to the rounding of the fp32 products themselves (which
+        differs between kernels, as between one row and a batch): a token can change only
+        at a near-tie of that size."""
         several = rows > 1
         if several not in self._chosen:
             kinds = self._screen_kinds()
@@ -457,7 +482,8 @@ class CachedDecoder:
             self._chosen[several] = (self._made_screen(name) if name else None) or False
             if name and not self._chosen[several]:
                 continue  # its kernel failed the check
-            for _ in range(4):
+            self._logits(x, top)  # warm-up: packed weights, caches
+            for _ in range(3):
                 if self.device.type == "cuda":
                     torch.cuda.synchronize(self.device)
                 start = time.perf_counter()
@@ -501,8 +527,9 @@ class CachedDecoder:
         return (weights * x.unsqueeze(1)).sum(-1).float(), ids
 
     @torch.inference_mode()
-    def step(self, tokens: list[int], top: int | None = None) -> torch.Tensor:
-        """Feed ``tokens[i]`` to the row in slot ``i`` at its next position; logits (rows, limit)."""
+    def step(self, tokens: list[int], top: int | None = None) -> torch.Tensor | TopLogits:
+        """Feed ``tokens[i]`` to the row in slot ``i`` at its next position; logits (rows,
+        limit), or each row's top ``top`` (:class:`TopLogits`)."""
         B = len(tokens)
         lengths = self.lengths[:B]
         if max(lengths) >= self.block:
