@@ -177,7 +177,8 @@ def test_pages_in_a_browser_cannot_drive_the_server(checkpoint, tmp_path):  # no
     """A web page may POST text/plain to any address without asking, and a DNS-rebinding page
     reaches 127.0.0.1 under its own host name: neither gets an answer."""
     with running_server(checkpoint, tmp_path, "--allowed-host", "proxy.example") as s:
-        body = b'{"prompt": "To be", "max_tokens": 2}'
+        # ignore_eos: an unseeded draw of end-of-text would end the allowed answers after 1 token
+        body = b'{"prompt": "To be", "max_tokens": 2, "ignore_eos": true}'
         check_error(*request(s.port, "POST", "/v1/completions", body, headers={"Content-Type": "text/plain"}),
                     415, code="unsupported_media_type", words=["application/json", "'text/plain'"])
         check_error(*request(s.port, "POST", "/v1/completions", body,
