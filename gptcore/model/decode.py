@@ -361,10 +361,9 @@ class CachedDecoder:
         ``(x -> approximate logits (rows, limit) fp32, the unit roundoff of x and of the
         output, the weights as they are multiplied)``. bf16 everywhere (fast with AMX,
         AVX-512 BF16 or a GPU; a slow reference kernel on AVX2; x and the output are rounded
-        too); on x86 CPUs also fp16 weights
-        through FBGEMM, which widens them to fp32 inside its kernel (F16C) and multiplies
-        fp32 x, so AVX2 streams half the bytes too. fp16 only while every weight fits its
-        range."""
+        too); on x86 CPUs also fp16 weights through FBGEMM, which widens them to fp32 inside
+        its kernel (F16C) and multiplies fp32 x, so AVX2 streams half the bytes too. fp16
+        only while every weight fits its range."""
         head = self.head
 
         def bf16():
