@@ -27,6 +27,8 @@ import torch.nn.functional as F
 
 from .gpt import GPT, KVCache, apply_rope, relu2, rope_angles
 from .loss import soft_cap
+from .native import NativeHead
+from .native import library as native_library
 
 _DERIVED: weakref.WeakKeyDictionary[GPT, dict] = weakref.WeakKeyDictionary()
 
@@ -325,10 +327,13 @@ class CachedDecoder:
         if top is None:
             logits = self._dense(x)
             return soft_cap(logits, cap) if cap else logits
-        # Screened only without a soft cap: tanh's saturation can make an id the screen left
-        # out equal, once capped, to the top-th logit, a tie the dense path breaks by id.
-        screenable = not cap and top + _margin(top) <= self.limit // 8
-        found = self._screened(x, top) if screenable else None
+        # Neither screened nor native with a soft cap: tanh's saturation can make an id they
+        # left out equal, once capped, to the top-th logit, a tie the dense path breaks by id.
+        choice = self._choice(x.size(0), top) if not cap else None
+        if isinstance(choice, NativeHead) and top < self.limit:
+            return TopLogits(*choice.top(x, top))
+        screenable = isinstance(choice, tuple) and top + _margin(top) <= self.limit // 8
+        found = self._screened(x, top, choice) if screenable else None
         if found is None:  # not screened here, or the screen's check failed: the exact head
             logits = self._dense(x)
             return exact_top(soft_cap(logits, cap) if cap else logits, top)
@@ -444,16 +449,25 @@ class CachedDecoder:
                 return None
         return approx, radius
 
-    def _screen(self, rows: int, top: int):
-        """The screen this decoder uses for a head of ``rows`` rows, ``(x -> approximate
-        logits, (x, approximate) -> radius)``, or None for the exact fp32 head. Unless
-        ``screen`` forces it (True, False, "bf16" or "fp16": tests), whichever of the
-        three selects a row's top fastest here, timed once per model for one row and
-        once for several: a screen streams fewer bytes, which pays most when several
-        rows share the head, but it adds the recomputation. Either way the top ids and
-        logits are the fp32 ones, up to the rounding of the fp32 products themselves (which
-        differs between kernels, as between one row and a batch): a token can change only
-        at a near-tie of that size."""
+    def _native(self) -> NativeHead | None:
+        """The native kernel for this head (CPU, fp32, eval mode, a C compiler: see
+        ``native.py``), or None."""
+        if not (self.fast and self.device.type == "cpu" and self.head.dtype == torch.float32):
+            return None
+        lib = native_library()
+        return _derived(self.model, "head_native", self.limit, lambda: NativeHead(lib, self.head)) if lib else None
+
+    def _choice(self, rows: int, top: int):
+        """How this decoder selects a head of ``rows`` rows' top: a screen ``(x ->
+        approximate logits, (x, approximate) -> radius)``, the :class:`NativeHead`, or
+        None for the fp32 head and ``exact_top``. Unless ``screen`` forces it (False: the
+        fp32 head; True, "bf16" or "fp16": that screen; "native": the kernel; tests), whichever
+        selects a row's top fastest here, timed once per model for one row and once for
+        several: a screen streams fewer bytes, which pays most when several rows share the
+        head, but it adds the recomputation; the native kernel streams the fp32 head once and
+        selects without a full sort. Either way the top ids and logits are the fp32 ones, up
+        to the rounding of the fp32 products themselves (which differs between kernels, as
+        between one row and a batch): a token can change only at a near-tie of that size."""
         several = rows > 1
         if several not in self._chosen:
             kinds = self._screen_kinds()
@@ -463,7 +477,10 @@ class CachedDecoder:
             elif kind is None:
                 kind = _derived(self.model, f"screen_kind_{int(several)}", self.limit,
                                 lambda: self._fastest(kinds, rows, top))
-            self._chosen[several] = (self._made_screen(kind) if kind in kinds else None) or False
+            if kind == "native":
+                self._chosen[several] = self._native() or False
+            else:
+                self._chosen[several] = (self._made_screen(kind) if kind in kinds else None) or False
         return self._chosen[several] or None
 
     def _made_screen(self, kind: str):
@@ -471,14 +488,18 @@ class CachedDecoder:
         return _derived(self.model, f"screen_{kind}", self.limit, lambda: self._make_screen(kind))
 
     def _fastest(self, kinds: dict, rows: int, top: int) -> str | None:
-        """Which head gives ``rows`` rows' top ``top`` fastest here: a screen's name, or
-        None for fp32 (each timed end to end, best of 3 after a warm-up, on unit-variance
+        """Which head gives ``rows`` rows' top ``top`` fastest here: a screen's name,
+        "native", or None for fp32 (each timed end to end, best of 3 after a warm-up, on unit-variance
         rows like a final norm's output)."""
         several = rows > 1
         x = F.layer_norm(torch.randn(rows, self.C, device=self.device, dtype=self.head.dtype), (self.C,))
         best = {}
-        for name in (None, *kinds):
-            self._chosen[several] = (self._made_screen(name) if name else None) or False
+        native = self._native()
+        for name in (None, *kinds, *(["native"] if native else [])):
+            if name == "native":
+                self._chosen[several] = native
+            else:
+                self._chosen[several] = (self._made_screen(name) if name else None) or False
             if name and not self._chosen[several]:
                 continue  # its kernel failed the check
             self._logits(x, top)  # warm-up: packed weights, caches
@@ -494,7 +515,7 @@ class CachedDecoder:
         self._screens = self._misses = 0
         return min(best, key=best.get)
 
-    def _screened(self, x: torch.Tensor, top: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    def _screened(self, x: torch.Tensor, top: int, screen) -> tuple[torch.Tensor, torch.Tensor] | None:
         """Each row's exact top ``top`` (and the ids in the screen's error band below it)
         from a low-precision head: ``(values, ids)``, not yet in order, or None when the
         screen can't vouch for its candidates (ties or outliers the band can't resolve).
@@ -503,9 +524,6 @@ class CachedDecoder:
         whose approximate logit is more than 2r below the ``top``-th largest cannot be in
         the exact top, so only a row's largest few, which hold every id above that band
         (``_block_top`` checks it), are recomputed in fp32, as one batched product."""
-        screen = self._screen(x.size(0), top)
-        if screen is None:
-            return None
         approx, radius = screen
         y = approx(x)
         band = 2.02 * radius(x, y)  # 2r, and 1 % over the rounding of r's own arithmetic

@@ -1,0 +1,185 @@
+"""The LM head's top logits on a CPU in one native kernel (``head_top.c``).
+
+Decoding a few rows spends most of a step in the LM head and in selecting each row's top
+logits from it (docs/generation.md, "Selecting a row's top"). ``head_top.c`` streams the
+head once for up to 8 rows and selects exactly, in plain C; this module builds it with the
+machine's C compiler the first time it is needed, caches the library, and calls it
+through ctypes (which releases the GIL for the call).
+
+Optional by design: without a compiler, when the build or its self-check fails, or with
+``GPTCORE_NATIVE=0``, :func:`library` returns None and decoding uses PyTorch alone (every
+path gives the same tokens; this one is faster). ``status()`` says which and why.
+
+The library is cached in ``$GPTCORE_CACHE_DIR`` (default ``~/.cache/gptcore``) under a
+name that hashes the source, the compiler's version, the flags and the CPU's feature
+flags: ``-march=native`` code is only ever loaded on the kind of CPU it was built for.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import threading
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).with_name("head_top.c")
+FLAGS = ["-O3", "-march=native", "-ffp-contract=fast", "-std=gnu11", "-shared", "-fPIC"]
+CHUNK = 256  # head_top.c's CHUNK: ids per call of its tile loop, and the padding of the vocabulary
+SUPER = 64   # head_top.c's SUPER: vocabulary rows stored together
+
+_lock = threading.Lock()
+_state: dict = {}
+
+
+def _cpu_flags() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return line
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("GPTCORE_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "gptcore")
+    return Path(root) / "native"
+
+
+def _build() -> tuple[ctypes.CDLL | None, str]:
+    if os.environ.get("GPTCORE_NATIVE", "1") == "0":
+        return None, "off (GPTCORE_NATIVE=0)"
+    if platform.system() != "Linux" and platform.system() != "Darwin":
+        return None, f"not built on {platform.system()}"
+    cc = os.environ.get("CC", "cc")
+    try:
+        source = SOURCE.read_bytes()
+        version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError) as e:
+        return None, f"no C compiler ({cc}: {e})"
+    digest = hashlib.sha256(b"\0".join([source, version.encode(), " ".join(FLAGS).encode(),
+                                        _cpu_flags().encode()])).hexdigest()[:16]
+    directory = _cache_dir()
+    path = directory / f"head_top-{digest}.so"
+    if not path.exists():
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=directory, suffix=".so.tmp")
+            os.close(fd)
+            result = subprocess.run([cc, *FLAGS, "-o", tmp, str(SOURCE)], capture_output=True, text=True,
+                                    timeout=300)
+            if result.returncode != 0:
+                os.unlink(tmp)
+                reason = (result.stderr.strip().splitlines() or ["no output"])[-1]
+                return None, f"build failed ({cc}): {reason}"
+            os.replace(tmp, path)  # atomic: a process beside this one loads a whole library or builds its own
+        except (OSError, subprocess.SubprocessError) as e:
+            return None, f"build failed: {e}"
+    try:
+        lib = ctypes.CDLL(str(path))
+    except OSError as e:
+        return None, f"load failed: {e}"
+    p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+    lib.head_top.argtypes = [p, i64, i32, p, i64, i64, i64, i32, p, p, p]
+    lib.head_top.restype = i32
+    lib.head_dense.argtypes = [p, i64, i32, p, i64, i64, p, i64]
+    lib.head_dense.restype = i32
+    lib.head_top_work.argtypes = [i64, i64]
+    lib.head_top_work.restype = i64
+    problem = _self_check(lib)
+    if problem:
+        return None, f"self-check failed: {problem}"
+    return lib, f"built ({path})"
+
+
+def library() -> ctypes.CDLL | None:
+    """The kernel library, built and checked once per process; None where it can't be."""
+    with _lock:
+        if "lib" not in _state:
+            _state["lib"], _state["status"] = _build()
+        return _state["lib"]
+
+
+def status() -> str:
+    """Why :func:`library` is what it is: "built (path)", "off (...)", "no C compiler ...", ..."""
+    library()
+    return _state["status"]
+
+
+def pack(head: torch.Tensor) -> torch.Tensor:
+    """The (V, C) fp32 head as the kernel reads it: vocabulary rows in blocks of SUPER,
+    each block (C, SUPER) row-major, zero rows padding V to a multiple of CHUNK."""
+    vocab, width = head.shape
+    padded = -(-vocab // CHUNK) * CHUNK
+    w = torch.zeros(padded, width, dtype=torch.float32)
+    w[:vocab] = head.detach().to(device="cpu", dtype=torch.float32)
+    return w.view(padded // SUPER, SUPER, width).transpose(1, 2).contiguous()
+
+
+class NativeHead:
+    """One LM head's top logits through the kernel: ``top(x, k)`` for rows x (rows, C)."""
+
+    def __init__(self, lib: ctypes.CDLL, head: torch.Tensor) -> None:
+        self.lib = lib
+        self.vocab, self.width = head.shape
+        self.packed = pack(head)
+        self.padded = self.packed.numel() // self.width
+        self.work = torch.empty(lib.head_top_work(0, self.padded), dtype=torch.uint8)
+
+    def top(self, x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each row's exact top ``k`` logits and their ids (rows, k), in order: value
+        descending, then id ascending (``k`` <= the vocabulary)."""
+        x = x.detach().to(torch.float32).contiguous()
+        rows = x.size(0)
+        values = torch.empty(rows, k, dtype=torch.float32)
+        ids = torch.empty(rows, k, dtype=torch.int64)
+        rc = self.lib.head_top(x.data_ptr(), rows, self.width, self.packed.data_ptr(), 0, self.padded,
+                               self.vocab, k, values.data_ptr(), ids.data_ptr(), self.work.data_ptr())
+        if rc != 0:
+            raise RuntimeError(f"head_top rejected its arguments (rows {rows}, k {k}): rc {rc}")
+        return values, ids
+
+    def dense(self, x: torch.Tensor) -> torch.Tensor:
+        """Every logit (rows, vocab), the same arithmetic as :meth:`top`."""
+        x = x.detach().to(torch.float32).contiguous()
+        out = torch.empty(x.size(0), self.padded, dtype=torch.float32)
+        rc = self.lib.head_dense(x.data_ptr(), x.size(0), self.width, self.packed.data_ptr(), 0, self.padded,
+                                 out.data_ptr(), self.padded)
+        if rc != 0:
+            raise RuntimeError(f"head_dense rejected its arguments: rc {rc}")
+        return out[:, :self.vocab]
+
+
+def _self_check(lib: ctypes.CDLL) -> str | None:
+    """Check a fresh build on random rows against float64 products and a sorted
+    reference (a compiler that mis-built the vector code must not decode): None or what
+    was wrong."""
+    gen = torch.Generator().manual_seed(0)
+    head = torch.randn(700, 48, generator=gen) * 0.1
+    head[5] = head[9]  # equal logits: the lower id first
+    kernel = NativeHead(lib, head)
+    for rows in (1, 3, 8, 9):
+        x = torch.randn(rows, 48, generator=gen)
+        dense = kernel.dense(x)
+        exact = x.double() @ head.double().t()
+        if not bool(((dense.double() - exact).abs() <= 1e-5 * (1 + exact.abs())).all()):
+            return f"logits differ from float64 products ({rows} rows)"
+        values, ids = kernel.top(x, 40)
+        for r in range(rows):
+            order = sorted(range(head.size(0)), key=lambda i: (-float(dense[r, i]), i))[:40]
+            if ids[r].tolist() != order or not torch.equal(values[r], dense[r, order]):
+                return f"top 40 differs from a sorted reference (row {r} of {rows})"
+    return None
+
+
+if __name__ == "__main__":  # python -m gptcore.model.native: build now and say how it went
+    print(status())
+    sys.exit(0 if library() is not None else 1)

@@ -1,0 +1,180 @@
+"""The native LM-head kernel (gptcore/model/head_top.c through native.py): built with the
+machine's C compiler, it must give exactly what the PyTorch paths give, and decoding
+must work the same without it."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from test_generate import BLOCK, expected_top, tiny_model
+
+from gptcore.generation.engine import Engine
+from gptcore.generation.generate import SamplingConfig, generate_ids
+from gptcore.model import native
+from gptcore.model.decode import CachedDecoder
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def lib():
+    """The library: CI machines have a C compiler, so it must build there (a build that
+    fails where a compiler exists is a bug, not a reason to skip)."""
+    if shutil.which(os.environ.get("CC", "cc")) is None:
+        pytest.fail("no C compiler on this machine: the native head can't be tested (CI images have cc)")
+    lib = native.library()
+    assert lib is not None, native.status()
+    return lib
+
+
+def reference(dense: torch.Tensor, top: int) -> tuple[list[list[int]], torch.Tensor]:
+    """Each row's first ``top`` by value, then id: a stable descending sort keeps equal
+    values (-0.0 and 0.0 among them) in id order; the brute-force sort checks that."""
+    values, ids = dense.sort(dim=-1, descending=True, stable=True)
+    if dense.size(-1) <= 1000:
+        assert ids[:, :top].tolist() == [expected_top(row, top) for row in dense]
+    return ids[:, :top].tolist(), values[:, :top]
+
+
+@pytest.mark.parametrize("vocab,width", [(66, 32), (700, 48), (50257, 128)])
+@pytest.mark.parametrize("rows", [1, 2, 3, 5, 8, 9, 17])
+def test_top_is_the_sorted_top_of_its_logits_and_those_are_fp32_products(lib, vocab, width, rows):
+    """For every row count (the kernel has a register tile per count up to 8, and groups
+    of 8 beyond), vocabularies that end mid-block and mid-chunk, and top 1 to 200: the
+    ids and values are exactly the first ``top`` of the row's logits sorted by value, then
+    id; the logits equal float64 products to fp32 rounding."""
+    gen = torch.Generator().manual_seed(vocab + rows)
+    head = torch.randn(vocab, width, generator=gen) * 0.3
+    kernel = native.NativeHead(lib, head)
+    x = torch.randn(rows, width, generator=gen)
+    dense = kernel.dense(x)
+    exact = x.double() @ head.double().t()
+    assert ((dense.double() - exact).abs() <= 1e-5 * (1 + exact.abs())).all()
+    for top in (1, 5, 65, 200):
+        if top >= vocab:
+            continue
+        values, ids = kernel.top(x, top)
+        want_ids, want_values = reference(dense, top)
+        assert ids.tolist() == want_ids
+        assert torch.equal(values, want_values)
+
+
+def test_ties_zeros_and_signed_zeros_order_by_id(lib):
+    """Equal logits (duplicated rows, all-zero rows, and -0.0 against 0.0) rank by id,
+    lowest first, across block and chunk boundaries, as exact_top orders them."""
+    gen = torch.Generator().manual_seed(3)
+    head = torch.randn(1000, 16, generator=gen)
+    head[300:700] = 0.0            # 400 logits of exactly 0 (some -0.0 below)
+    head[900] = head[950] = head[10] = head[5]
+    x = torch.randn(3, 16, generator=gen)
+    x[2] = 0.0                     # a row whose every logit is +-0: the lowest ids win
+    head[320] = -0.0 * head[320]
+    kernel = native.NativeHead(lib, head)
+    dense = kernel.dense(x)
+    for top in (1, 7, 300, 640):
+        values, ids = kernel.top(x, top)
+        want_ids, want_values = reference(dense, top)
+        assert ids.tolist() == want_ids
+        assert torch.equal(values, want_values)
+    assert kernel.top(x, 5)[1][2].tolist() == [0, 1, 2, 3, 4]
+
+
+def test_a_row_gets_the_same_bits_alone_and_in_any_batch(lib):
+    """Each logit is one dot product summed in one order, whatever the tile: a row's top
+    values are bit-identical alone, in a batch of 8 and in a batch of 13."""
+    gen = torch.Generator().manual_seed(5)
+    head = torch.randn(5000, 64, generator=gen)
+    kernel = native.NativeHead(lib, head)
+    x = torch.randn(13, 64, generator=gen)
+    batch13 = kernel.top(x, 50)
+    batch8 = kernel.top(x[:8].contiguous(), 50)
+    for r in range(13):
+        alone = kernel.top(x[r:r + 1].contiguous(), 50)
+        assert torch.equal(alone[0][0], batch13[0][r]) and torch.equal(alone[1][0], batch13[1][r])
+        if r < 8:
+            assert torch.equal(alone[0][0], batch8[0][r]) and torch.equal(alone[1][0], batch8[1][r])
+
+
+@pytest.mark.parametrize("top", [1, 5, 40])
+def test_a_native_decoder_keeps_the_exact_top_at_every_step(lib, top):
+    """A decoder forced onto the kernel: rows at different positions, prefills and steps;
+    each row's top ids equal its full fp32 logits' (ties by id), values to fp32 rounding."""
+    model = tiny_model(50257, seed=4)
+    seqs = torch.randint(0, 50257, (3, BLOCK), generator=torch.Generator().manual_seed(6)).tolist()
+    kernel, full = CachedDecoder(model, max_rows=3, screen="native"), CachedDecoder(model, max_rows=3, screen=False)
+    pairs = []
+    for slot, n in enumerate((3, 4, 6)):
+        pairs.append((kernel.prefill(slot, seqs[slot][:n], top), full.prefill(slot, seqs[slot][:n])[None]))
+    for t in range(6, 12):
+        tokens = [seqs[r][t] for r in range(3)]
+        pairs.append((kernel.step(tokens, top), full.step(tokens)))
+    assert isinstance(kernel._choice(3, top), native.NativeHead)
+    for got, ref in pairs:
+        for g_ids, g_values, r in zip(got.ids.view(-1, top), got.values.view(-1, top), ref):
+            assert g_ids.tolist() == expected_top(r, top)
+            torch.testing.assert_close(g_values, r[g_ids], atol=1e-5, rtol=0)
+
+
+def test_sampled_rows_decode_the_same_with_and_without_the_kernel(lib):
+    """The engine's 8 sampled rows (top-k, one batch) and greedy ones: the same tokens with
+    the kernel as with PyTorch's head, and as each row decoded alone."""
+    model = tiny_model(50257, seed=9)
+    cfg = SamplingConfig(temperature=0.8, top_k=200, max_new_tokens=12, stop_at_eot=False)
+    greedy = SamplingConfig(temperature=0, max_new_tokens=12, stop_at_eot=False)
+    runs = {}
+    for screen in ("native", False):
+        for name, c in (("sampled", cfg), ("greedy", greedy)):
+            engine = Engine(model, max_rows=8, eot_id=50256)
+            engine.decoder.screen = screen
+            rows = [engine.submit([7, 8 + i], SamplingConfig(**{**c.__dict__, "seed": i})) for i in range(8)]
+            engine.run()
+            runs[screen, name] = [row.context[2:] for row in rows]
+    assert runs["native", "sampled"] == runs[False, "sampled"]
+    assert runs["native", "greedy"] == runs[False, "greedy"]
+    alone = [generate_ids(model, [7, 8 + i], SamplingConfig(**{**cfg.__dict__, "seed": i})) for i in range(8)]
+    assert runs["native", "sampled"] == alone
+
+
+def run_status(env: dict) -> str:
+    """native.status() in a fresh process (the library is built once per process)."""
+    out = subprocess.run([sys.executable, "-c", "from gptcore.model import native; print(native.status())"],
+                         cwd=REPO, env={**os.environ, **env}, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    return out.stdout.strip()
+
+
+def test_without_a_compiler_or_switched_off_decoding_falls_back(tmp_path):
+    """No compiler, a compiler that fails, or GPTCORE_NATIVE=0: no library, a status that
+    says why, and generation still works (PyTorch's head)."""
+    cache = str(tmp_path / "cache")
+    assert run_status({"GPTCORE_NATIVE": "0", "GPTCORE_CACHE_DIR": cache}).startswith("off (GPTCORE_NATIVE=0)")
+    assert run_status({"CC": str(tmp_path / "no-such-cc"), "GPTCORE_CACHE_DIR": cache}).startswith("no C compiler")
+    assert run_status({"CC": "false", "GPTCORE_CACHE_DIR": cache}).startswith(("no C compiler", "build failed"))
+    code = ("import torch; from gptcore.config import GPTConfig; from gptcore.model import GPT; "
+            "from gptcore.generation.generate import SamplingConfig, generate_ids; "
+            "from gptcore.model import native; torch.manual_seed(0); m = GPT(GPTConfig(vocab_size=300, "
+            "block_size=16, n_layer=1, n_head=2, n_embd=16)).eval(); "
+            "print(len(generate_ids(m, [1], SamplingConfig(temperature=0.8, top_k=5, max_new_tokens=5, "
+            "stop_at_eot=False))), native.library() is None)")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "GPTCORE_NATIVE": "0"})
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["5", "True"]
+
+
+def test_the_library_is_cached_per_source_compiler_and_cpu(tmp_path):
+    """A second process loads the library the first built (same path, not rebuilt); nothing
+    half-written is left in the cache."""
+    cache = tmp_path / "cache"
+    first = run_status({"GPTCORE_CACHE_DIR": str(cache)})
+    assert first.startswith("built ("), first
+    libs = list((cache / "native").iterdir())
+    assert len(libs) == 1 and libs[0].suffix == ".so"
+    mtime = libs[0].stat().st_mtime_ns
+    assert run_status({"GPTCORE_CACHE_DIR": str(cache)}) == first
+    assert [p.stat().st_mtime_ns for p in (cache / "native").iterdir()] == [mtime]
