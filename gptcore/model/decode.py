@@ -228,16 +228,17 @@ class CachedDecoder:
     row: the weights are streamed once for all of them). In training mode (dropout on)
     each row steps through ``GPT.hidden_states``.
 
-    ``top`` (per call): when only the ``top`` largest logits of each row matter, and a
-    low-precision head is faster than fp32 here (``screen`` None: timed once per model;
-    True/False/"bf16"/"fp16": forced), the LM head is screened: bf16 (CPUs with AMX or
-    AVX-512 BF16, GPUs) or fp16 weights (FBGEMM; AVX2 CPUs) stream half the bytes of the
-    head, which is most of a step, and only the ids that can still be among a row's top
-    are recomputed in fp32 (``_screened``). Otherwise the fp32 head runs and each row's
-    top is selected from it (``_block_top``). Either way the result is the exact
-    :class:`TopLogits`, so greedy and top-k sampling pick what they would from all the
-    fp32 logits (up to the rounding of the fp32 products themselves). A model with a
-    logit soft cap is not screened (see ``_logits``).
+    ``top`` (per call): when only the ``top`` largest logits of each row matter, the head
+    that selects them fastest here runs (``screen`` None: timed once per model; False: the
+    fp32 head; True/"bf16"/"fp16"/"native": forced): the fp32 head, each row's top then
+    selected from it (``_block_top``); a screen, bf16 (CPUs with AMX or AVX-512 BF16, GPUs)
+    or fp16 weights (FBGEMM; AVX2 CPUs) streaming half the bytes of the head, which is
+    most of a step, and only the ids that can still be among a row's top recomputed in
+    fp32 (``_screened``); or the native kernel (``native.py``: the fp32 head streamed once
+    for up to 8 rows and the top selected in the same C call). Either way the result is
+    the exact :class:`TopLogits`, so greedy and top-k sampling pick what they would from
+    all the fp32 logits (up to the rounding of the fp32 products themselves). A model
+    with a logit soft cap takes the fp32 head (see ``_logits``).
     """
 
     def __init__(self, model: GPT, max_rows: int = 1, vocab_limit: int | None = None,
@@ -489,28 +490,32 @@ class CachedDecoder:
 
     def _fastest(self, kinds: dict, rows: int, top: int) -> str | None:
         """Which head gives ``rows`` rows' top ``top`` fastest here: a screen's name,
-        "native", or None for fp32 (each timed end to end, best of 3 after a warm-up, on unit-variance
-        rows like a final norm's output)."""
+        "native", or None for fp32. Each is warmed up, then timed end to end in rounds that
+        take the candidates in turn (a noisy neighbour slows them all alike), best of 5,
+        on unit-variance rows like a final norm's output."""
         several = rows > 1
         x = F.layer_norm(torch.randn(rows, self.C, device=self.device, dtype=self.head.dtype), (self.C,))
-        best = {}
         native = self._native()
+        chosen = {}
         for name in (None, *kinds, *(["native"] if native else [])):
             if name == "native":
-                self._chosen[several] = native
+                chosen[name] = native
             else:
-                self._chosen[several] = (self._made_screen(name) if name else None) or False
-            if name and not self._chosen[several]:
-                continue  # its kernel failed the check
-            self._logits(x, top)  # warm-up: packed weights, caches
-            for _ in range(3):
+                chosen[name] = (self._made_screen(name) if name else None) or False
+            if name and not chosen[name]:
+                del chosen[name]  # its kernel failed the check
+        best = dict.fromkeys(chosen, float("inf"))
+        for round_ in range(6):
+            for name in chosen:
+                self._chosen[several] = chosen[name]
                 if self.device.type == "cuda":
                     torch.cuda.synchronize(self.device)
                 start = time.perf_counter()
                 self._logits(x, top)
                 if self.device.type == "cuda":
                     torch.cuda.synchronize(self.device)
-                best[name] = min(best.get(name, float("inf")), time.perf_counter() - start)
+                if round_:  # the first round warms up: packed weights, caches
+                    best[name] = min(best[name], time.perf_counter() - start)
         del self._chosen[several]
         self._screens = self._misses = 0
         return min(best, key=best.get)
