@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 
 import pytest
 import torch
@@ -82,6 +83,45 @@ def test_ties_zeros_and_signed_zeros_order_by_id(lib):
         assert ids.tolist() == want_ids
         assert torch.equal(values, want_values)
     assert kernel.top(x, 5)[1][2].tolist() == [0, 1, 2, 3, 4]
+
+
+def test_a_nan_logit_is_skipped_without_hiding_its_neighbours(lib):
+    """A NaN logit is never selected, and the real logits in its block and vector lane
+    still are (a NaN must not become a block's maximum)."""
+    gen = torch.Generator().manual_seed(8)
+    head = torch.randn(2048, 8, generator=gen) * 0.01
+    head[64] = float("nan")
+    head[72] = 10.0                      # same block and lane as the NaN, by far the largest
+    kernel = native.NativeHead(lib, head)
+    x = torch.ones(1, 8)
+    values, ids = kernel.top(x, 5)
+    dense = kernel.dense(x)[0]
+    finite = torch.where(dense.isnan(), torch.tensor(float("-inf")), dense)
+    assert ids[0].tolist() == expected_top(finite, 5) and ids[0, 0] == 72
+    assert not values.isnan().any()
+
+
+def test_threads_sharing_a_head_take_turns(lib):
+    """Decoders of one model share its NativeHead and its workspace; ctypes releases the
+    GIL, so two threads calling it at once must still each get their own rows' answer."""
+    gen = torch.Generator().manual_seed(2)
+    kernel = native.NativeHead(lib, torch.randn(20000, 64, generator=gen))
+    xs = [torch.randn(3, 64, generator=gen) for _ in range(2)]
+    want = [kernel.top(x, 50) for x in xs]
+    wrong = []
+
+    def work(i):
+        for _ in range(40):
+            got = kernel.top(xs[i], 50)
+            if not (torch.equal(got[0], want[i][0]) and torch.equal(got[1], want[i][1])):
+                wrong.append(i)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not wrong
 
 
 def test_a_row_gets_the_same_bits_alone_and_in_any_batch(lib):

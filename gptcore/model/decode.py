@@ -286,7 +286,8 @@ class CachedDecoder:
             self.act = relu2 if cfg.mlp_activation == "relu2" else (lambda h: F.gelu(h, approximate="tanh"))
         self.head = w[:self.limit]
         self.packable = _packable(w)
-        self._chosen: dict[bool, tuple | bool] = {}  # several rows? -> the screen (False: none)
+        # (several rows?, can a screen run at this top?) -> the screen or NativeHead (False: the fp32 head)
+        self._chosen: dict[tuple[bool, bool], tuple | NativeHead | bool] = {}
         self._screens = self._misses = 0  # screened heads, and those that fell back to the exact one
 
     @staticmethod
@@ -330,11 +331,13 @@ class CachedDecoder:
             return soft_cap(logits, cap) if cap else logits
         # Neither screened nor native with a soft cap: tanh's saturation can make an id they
         # left out equal, once capped, to the top-th logit, a tie the dense path breaks by id.
-        choice = self._choice(x.size(0), top) if not cap else None
-        if isinstance(choice, NativeHead) and top < self.limit:
+        screenable = top + _margin(top) <= self.limit // 8  # a screen keeps few enough candidates
+        choice = None
+        if not cap and (screenable or (top < self.limit and self._native() is not None)):
+            choice = self._choice(x.size(0), top)
+        if isinstance(choice, NativeHead) and top < choice.vocab:
             return TopLogits(*choice.top(x, top))
-        screenable = isinstance(choice, tuple) and top + _margin(top) <= self.limit // 8
-        found = self._screened(x, top, choice) if screenable else None
+        found = self._screened(x, top, choice) if screenable and isinstance(choice, tuple) else None
         if found is None:  # not screened here, or the screen's check failed: the exact head
             logits = self._dense(x)
             return exact_top(soft_cap(logits, cap) if cap else logits, top)
@@ -470,19 +473,25 @@ class CachedDecoder:
         to the rounding of the fp32 products themselves (which differs between kernels, as
         between one row and a batch): a token can change only at a near-tie of that size."""
         several = rows > 1
-        if several not in self._chosen:
+        key = (several, top + _margin(top) <= self.limit // 8)
+        if key not in self._chosen:
             kinds = self._screen_kinds()
             kind = self.screen
             if kind is True:
                 kind = "fp16" if "fp16" in kinds else "bf16"
             elif kind is None:
-                kind = _derived(self.model, f"screen_kind_{int(several)}", self.limit,
-                                lambda: self._fastest(kinds, rows, top))
+                # Several rows are timed at this decoder's capacity: the native kernel streams
+                # the head once per 8 rows, a screen once for all of them.
+                timed = len(self.lengths) if several else 1
+                if not key[1]:  # screens can't run at this top: not timed
+                    kinds = {}
+                kind = _derived(self.model, f"screen_kind_{int(several)}_{int(key[1])}_{timed}", self.limit,
+                                lambda: self._fastest(kinds, timed, top))
             if kind == "native":
-                self._chosen[several] = self._native() or False
+                self._chosen[key] = self._native() or False
             else:
-                self._chosen[several] = (self._made_screen(kind) if kind in kinds else None) or False
-        return self._chosen[several] or None
+                self._chosen[key] = (self._made_screen(kind) if kind in kinds else None) or False
+        return self._chosen[key] or None
 
     def _made_screen(self, kind: str):
         """``_make_screen(kind)``, once per model and weights version."""
@@ -493,7 +502,7 @@ class CachedDecoder:
         "native", or None for fp32. Each is warmed up, then timed end to end in rounds that
         take the candidates in turn (a noisy neighbour slows them all alike), best of 5,
         on unit-variance rows like a final norm's output."""
-        several = rows > 1
+        key = (rows > 1, top + _margin(top) <= self.limit // 8)
         x = F.layer_norm(torch.randn(rows, self.C, device=self.device, dtype=self.head.dtype), (self.C,))
         native = self._native()
         chosen = {}
@@ -507,7 +516,7 @@ class CachedDecoder:
         best = dict.fromkeys(chosen, float("inf"))
         for round_ in range(6):
             for name in chosen:
-                self._chosen[several] = chosen[name]
+                self._chosen[key] = chosen[name]
                 if self.device.type == "cuda":
                     torch.cuda.synchronize(self.device)
                 start = time.perf_counter()
@@ -516,7 +525,7 @@ class CachedDecoder:
                     torch.cuda.synchronize(self.device)
                 if round_:  # the first round warms up: packed weights, caches
                     best[name] = min(best[name], time.perf_counter() - start)
-        del self._chosen[several]
+        del self._chosen[key]
         self._screens = self._misses = 0
         return min(best, key=best.get)
 
@@ -540,7 +549,7 @@ class CachedDecoder:
         else:
             self._misses += 1
             if self._screens >= 16 and self._misses * 4 > self._screens:
-                self._chosen[x.size(0) > 1] = False  # logits too close for this screen's bound: stop trying
+                self._chosen[x.size(0) > 1, True] = False  # logits too close for this screen's bound: stop trying
             return None
         rows, n = ids.shape
         weights = self.head.index_select(0, ids.reshape(-1)).view(rows, n, self.C)

@@ -72,7 +72,8 @@ static void select_largest(uint64_t *keys, int n, int k) {
     }
 }
 
-/* Sort keys[0..n) descending. */
+/* Sort keys[0..n) descending: quicksort (median of three) recursing into the smaller
+ * side, insertion sort below 16. */
 static void sort_descending(uint64_t *keys, int n) {
     while (n > 16) {
         int mid = n / 2, hi = n - 1;
@@ -84,8 +85,14 @@ static void sort_descending(uint64_t *keys, int n) {
         for (int i = 0; i < hi; i++)
             if (keys[i] > pivot) swap(&keys[i], &keys[store++]);
         swap(&keys[store], &keys[hi]);
-        sort_descending(keys + store + 1, n - store - 1);  /* the smaller side recursed on... */
-        n = store;                                         /* ...is not guaranteed: fine at n <= 4 top */
+        if (store < n - store - 1) {
+            sort_descending(keys, store);
+            keys += store + 1;
+            n -= store + 1;
+        } else {
+            sort_descending(keys + store + 1, n - store - 1);
+            n = store;
+        }
     }
     for (int i = 1; i < n; i++) {
         uint64_t k = keys[i];
@@ -157,9 +164,9 @@ int64_t head_top_work(int64_t first, int64_t last) {
 static inline float block_max(const float *b, int64_t valid) {
     float m = -__builtin_inff();
     if (valid >= SUPER) {
-        float lane[BLOCK];
-        for (int l = 0; l < BLOCK; l++) lane[l] = b[l];
-        for (int j = BLOCK; j < SUPER; j += BLOCK)
+        float lane[BLOCK];  /* from -inf, so a NaN never becomes a lane's running maximum */
+        for (int l = 0; l < BLOCK; l++) lane[l] = -__builtin_inff();
+        for (int j = 0; j < SUPER; j += BLOCK)
             for (int l = 0; l < BLOCK; l++) lane[l] = b[j + l] > lane[l] ? b[j + l] : lane[l];
         for (int l = 0; l < BLOCK; l++) m = lane[l] > m ? lane[l] : m;
     } else {
@@ -173,7 +180,7 @@ static inline float block_max(const float *b, int64_t valid) {
  * pass limit: the padding); work: head_top_work(first, last) bytes, 8-byte aligned.
  * Writes values (rows, top) and ids (rows, top), best first (value descending, id
  * ascending among equals); a row with fewer than `top` ids in range (or NaN logits, which
- * are never selected) gets -inf and id -1 after its last. Returns 0, or -1 for arguments
+ * are never selected: torch's topk would rank them first) gets -inf and id -1 after its last. Returns 0, or -1 for arguments
  * it cannot take. */
 int head_top(const float *x, int64_t rows, int C, const float *w, int64_t first, int64_t last,
              int64_t limit, int top, float *values, int64_t *ids, void *work) {

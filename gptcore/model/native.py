@@ -21,6 +21,7 @@ import ctypes
 import hashlib
 import os
 import platform
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -59,30 +60,35 @@ def _build() -> tuple[ctypes.CDLL | None, str]:
         return None, "off (GPTCORE_NATIVE=0)"
     if platform.system() != "Linux" and platform.system() != "Darwin":
         return None, f"not built on {platform.system()}"
-    cc = os.environ.get("CC", "cc")
+    cc = shlex.split(os.environ.get("CC", "cc")) or ["cc"]
     try:
         source = SOURCE.read_bytes()
-        version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
+        version = subprocess.run([*cc, "--version"], capture_output=True, text=True, timeout=30).stdout
     except (OSError, subprocess.SubprocessError) as e:
-        return None, f"no C compiler ({cc}: {e})"
+        return None, f"no C compiler ({' '.join(cc)}: {e})"
     digest = hashlib.sha256(b"\0".join([source, version.encode(), " ".join(FLAGS).encode(),
                                         _cpu_flags().encode()])).hexdigest()[:16]
     directory = _cache_dir()
     path = directory / f"head_top-{digest}.so"
     if not path.exists():
+        tmp = None
         try:
             directory.mkdir(parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(dir=directory, suffix=".so.tmp")
             os.close(fd)
-            result = subprocess.run([cc, *FLAGS, "-o", tmp, str(SOURCE)], capture_output=True, text=True,
+            result = subprocess.run([*cc, *FLAGS, "-o", tmp, str(SOURCE)], capture_output=True, text=True,
                                     timeout=300)
             if result.returncode != 0:
-                os.unlink(tmp)
                 reason = (result.stderr.strip().splitlines() or ["no output"])[-1]
-                return None, f"build failed ({cc}): {reason}"
+                return None, f"build failed ({' '.join(cc)}): {reason}"
+            os.chmod(tmp, 0o755)  # mkstemp's 0600: a cache shared between users must stay loadable
             os.replace(tmp, path)  # atomic: a process beside this one loads a whole library or builds its own
+            tmp = None
         except (OSError, subprocess.SubprocessError) as e:
             return None, f"build failed: {e}"
+        finally:
+            if tmp is not None and os.path.exists(tmp):
+                os.unlink(tmp)
     try:
         lib = ctypes.CDLL(str(path))
     except OSError as e:
@@ -94,7 +100,10 @@ def _build() -> tuple[ctypes.CDLL | None, str]:
     lib.head_dense.restype = i32
     lib.head_top_work.argtypes = [i64, i64]
     lib.head_top_work.restype = i64
-    problem = _self_check(lib)
+    try:
+        problem = _self_check(lib)
+    except Exception as e:  # noqa: BLE001 - any failure of a fresh build means: decode without it
+        problem = f"{type(e).__name__}: {e}"
     if problem:
         return None, f"self-check failed: {problem}"
     return lib, f"built ({path})"
@@ -133,16 +142,22 @@ class NativeHead:
         self.packed = pack(head)
         self.padded = self.packed.numel() // self.width
         self.work = torch.empty(lib.head_top_work(0, self.padded), dtype=torch.uint8)
+        # One workspace per head (decoders of one model share the head): the GIL is released
+        # during a call, so two threads decoding the same model take turns.
+        self.lock = threading.Lock()
 
     def top(self, x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Each row's exact top ``k`` logits and their ids (rows, k), in order: value
-        descending, then id ascending (``k`` <= the vocabulary)."""
+        descending, then id ascending (``k`` <= the vocabulary). NaN logits are never
+        selected (torch's topk would rank them first: a model that makes them is broken
+        either way)."""
         x = x.detach().to(torch.float32).contiguous()
         rows = x.size(0)
         values = torch.empty(rows, k, dtype=torch.float32)
         ids = torch.empty(rows, k, dtype=torch.int64)
-        rc = self.lib.head_top(x.data_ptr(), rows, self.width, self.packed.data_ptr(), 0, self.padded,
-                               self.vocab, k, values.data_ptr(), ids.data_ptr(), self.work.data_ptr())
+        with self.lock:
+            rc = self.lib.head_top(x.data_ptr(), rows, self.width, self.packed.data_ptr(), 0, self.padded,
+                                   self.vocab, k, values.data_ptr(), ids.data_ptr(), self.work.data_ptr())
         if rc != 0:
             raise RuntimeError(f"head_top rejected its arguments (rows {rows}, k {k}): rc {rc}")
         return values, ids
