@@ -513,6 +513,26 @@ def test_sampled_top_k_rows_in_one_batch_equal_their_lone_decodes(model, tok):
     assert len({tuple(r) for r in rows}) == 4
 
 
+def tops_beside_full(decoder: CachedDecoder, full: CachedDecoder, seqs: list[list[int]], top: int) -> list:
+    """Three rows prefilled to different positions, then 6 steps side by side: pairs of
+    ``decoder``'s top ``top`` and ``full``'s logits (rows, vocab) for the same inputs."""
+    pairs = []
+    for slot, n in enumerate((3, 4, 6)):
+        pairs.append((decoder.prefill(slot, seqs[slot][:n], top), full.prefill(slot, seqs[slot][:n])[None]))
+    for t in range(6, 12):
+        tokens = [seqs[r][t] for r in range(3)]
+        pairs.append((decoder.step(tokens, top), full.step(tokens)))
+    return pairs
+
+
+def assert_exact_tops(pairs: list, top: int) -> None:
+    """Each row's top ids are its full logits' (ties by id), their values the exact ones."""
+    for got, ref in pairs:
+        for g_ids, g_values, r in zip(got.ids.view(-1, top), got.values.view(-1, top), ref):
+            assert g_ids.tolist() == expected_top(r, top)
+            torch.testing.assert_close(g_values, r[g_ids], atol=1e-5, rtol=0)
+
+
 @pytest.mark.parametrize("kind", ["fp16", "bf16"])
 @pytest.mark.parametrize("top", [1, 5, 40])
 def test_screened_head_keeps_the_exact_top_k(kind, top):
@@ -525,20 +545,11 @@ def test_screened_head_keeps_the_exact_top_k(kind, top):
     screened, full = CachedDecoder(model, max_rows=3, screen=kind), CachedDecoder(model, max_rows=3)
     if kind not in screened._screen_kinds():
         pytest.skip(f"this torch has no {kind} head")  # fp16 needs FBGEMM (x86 CPU wheels have it)
-    pairs = []
-    for slot, n in enumerate((3, 4, 6)):
-        pairs.append((screened.prefill(slot, seqs[slot][:n], top), full.prefill(slot, seqs[slot][:n])[None]))
-    for t in range(6, 12):
-        tokens = [seqs[r][t] for r in range(3)]
-        pairs.append((screened.step(tokens, top), full.step(tokens)))
+    pairs = tops_beside_full(screened, full, seqs, top)
     # A step whose candidates the band can't vouch for falls back to the exact head (also
     # checked below); most must not.
     assert screened._screens == 9 and screened._misses <= 2
-    for got, ref in pairs:
-        got_ids, got_values = got.ids.view(-1, top), got.values.view(-1, top)
-        for g_ids, g_values, r in zip(got_ids, got_values, ref):
-            assert g_ids.tolist() == expected_top(r, top)
-            torch.testing.assert_close(g_values, r[g_ids], atol=1e-5, rtol=0)
+    assert_exact_tops(pairs, top)
 
 
 @pytest.mark.parametrize("kind", ["fp16", "bf16"])

@@ -12,7 +12,7 @@ import threading
 
 import pytest
 import torch
-from test_generate import BLOCK, expected_top, tiny_model
+from test_generate import BLOCK, assert_exact_tops, expected_top, tiny_model, tops_beside_full
 
 from gptcore.generation.engine import Engine
 from gptcore.generation.generate import SamplingConfig, generate_ids
@@ -147,17 +147,9 @@ def test_a_native_decoder_keeps_the_exact_top_at_every_step(lib, top):
     model = tiny_model(50257, seed=4)
     seqs = torch.randint(0, 50257, (3, BLOCK), generator=torch.Generator().manual_seed(6)).tolist()
     kernel, full = CachedDecoder(model, max_rows=3, screen="native"), CachedDecoder(model, max_rows=3, screen=False)
-    pairs = []
-    for slot, n in enumerate((3, 4, 6)):
-        pairs.append((kernel.prefill(slot, seqs[slot][:n], top), full.prefill(slot, seqs[slot][:n])[None]))
-    for t in range(6, 12):
-        tokens = [seqs[r][t] for r in range(3)]
-        pairs.append((kernel.step(tokens, top), full.step(tokens)))
+    pairs = tops_beside_full(kernel, full, seqs, top)
     assert isinstance(kernel._choice(3, top), native.NativeHead)
-    for got, ref in pairs:
-        for g_ids, g_values, r in zip(got.ids.view(-1, top), got.values.view(-1, top), ref):
-            assert g_ids.tolist() == expected_top(r, top)
-            torch.testing.assert_close(g_values, r[g_ids], atol=1e-5, rtol=0)
+    assert_exact_tops(pairs, top)
 
 
 def test_sampled_rows_decode_the_same_with_and_without_the_kernel(lib):

@@ -331,13 +331,10 @@ class CachedDecoder:
             return soft_cap(logits, cap) if cap else logits
         # Neither screened nor native with a soft cap: tanh's saturation can make an id they
         # left out equal, once capped, to the top-th logit, a tie the dense path breaks by id.
-        screenable = top + _margin(top) <= self.limit // 8  # a screen keeps few enough candidates
-        choice = None
-        if not cap and (screenable or (top < self.limit and self._native() is not None)):
-            choice = self._choice(x.size(0), top)
+        choice = self._choice(x.size(0), top) if not cap else None
         if isinstance(choice, NativeHead) and top < choice.vocab:
             return TopLogits(*choice.top(x, top))
-        found = self._screened(x, top, choice) if screenable and isinstance(choice, tuple) else None
+        found = self._screened(x, top, choice) if isinstance(choice, tuple) else None
         if found is None:  # not screened here, or the screen's check failed: the exact head
             logits = self._dense(x)
             return exact_top(soft_cap(logits, cap) if cap else logits, top)
@@ -473,22 +470,23 @@ class CachedDecoder:
         to the rounding of the fp32 products themselves (which differs between kernels, as
         between one row and a batch): a token can change only at a near-tie of that size."""
         several = rows > 1
-        key = (several, top + _margin(top) <= self.limit // 8)
+        screenable = top + _margin(top) <= self.limit // 8  # a screen keeps few enough candidates
+        key = (several, screenable)
         if key not in self._chosen:
-            kinds = self._screen_kinds()
+            # A screen only where it can run at this top; the native kernel only below the vocabulary.
+            kinds = self._screen_kinds() if screenable else {}
+            native = self._native() if top < self.limit else None
             kind = self.screen
             if kind is True:
                 kind = "fp16" if "fp16" in kinds else "bf16"
-            elif kind is None:
+            elif kind is None and (kinds or native):
                 # Several rows are timed at this decoder's capacity: the native kernel streams
                 # the head once per 8 rows, a screen once for all of them.
                 timed = len(self.lengths) if several else 1
-                if not key[1]:  # screens can't run at this top: not timed
-                    kinds = {}
-                kind = _derived(self.model, f"screen_kind_{int(several)}_{int(key[1])}_{timed}", self.limit,
-                                lambda: self._fastest(kinds, timed, top))
+                kind = _derived(self.model, f"screen_kind_{int(several)}_{int(screenable)}_{timed}", self.limit,
+                                lambda: self._fastest(kinds, native, timed, top))
             if kind == "native":
-                self._chosen[key] = self._native() or False
+                self._chosen[key] = native or False
             else:
                 self._chosen[key] = (self._made_screen(kind) if kind in kinds else None) or False
         return self._chosen[key] or None
@@ -497,22 +495,20 @@ class CachedDecoder:
         """``_make_screen(kind)``, once per model and weights version."""
         return _derived(self.model, f"screen_{kind}", self.limit, lambda: self._make_screen(kind))
 
-    def _fastest(self, kinds: dict, rows: int, top: int) -> str | None:
-        """Which head gives ``rows`` rows' top ``top`` fastest here: a screen's name,
-        "native", or None for fp32. Each is warmed up, then timed end to end in rounds that
-        take the candidates in turn (a noisy neighbour slows them all alike), best of 5,
-        on unit-variance rows like a final norm's output."""
+    def _fastest(self, kinds: dict, native: NativeHead | None, rows: int, top: int) -> str | None:
+        """Which head gives ``rows`` rows' top ``top`` fastest here: a screen's name (of
+        ``kinds``), "native" (given ``native``), or None for fp32. Each is warmed up, then
+        timed end to end in rounds that take the candidates in turn (a noisy neighbour slows
+        them all alike), best of 5, on unit-variance rows like a final norm's output."""
         key = (rows > 1, top + _margin(top) <= self.limit // 8)
         x = F.layer_norm(torch.randn(rows, self.C, device=self.device, dtype=self.head.dtype), (self.C,))
-        native = self._native()
-        chosen = {}
-        for name in (None, *kinds, *(["native"] if native else [])):
-            if name == "native":
-                chosen[name] = native
-            else:
-                chosen[name] = (self._made_screen(name) if name else None) or False
-            if name and not chosen[name]:
-                del chosen[name]  # its kernel failed the check
+        chosen = {None: False}
+        for name in kinds:
+            screen = self._made_screen(name)
+            if screen:  # else its kernel failed the check
+                chosen[name] = screen
+        if native:
+            chosen["native"] = native
         best = dict.fromkeys(chosen, float("inf"))
         for round_ in range(6):
             for name in chosen:
