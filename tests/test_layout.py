@@ -29,8 +29,8 @@ def dump():
     paths = [getattr(m, "__file__", None) for m in list(sys.modules.values())]
     paths.append(importlib.util.find_spec(name).origin)  # the entry point runs as __main__
     native = sys.modules.get("gptcore.model.native")
-    if native is not None:  # its C source is code the stage compiles and runs
-        paths.append(str(native.SOURCE))
+    if native is not None:  # its C sources are code the stage compiles and runs
+        paths.extend(map(str, native.SOURCES))
     files = {Path(p).relative_to(root).as_posix() for p in paths
              if p and Path(p).is_absolute() and root in Path(p).parents}
     Path(out).write_text(json.dumps(sorted(files)))

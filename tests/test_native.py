@@ -1,6 +1,7 @@
-"""The native LM-head kernel (gptcore/model/head_top.c through native.py): built with the
-machine's C compiler, it must give exactly what the PyTorch paths give, and decoding
-must work the same without it."""
+"""The native decoding kernels (gptcore/model/head_top.c and decode_rows.c through
+native.py): built with the machine's C compiler, they must give what the PyTorch paths
+give (exactly for the head's top, to fp32 rounding for the blocks), a row the same bits
+alone and beside other rows, and decoding must work the same without them."""
 
 from __future__ import annotations
 
@@ -170,6 +171,110 @@ def test_sampled_rows_decode_the_same_with_and_without_the_kernel(lib):
     assert runs["native", "greedy"] == runs[False, "greedy"]
     alone = [generate_ids(model, [7, 8 + i], SamplingConfig(**{**cfg.__dict__, "seed": i})) for i in range(8)]
     assert runs["native", "sampled"] == alone
+
+
+@pytest.mark.parametrize("k,n", [(32, 16), (48, 80), (128, 384), (512, 128)])
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 8, 9])
+def test_a_linear_layer_matches_float64_and_a_row_gets_the_same_bits_in_any_batch(lib, k, n, rows):
+    """rows_linear for every tile (1-4 rows, 1-4 panels, groups of 4 beyond, panels left
+    over): x W + b equals float64 products to fp32 rounding, with and without a bias,
+    and each row's outputs are bit-identical computed alone."""
+    gen = torch.Generator().manual_seed(k + n + rows)
+    kernels = native.NativeRows(lib, block=8)
+    weight, bias = torch.randn(k, n, generator=gen) / k ** 0.5, torch.randn(n, generator=gen)
+    packed = kernels.pack(weight)
+    x = torch.randn(rows, k, generator=gen)
+    for b in (bias, None):
+        y = kernels.linear(x, packed, b)
+        exact = x.double() @ weight.double() + (0 if b is None else b.double())
+        assert ((y.double() - exact).abs() <= 1e-5 * (1 + exact.abs())).all()
+        for r in range(rows):
+            assert torch.equal(kernels.linear(x[r:r + 1].contiguous(), packed, b)[0], y[r])
+
+
+@pytest.mark.parametrize("hs", native.HEAD_SIZES)
+def test_attention_over_each_rows_own_positions_matches_float64_softmax(lib, hs):
+    """rows_attend: rows at lengths 1 to block (whole and partial groups of 8 scores), from
+    a strided query as the decoder slices it out of its fused QKV: each row equals a float64
+    softmax over its own positions, and gets the same bits alone."""
+    gen = torch.Generator().manual_seed(hs)
+    nh, block, rows = 3, 37, 6
+    kernels = native.NativeRows(lib, block)
+    kv = torch.randn(rows, 2, nh, block, hs, generator=gen)
+    kv[:, 0] *= 4 / hs ** 0.5  # scores of a few units: weights far from uniform
+    qkv = torch.randn(rows, 3, nh, 1, hs, generator=gen)
+    q = qkv[:, 0].view(rows, nh, hs)  # rows 3 nh hs apart
+    lengths = [1, 8, 9, 16, 30, 37]
+    y = kernels.attend(q, kv, lengths)
+    assert ((y.double() - native._attention_reference(q, kv, lengths)).abs() <= 2e-6).all()
+    for r in range(rows):
+        assert torch.equal(kernels.attend(q[r:r + 1], kv[r:r + 1], lengths[r:r + 1])[0], y[r])
+
+
+def test_the_row_kernels_refuse_what_they_cannot_take(lib):
+    """A head size it has no kernel for or a length outside 1..block (the C side), a width
+    not in whole panels or shapes that do not fit (Python's): an error naming the
+    arguments, never a read past a buffer or a wrong answer."""
+    kernels = native.NativeRows(lib, block=8)
+    with pytest.raises(RuntimeError, match="head size 24"):
+        kernels.attend(torch.randn(1, 2, 24), torch.randn(1, 2, 2, 8, 24), [3])
+    with pytest.raises(RuntimeError, match="lengths"):
+        kernels.attend(torch.randn(1, 2, 16), torch.randn(1, 2, 2, 8, 16), [9])
+    with pytest.raises(ValueError, match="multiples of 16"):
+        kernels.pack(torch.randn(8, 24))
+    packed = kernels.pack(torch.randn(8, 32))
+    for x, w, b in ((torch.randn(2, 9), packed, None), (torch.randn(2, 8), packed[:, :4], None),
+                    (torch.randn(2, 8), packed, torch.randn(16)), (torch.randn(8, 2).t(), packed, None)):
+        with pytest.raises(ValueError, match="rows_linear"):
+            kernels.linear(x, w, b)
+    with pytest.raises(ValueError, match="rows_attend"):
+        kernels.attend(torch.randn(2, 2, 16), torch.randn(1, 2, 2, 8, 16), [3, 3])  # 2 rows, 1 cache
+
+
+@pytest.mark.parametrize("kw", [{}, {"position": "rope", "mlp_activation": "relu2", "norm": "rmsnorm",
+                                      "qk_norm": True}], ids=["learned-gelu", "rope-relu2-rmsnorm-qknorm"])
+def test_a_row_decodes_the_same_bits_alone_and_beside_rows_at_other_positions(lib, kw):
+    """With the native blocks and head, a step's arithmetic for a row does not depend on
+    the other rows: four rows at four positions give, at every step, the bits each gets
+    alone; and torch's blocks (sdpa under a mask, addmm) agree to fp32 rounding."""
+    model = tiny_model(500, block_size=64, seed=8, **kw)
+    gen = torch.Generator().manual_seed(8)
+    prompts = [torch.randint(0, 500, (n,), generator=gen).tolist() for n in (5, 17, 40, 3)]
+
+    def steps(rows, native_rows=None):
+        decoder = CachedDecoder(model, max_rows=len(rows), screen="native", native_rows=native_rows)
+        for slot, prompt in enumerate(rows):
+            decoder.prefill(slot, prompt)
+        tokens, out = [p[-1] for p in rows], []
+        for i in range(12):
+            top = decoder.step(tokens, top=20)
+            out.append(top.values.clone())
+            tokens = [int(t) for t in top.ids[:, i % 3]]  # not greedy: the rows wander apart
+        return torch.stack(out, 1)  # (rows, steps, 20)
+
+    together = steps(prompts)
+    assert isinstance(CachedDecoder(model).kernels, native.NativeRows)
+    for r, prompt in enumerate(prompts):
+        assert torch.equal(steps([prompt])[0], together[r])
+    torch_blocks = steps(prompts, native_rows=False)
+    assert ((together - torch_blocks).abs() <= 1e-4 * (1 + together.abs())).all()
+
+
+def test_engine_rows_admitted_at_different_times_sample_what_they_sample_alone(lib):
+    """A server's rows rarely share a position: requests admitted while others are half way
+    through, seeded and sampled, return exactly what each returns decoded alone."""
+    model = tiny_model(50257, block_size=64, seed=11)
+    cfg = SamplingConfig(temperature=1.0, top_k=100, max_new_tokens=10, stop_at_eot=False)
+    engine = Engine(model, max_rows=4, eot_id=50256)
+    engine.decoder.screen = "native"
+    rows = []
+    for i in range(4):
+        rows.append(engine.submit([3 + i] * (2 + 3 * i), SamplingConfig(**{**cfg.__dict__, "seed": i})))
+        engine.step()  # the next request arrives one step later
+    engine.run()
+    alone = [generate_ids(model, [3 + i] * (2 + 3 * i), SamplingConfig(**{**cfg.__dict__, "seed": i}))
+             for i in range(4)]
+    assert [row.context[2 + 3 * i:] for i, row in enumerate(rows)] == alone
 
 
 def run_status(env: dict) -> str:

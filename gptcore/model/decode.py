@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from .gpt import GPT, KVCache, apply_rope, relu2, rope_angles
 from .loss import soft_cap
-from .native import NativeHead
+from .native import HEAD_SIZES, WIDTH, NativeHead, NativeRows
 from .native import library as native_library
 
 _DERIVED: weakref.WeakKeyDictionary[GPT, dict] = weakref.WeakKeyDictionary()
@@ -61,6 +61,7 @@ class LayerWeights(NamedTuple):
     fc_b: torch.Tensor
     mlp_proj_w: torch.Tensor
     mlp_proj_b: torch.Tensor
+    packed: tuple[torch.Tensor, ...] | None = None  # attn, attn_proj, fc, mlp_proj for NativeRows.linear
 
 
 def _packable(w: torch.Tensor) -> bool:
@@ -228,6 +229,14 @@ class CachedDecoder:
     row: the weights are streamed once for all of them). In training mode (dropout on)
     each row steps through ``GPT.hidden_states``.
 
+    ``native_rows`` (None: wherever the native library is built, on a CPU in fp32; False:
+    torch's kernels): the blocks' linear layers and attention through
+    :class:`NativeRows`, whose arithmetic for a row does not depend on the other rows
+    (torch's picks a matrix-product kernel by the number of rows, and attends over the
+    longest row's span under a mask); with the native head too (the usual choice for
+    several rows here, forced by ``screen="native"``) a row's logits have the same bits
+    alone and beside any other rows.
+
     ``top`` (per call): when only the ``top`` largest logits of each row matter, the head
     that selects them fastest here runs (``screen`` None: timed once per model; False: the
     fp32 head; True/"bf16"/"fp16"/"native": forced): the fp32 head, each row's top then
@@ -242,7 +251,7 @@ class CachedDecoder:
     """
 
     def __init__(self, model: GPT, max_rows: int = 1, vocab_limit: int | None = None,
-                 screen: bool | str | None = None) -> None:
+                 screen: bool | str | None = None, native_rows: bool | None = None) -> None:
         self.model = model
         self.screen = screen  # None: screen where that is timed faster (tests force it)
         cfg = model.config
@@ -256,6 +265,7 @@ class CachedDecoder:
                    for _ in range(cfg.n_layer)]
         self.lengths = [0] * max_rows
         self.fast = not model.training
+        self.kernels: NativeRows | None = None
         if self.fast:
             tr = model.transformer
 
@@ -279,6 +289,10 @@ class CachedDecoder:
                     mlp_proj_w=t(b.mlp.c_proj.weight), mlp_proj_b=bias(b.mlp.c_proj))
 
             self.layers = [layer(b) for b in tr.h]
+            self.kernels = self._native_rows(native_rows)
+            if self.kernels:
+                self.layers = [lw._replace(packed=tuple(map(NativeRows.pack, (
+                    lw.attn_w, lw.attn_proj_w, lw.fc_w, lw.mlp_proj_w)))) for lw in self.layers]
             self.wte = tr.wte.weight
             self.wpe = tr.wpe.weight if "wpe" in tr else None  # None: rotary positions
             self.ln_f = norm(tr.ln_f)
@@ -289,6 +303,18 @@ class CachedDecoder:
         # (several rows?, can a screen run at this top?) -> the screen or NativeHead (False: the fp32 head)
         self._chosen: dict[tuple[bool, bool], tuple | NativeHead | bool] = {}
         self._screens = self._misses = 0  # screened heads, and those that fell back to the exact one
+
+    def _native_rows(self, wanted: bool | None) -> NativeRows | None:
+        """NativeRows for this model's step, or None: CPU, fp32, a head size rows_attend
+        takes, layer widths in whole panels, and the library built."""
+        if wanted is False or self.device.type != "cpu" or self.model.lm_head.weight.dtype != torch.float32:
+            return None
+        widths = [w.size(1) for lw in self.layers for w in (lw.attn_w, lw.attn_proj_w, lw.fc_w, lw.mlp_proj_w)]
+        lib = native_library() if self.hs in HEAD_SIZES and all(n % WIDTH == 0 for n in widths) else None
+        if wanted and lib is None:
+            raise ValueError("native_rows=True needs the native library (python -m gptcore.model.native says why "
+                             f"it is off), head size in {HEAD_SIZES} and layer widths multiple of {WIDTH}")
+        return NativeRows(lib, self.block) if lib else None
 
     @staticmethod
     def cache_bytes(model: GPT, max_rows: int) -> int:
@@ -565,7 +591,10 @@ class CachedDecoder:
             h = torch.cat([self._module_hidden(b, token) for b, token in enumerate(tokens)])
             return self._logits(h, top)
         C, nh, hs, eps, shape = self.C, self.nh, self.hs, self.eps, (self.C,)
-        addmm, act, sdpa = torch.addmm, self.act, F.scaled_dot_product_attention
+        addmm, act, sdpa, kernels = torch.addmm, self.act, F.scaled_dot_product_attention, self.kernels
+
+        def linear(h, w, b, packed, i):  # h @ w + b: the i-th of a block's packed weights, or torch's
+            return kernels.linear(h, packed[i], b) if kernels else addmm(b, h, w)
 
         def norm(h, w, b):
             return F.rms_norm(h, shape, w, eps) if self.rms else F.layer_norm(h, shape, w, b, eps)
@@ -579,7 +608,8 @@ class CachedDecoder:
             at = torch.tensor(lengths, device=self.device)
             span = max(lengths) + 1
             rows = torch.arange(B, device=self.device)
-            mask = (torch.arange(span, device=self.device) <= at[:, None]).view(B, 1, 1, span)
+            # The native kernel attends each row over its own positions; sdpa, over the longest's, masked.
+            mask = None if kernels else (torch.arange(span, device=self.device) <= at[:, None]).view(B, 1, 1, span)
             x = self.wte[torch.tensor(tokens, device=self.device)]
         if self.wpe is not None:
             x = x + (self.wpe[pos] if uniform else self.wpe[at])
@@ -587,7 +617,7 @@ class CachedDecoder:
             where = torch.tensor([pos], device=self.device) if uniform else at
             cos, sin = (a.view(-1, 1, 1, hs // 2) for a in rope_angles(where, hs))
         for lw, kv in zip(self.layers, self.kv):
-            qkv = addmm(lw.attn_b, norm(x, lw.ln_1_w, lw.ln_1_b), lw.attn_w).view(B, 3, nh, 1, hs)
+            qkv = linear(norm(x, lw.ln_1_w, lw.ln_1_b), lw.attn_w, lw.attn_b, lw.packed, 0).view(B, 3, nh, 1, hs)
             q, kv_new = qkv[:, 0], qkv[:, 1:, :, 0]  # (B, nh, 1, hs), (B, 2, nh, hs)
             if self.qk_norm or self.wpe is None:  # the key changes before it is cached
                 k = qkv[:, 1]
@@ -600,10 +630,13 @@ class CachedDecoder:
                 kv[:B, :, :, pos] = kv_new  # K and V of this position, one write
             else:
                 kv[rows, :, :, at] = kv_new  # each row's own position
-            y = sdpa(q, kv[:B, 0, :, :span], kv[:B, 1, :, :span], attn_mask=mask)  # (B, nh, 1, hs)
-            x = x + addmm(lw.attn_proj_b, y.reshape(B, C), lw.attn_proj_w)
-            h = act(addmm(lw.fc_b, norm(x, lw.ln_2_w, lw.ln_2_b), lw.fc_w))
-            x = x + addmm(lw.mlp_proj_b, h, lw.mlp_proj_w)
+            if kernels:
+                y = kernels.attend(q.view(B, nh, hs), kv, [n + 1 for n in lengths])
+            else:
+                y = sdpa(q, kv[:B, 0, :, :span], kv[:B, 1, :, :span], attn_mask=mask).reshape(B, C)
+            x = x + linear(y, lw.attn_proj_w, lw.attn_proj_b, lw.packed, 1)
+            h = act(linear(norm(x, lw.ln_2_w, lw.ln_2_b), lw.fc_w, lw.fc_b, lw.packed, 2))
+            x = x + linear(h, lw.mlp_proj_w, lw.mlp_proj_b, lw.packed, 3)
         for b in range(B):
             self.lengths[b] += 1
         return self._logits(norm(x, *self.ln_f), top)

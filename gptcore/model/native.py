@@ -1,9 +1,11 @@
-"""The LM head's top logits on a CPU in one native kernel (``head_top.c``).
+"""Native kernels for decoding a few rows on a CPU (``head_top.c``, ``decode_rows.c``).
 
 Decoding a few rows spends most of a step in the LM head and in selecting each row's top
 logits from it (docs/generation.md, "Selecting a row's top"). ``head_top.c`` streams the
-head once for up to 8 rows and selects exactly, in plain C; this module builds it with the
-machine's C compiler the first time it is needed, caches the library, and calls it
+head once for up to 8 rows and selects exactly; ``decode_rows.c`` runs the blocks' linear
+layers and each row's attention over its own cached positions, with the same arithmetic
+for a row whatever the other rows are. Plain C; this module builds both with the
+machine's C compiler the first time they are needed, caches the library, and calls it
 through ctypes (which releases the GIL for the call).
 
 Optional by design: without a compiler, when the build or its self-check fails, or with
@@ -30,10 +32,12 @@ from pathlib import Path
 
 import torch
 
-SOURCE = Path(__file__).with_name("head_top.c")
+SOURCES = (Path(__file__).with_name("head_top.c"), Path(__file__).with_name("decode_rows.c"))
 FLAGS = ["-O3", "-march=native", "-ffp-contract=fast", "-std=gnu11", "-shared", "-fPIC"]
 CHUNK = 256  # head_top.c's CHUNK: ids per call of its tile loop, and the padding of the vocabulary
 SUPER = 64   # head_top.c's SUPER: vocabulary rows stored together
+WIDTH = 16   # decode_rows.c's WIDTH: output columns a panel of a linear layer's weights holds
+HEAD_SIZES = (8, 16, 32, 64, 128)  # the head sizes rows_attend takes
 
 _lock = threading.Lock()
 _state: dict = {}
@@ -62,22 +66,22 @@ def _build() -> tuple[ctypes.CDLL | None, str]:
         return None, f"not built on {platform.system()}"
     cc = shlex.split(os.environ.get("CC", "cc")) or ["cc"]
     try:
-        source = SOURCE.read_bytes()
+        source = b"\0".join(path.read_bytes() for path in SOURCES)
         version = subprocess.run([*cc, "--version"], capture_output=True, text=True, timeout=30).stdout
     except (OSError, subprocess.SubprocessError) as e:
         return None, f"no C compiler ({' '.join(cc)}: {e})"
     digest = hashlib.sha256(b"\0".join([source, version.encode(), " ".join(FLAGS).encode(),
                                         _cpu_flags().encode()])).hexdigest()[:16]
     directory = _cache_dir()
-    path = directory / f"head_top-{digest}.so"
+    path = directory / f"kernels-{digest}.so"
     if not path.exists():
         tmp = None
         try:
             directory.mkdir(parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(dir=directory, suffix=".so.tmp")
             os.close(fd)
-            result = subprocess.run([*cc, *FLAGS, "-o", tmp, str(SOURCE)], capture_output=True, text=True,
-                                    timeout=300)
+            result = subprocess.run([*cc, *FLAGS, "-o", tmp, *map(str, SOURCES)], capture_output=True,
+                                    text=True, timeout=300)
             if result.returncode != 0:
                 reason = (result.stderr.strip().splitlines() or ["no output"])[-1]
                 return None, f"build failed ({' '.join(cc)}): {reason}"
@@ -100,6 +104,10 @@ def _build() -> tuple[ctypes.CDLL | None, str]:
     lib.head_dense.restype = i32
     lib.head_top_work.argtypes = [i64, i64]
     lib.head_top_work.restype = i64
+    lib.rows_linear.argtypes = [p, i64, i64, p, i64, p, p]
+    lib.rows_linear.restype = i32
+    lib.rows_attend.argtypes = [p, i64, p, i64, i32, i64, i32, p, i64, ctypes.c_float, p, i64, p]
+    lib.rows_attend.restype = i32
     try:
         problem = _self_check(lib)
     except Exception as e:  # noqa: BLE001 - any failure of a fresh build means: decode without it
@@ -173,6 +181,69 @@ class NativeHead:
         return out[:, :self.vocab]
 
 
+class NativeRows:
+    """A decoding step's linear layers and attention for a few rows (``decode_rows.c``):
+    each row's result is the same arithmetic in the same order whatever the other rows
+    are, so it has the same bits alone and beside them, at any positions."""
+
+    def __init__(self, lib: ctypes.CDLL, block: int) -> None:
+        self.lib = lib
+        self.work = torch.empty(block + 8, dtype=torch.float32)  # one head's scores: per decoder, one thread
+
+    @staticmethod
+    def pack(w: torch.Tensor) -> torch.Tensor:
+        """A linear layer's (in, out) weight as ``linear`` reads it: out / WIDTH panels,
+        each (in, WIDTH) row-major (out a multiple of WIDTH)."""
+        k, n = w.shape
+        if n % WIDTH:
+            raise ValueError(f"a linear layer of {n} outputs: the row kernels take multiples of {WIDTH}")
+        return w.detach().float().reshape(k, n // WIDTH, WIDTH).transpose(0, 1).contiguous()
+
+    def linear(self, x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """x (rows, in) @ the packed weight + bias: (rows, out). x must be contiguous fp32."""
+        rows, k = x.shape
+        n = packed.size(0) * WIDTH
+        # The kernel trusts its pointers: shapes are checked here, where a mistake is an error.
+        if packed.shape[1:] != (k, WIDTH) or not packed.is_contiguous() or not x.is_contiguous() \
+                or (bias is not None and bias.shape != (n,)):
+            raise ValueError(f"rows_linear: x {tuple(x.shape)}, packed {tuple(packed.shape)} (want (n/{WIDTH}, "
+                             f"{k}, {WIDTH}) contiguous), bias {None if bias is None else tuple(bias.shape)}")
+        y = torch.empty(rows, n, dtype=torch.float32)
+        rc = self.lib.rows_linear(x.data_ptr(), rows, k, packed.data_ptr(), n,
+                                  None if bias is None else bias.data_ptr(), y.data_ptr())
+        if rc != 0:
+            raise RuntimeError(f"rows_linear rejected its arguments ({rows} x {k} -> {n}): rc {rc}")
+        return y
+
+    def attend(self, q: torch.Tensor, kv: torch.Tensor, lengths: list[int]) -> torch.Tensor:
+        """Row r's query ``q[r]`` (nh, hs) (rows may be strided, as slices of a fused QKV),
+        over the first ``lengths[r]`` positions of its cache ``kv[r]`` (2, nh, block, hs):
+        softmax(q k / sqrt(hs)) v, (rows, nh * hs)."""
+        rows, nh, hs, block = q.size(0), kv.size(2), kv.size(4), kv.size(3)
+        if q.shape[1:] != (nh, hs) or kv.size(0) < rows or kv.size(1) != 2 or len(lengths) != rows \
+                or kv[0].stride() != (nh * block * hs, block * hs, hs, 1) or self.work.numel() < block + 8:
+            raise ValueError(f"rows_attend: q {tuple(q.shape)}, kv {tuple(kv.shape)}, {len(lengths)} lengths")
+        if q.stride(2) != 1 or q.stride(1) != hs:
+            q = q.contiguous()
+        n = (ctypes.c_int64 * rows)(*lengths)
+        y = torch.empty(rows, nh * hs, dtype=torch.float32)
+        rc = self.lib.rows_attend(q.data_ptr(), q.stride(0), kv.data_ptr(), kv.stride(0), nh, block, hs, n, rows,
+                                  hs ** -0.5, y.data_ptr(), nh * hs, self.work.data_ptr())
+        if rc != 0:
+            raise RuntimeError(f"rows_attend rejected its arguments (head size {hs}, lengths {lengths}): rc {rc}")
+        return y
+
+
+def _attention_reference(q: torch.Tensor, kv: torch.Tensor, lengths: list[int]) -> torch.Tensor:
+    """softmax(q k / sqrt(hs)) v per row over its own positions, in float64: (rows, nh * hs)."""
+    out = []
+    for r, n in enumerate(lengths):
+        qr, k, v = q[r].double(), kv[r, 0, :, :n].double(), kv[r, 1, :, :n].double()  # (nh, hs), (nh, n, hs)
+        weights = torch.softmax((k @ qr.unsqueeze(-1)).squeeze(-1) / qr.size(-1) ** 0.5, dim=-1)
+        out.append((weights.unsqueeze(1) @ v).reshape(-1))
+    return torch.stack(out)
+
+
 def _self_check(lib: ctypes.CDLL) -> str | None:
     """Check a fresh build on random rows against float64 products and a sorted
     reference (a compiler that mis-built the vector code must not decode): None or what
@@ -192,6 +263,20 @@ def _self_check(lib: ctypes.CDLL) -> str | None:
             order = sorted(range(head.size(0)), key=lambda i: (-float(dense[r, i]), i))[:40]
             if ids[r].tolist() != order or not torch.equal(values[r], dense[r, order]):
                 return f"top 40 differs from a sorted reference (row {r} of {rows})"
+    kernels = NativeRows(lib, block=40)
+    weight, bias = torch.randn(48, 80, generator=gen) * 0.1, torch.randn(80, generator=gen)
+    packed = kernels.pack(weight)
+    kv = torch.randn(9, 2, 2, 40, 16, generator=gen)
+    for rows in (1, 3, 5, 9):
+        x = torch.randn(rows, 48, generator=gen)
+        y = kernels.linear(x, packed, bias)
+        exact = x.double() @ weight.double() + bias.double()
+        if not bool(((y.double() - exact).abs() <= 1e-5 * (1 + exact.abs())).all()):
+            return f"linear layer differs from float64 products ({rows} rows)"
+        q, lengths = torch.randn(rows, 2, 16, generator=gen), [1 + (7 * r) % 40 for r in range(rows)]
+        att = kernels.attend(q, kv[:rows], lengths)
+        if not bool(((att.double() - _attention_reference(q, kv, lengths)).abs() <= 1e-5).all()):
+            return f"attention differs from a float64 softmax ({rows} rows)"
     return None
 
 

@@ -1,0 +1,258 @@
+/* The rest of a decoding step for a few rows, beside head_top.c: the blocks' linear
+ * layers, and each row's attention over its own cached positions.
+ *
+ * Why not torch's: a decoding step feeds 1 to 8 rows of one position each. Torch picks its
+ * matrix-product kernel by shape (a vector product for one row, a GEMM for several), and
+ * its attention, with rows at different positions, runs over the longest row's span with
+ * a mask. So the same row gets different roundings alone and beside other rows, and a
+ * sampled token can change at a near-tie: what a seeded request returns would depend on
+ * what else the server decodes. Here every number a row gets is computed by the same
+ * arithmetic in the same order whatever the other rows are (how many, and where they
+ * stand), so a row's logits have the same bits alone and in any batch (with head_top's,
+ * which has the same property). Small products like these are also bound by per-call
+ * overhead and by streaming the weights, which one pass over them for all rows serves.
+ *
+ * Plain C with GCC/Clang vector extensions, no intrinsics, built by native.py with
+ * head_top.c into one library. */
+
+#include <stddef.h>
+#include <stdint.h>
+#include <string.h>
+
+typedef float v8 __attribute__((vector_size(32)));
+typedef int32_t m8 __attribute__((vector_size(32)));
+
+#define WIDTH 16  /* output columns a panel of packed weights holds: two vectors */
+#define GROUP 4   /* rows sharing one pass over a panel */
+
+/* ---- linear layers: y (rows, N) = x (rows, K) W (K, N) + b ----
+ *
+ * W comes packed by native.py: N / WIDTH panels, panel p (K, WIDTH) row-major holding
+ * columns [p WIDTH, (p + 1) WIDTH), so a tile streams its panels in order. Each output
+ * is one fp32 sum over k in order, from zero, plus the bias: the same in every tile. */
+
+#define LTILE(R, P)                                                                        \
+static void ltile_##R##_##P(const float *x, int64_t K, const float *w, const float *b,     \
+                            float *y, int64_t N, int64_t p0) {                             \
+    v8 acc[R][P][2];                                                                       \
+    for (int r = 0; r < R; r++)                                                            \
+        for (int q = 0; q < P; q++) acc[r][q][0] = acc[r][q][1] = (v8){0};                 \
+    for (int64_t k = 0; k < K; k++) {                                                      \
+        v8 w0[P], w1[P];                                                                   \
+        for (int q = 0; q < P; q++) {                                                      \
+            const float *wk = w + ((p0 + q) * K + k) * WIDTH;                              \
+            __builtin_memcpy(&w0[q], wk, sizeof(v8));                                      \
+            __builtin_memcpy(&w1[q], wk + 8, sizeof(v8));                                  \
+        }                                                                                  \
+        for (int r = 0; r < R; r++) {                                                      \
+            float xs = x[r * K + k];                                                       \
+            for (int q = 0; q < P; q++) {                                                  \
+                acc[r][q][0] += xs * w0[q];                                                \
+                acc[r][q][1] += xs * w1[q];                                                \
+            }                                                                              \
+        }                                                                                  \
+    }                                                                                      \
+    for (int q = 0; q < P; q++) {                                                          \
+        v8 b0 = (v8){0}, b1 = (v8){0};                                                     \
+        if (b) {                                                                           \
+            __builtin_memcpy(&b0, b + (p0 + q) * WIDTH, sizeof(v8));                       \
+            __builtin_memcpy(&b1, b + (p0 + q) * WIDTH + 8, sizeof(v8));                   \
+        }                                                                                  \
+        for (int r = 0; r < R; r++) {                                                      \
+            v8 o0 = acc[r][q][0] + b0, o1 = acc[r][q][1] + b1;                             \
+            __builtin_memcpy(y + r * N + (p0 + q) * WIDTH, &o0, sizeof(v8));               \
+            __builtin_memcpy(y + r * N + (p0 + q) * WIDTH + 8, &o1, sizeof(v8));           \
+        }                                                                                  \
+    }                                                                                      \
+}
+
+/* Panels at a time per row count: enough independent sums (2 R P >= 8) to hide the FMA
+ * latency, few enough (<= 12) to stay in 16 vector registers. */
+LTILE(1, 4) LTILE(1, 2) LTILE(1, 1) LTILE(2, 2) LTILE(2, 1) LTILE(3, 2) LTILE(3, 1) LTILE(4, 1)
+
+static void ltile(int R, int P, const float *x, int64_t K, const float *w, const float *b, float *y,
+                  int64_t N, int64_t p0) {
+    switch (R * 8 + P) {
+    case 12: ltile_1_4(x, K, w, b, y, N, p0); break;
+    case 10: ltile_1_2(x, K, w, b, y, N, p0); break;
+    case 9: ltile_1_1(x, K, w, b, y, N, p0); break;
+    case 18: ltile_2_2(x, K, w, b, y, N, p0); break;
+    case 17: ltile_2_1(x, K, w, b, y, N, p0); break;
+    case 26: ltile_3_2(x, K, w, b, y, N, p0); break;
+    case 25: ltile_3_1(x, K, w, b, y, N, p0); break;
+    default: ltile_4_1(x, K, w, b, y, N, p0); break;
+    }
+}
+
+/* y (rows, N) = x (rows, K) W + b, W packed as above (b may be NULL: no bias). Returns 0,
+ * or -1 for arguments it cannot take (N not a multiple of WIDTH). */
+int rows_linear(const float *x, int64_t rows, int64_t K, const float *w, int64_t N, const float *b, float *y) {
+    if (rows < 1 || K < 1 || N < WIDTH || N % WIDTH) return -1;
+    int64_t panels = N / WIDTH;
+    int P = rows == 1 ? 4 : rows < GROUP ? 2 : 1;  /* with GROUP rows, 8 sums per panel already */
+    for (int64_t p = 0; p < panels;) {
+        int step = P;
+        while (step > panels - p) step /= 2;  /* the last panels: 2, then 1, at a time */
+        for (int64_t r0 = 0; r0 < rows; r0 += GROUP) {  /* the panels stay in L1 between groups */
+            int R = rows - r0 < GROUP ? (int)(rows - r0) : GROUP;
+            ltile(R, step, x + r0 * K, K, w, b, y + r0 * N, N, p);
+        }
+        p += step;
+    }
+    return 0;
+}
+
+/* ---- attention: each row's one query over its own cached positions ---- */
+
+/* The lanes of a with those of b where mask is set. */
+static inline v8 select8(m8 mask, v8 a, v8 b) {
+    m8 ai, bi;
+    __builtin_memcpy(&ai, &a, sizeof ai);
+    __builtin_memcpy(&bi, &b, sizeof bi);
+    ai = (mask & ai) | (~mask & bi);
+    v8 r;
+    __builtin_memcpy(&r, &ai, sizeof r);
+    return r;
+}
+
+/* e^x for x <= 0 (below -87, e^-87 ~ 1.6e-38: nothing beside the maximum's 1): x = n ln 2
+ * + r with |r| <= ln 2 / 2 (ln 2 in two parts), e^r by its Taylor polynomial to r^6
+ * (remainder under 1.3e-7 relative), times 2^n through the exponent bits. */
+static inline v8 exp_nonpositive(v8 x) {
+    const v8 low = (v8){0} - 87.0f, magic = (v8){0} + 12582912.0f;  /* 1.5 * 2^23: rounds to an integer */
+    x = select8(x < low, low, x);
+    v8 n = (x * 1.44269504088896341f + magic) - magic;
+    v8 r = x - n * 0.693145751953125f;
+    r = r - n * 1.428606765330187e-06f;
+    v8 p = (v8){0} + (1.0f / 720);
+    p = p * r + (1.0f / 120);
+    p = p * r + (1.0f / 24);
+    p = p * r + (1.0f / 6);
+    p = p * r + 0.5f;
+    p = p * r + 1.0f;
+    p = p * r + 1.0f;
+    m8 bits = (__builtin_convertvector(n, m8) + 127) << 23;
+    v8 scale;
+    __builtin_memcpy(&scale, &bits, sizeof scale);
+    return p * scale;
+}
+
+/* Lane t: the sum of a[t]'s lanes, pairwise in one fixed order (the same for every t). */
+static inline v8 sums8(const v8 *a) {
+    const m8 even = {0, 8, 2, 10, 4, 12, 6, 14}, odd = {1, 9, 3, 11, 5, 13, 7, 15};
+    const m8 lo2 = {0, 1, 8, 9, 4, 5, 12, 13}, hi2 = {2, 3, 10, 11, 6, 7, 14, 15};
+    const m8 lo4 = {0, 1, 2, 3, 8, 9, 10, 11}, hi4 = {4, 5, 6, 7, 12, 13, 14, 15};
+    v8 t[4], u[2];
+    for (int i = 0; i < 4; i++)
+        t[i] = __builtin_shuffle(a[2 * i], a[2 * i + 1], even) + __builtin_shuffle(a[2 * i], a[2 * i + 1], odd);
+    for (int i = 0; i < 2; i++)
+        u[i] = __builtin_shuffle(t[2 * i], t[2 * i + 1], lo2) + __builtin_shuffle(t[2 * i], t[2 * i + 1], hi2);
+    return __builtin_shuffle(u[0], u[1], lo4) + __builtin_shuffle(u[0], u[1], hi4);
+}
+
+static inline float lane_sum(v8 a) {
+    v8 one[8] = {a};
+    v8 s = sums8(one);
+    return s[0];
+}
+
+/* One row and head: the query (D vectors), keys and values (len, 8 D) row-major, out (8 D). */
+static inline __attribute__((always_inline)) void attend_head(const float *q, const float *K, const float *V,
+                                                              int64_t len, const int D, float scale,
+                                                              float *out, float *work) {
+    v8 qv[16], acc[16];
+    for (int d = 0; d < D; d++) {
+        __builtin_memcpy(&qv[d], q + 8 * d, sizeof(v8));
+        qv[d] *= scale;
+    }
+    /* scores, 8 positions at a time (the last ones alone: the same sum in lane 0) */
+    v8 top = (v8){0} - __builtin_inff();
+    int64_t j = 0;
+    for (; j + 8 <= len; j += 8) {
+        v8 a[8];
+        for (int t = 0; t < 8; t++) {
+            const float *kj = K + (j + t) * 8 * D;
+            v8 s = (v8){0};
+            for (int d = 0; d < D; d++) {
+                v8 kd;
+                __builtin_memcpy(&kd, kj + 8 * d, sizeof kd);
+                s += qv[d] * kd;
+            }
+            a[t] = s;
+        }
+        v8 s = sums8(a);
+        __builtin_memcpy(work + j, &s, sizeof s);
+        top = select8(s > top, s, top);
+    }
+    float m = -__builtin_inff();
+    for (int l = 0; l < 8; l++) m = top[l] > m ? top[l] : m;
+    for (; j < len; j++) {
+        const float *kj = K + j * 8 * D;
+        v8 s = (v8){0};
+        for (int d = 0; d < D; d++) {
+            v8 kd;
+            __builtin_memcpy(&kd, kj + 8 * d, sizeof kd);
+            s += qv[d] * kd;
+        }
+        work[j] = lane_sum(s);
+        m = work[j] > m ? work[j] : m;
+    }
+    /* softmax weights, unnormalised: e^(s - max), padded to whole vectors with -inf */
+    int64_t padded = (len + 7) / 8 * 8;
+    for (int64_t i = len; i < padded; i++) work[i] = -__builtin_inff();
+    v8 total = (v8){0};
+    for (int64_t i = 0; i < padded; i += 8) {
+        v8 s;
+        __builtin_memcpy(&s, work + i, sizeof s);
+        v8 p = exp_nonpositive(s - m);
+        __builtin_memcpy(work + i, &p, sizeof p);
+        total += p;  /* the padding's e^-87 each: invisible beside the maximum's 1 */
+    }
+    for (int d = 0; d < D; d++) acc[d] = (v8){0};
+    for (int64_t i = 0; i < len; i++) {
+        const float *vi = V + i * 8 * D;
+        float p = work[i];
+        for (int d = 0; d < D; d++) {
+            v8 vd;
+            __builtin_memcpy(&vd, vi + 8 * d, sizeof vd);
+            acc[d] += p * vd;
+        }
+    }
+    float inv = 1.0f / lane_sum(total);
+    for (int d = 0; d < D; d++) {
+        v8 o = acc[d] * inv;
+        __builtin_memcpy(out + 8 * d, &o, sizeof o);
+    }
+}
+
+#define ATTEND(D)                                                                          \
+static void attend_##D(const float *q, int64_t q_row, const float *kv, int64_t kv_row, int nh, \
+                       int64_t block, const int64_t *n, int64_t rows, float scale, float *y, \
+                       int64_t y_row, float *work) {                                      \
+    for (int64_t r = 0; r < rows; r++)                                                     \
+        for (int h = 0; h < nh; h++) {                                                     \
+            const float *k = kv + r * kv_row + (int64_t)h * block * 8 * D;                 \
+            attend_head(q + r * q_row + h * 8 * D, k, k + (int64_t)nh * block * 8 * D,     \
+                        n[r], D, scale, y + r * y_row + h * 8 * D, work);                  \
+        }                                                                                  \
+}
+ATTEND(1) ATTEND(2) ATTEND(4) ATTEND(8) ATTEND(16)
+
+/* Row r's query q[r] (nh heads of hs, at q + r q_row) over the first n[r] positions of
+ * its cache kv + r kv_row, laid out (2, nh, block, hs): K then V. Writes y + r y_row (nh
+ * hs). work: block + 8 floats. Returns 0, or -1 for arguments it cannot take (hs not 8,
+ * 16, 32, 64 or 128; a length outside 1..block). */
+int rows_attend(const float *q, int64_t q_row, const float *kv, int64_t kv_row, int nh, int64_t block,
+                int hs, const int64_t *n, int64_t rows, float scale, float *y, int64_t y_row, float *work) {
+    if (rows < 1 || nh < 1 || block < 1) return -1;
+    for (int64_t r = 0; r < rows; r++)
+        if (n[r] < 1 || n[r] > block) return -1;
+    switch (hs) {
+    case 8: attend_1(q, q_row, kv, kv_row, nh, block, n, rows, scale, y, y_row, work); return 0;
+    case 16: attend_2(q, q_row, kv, kv_row, nh, block, n, rows, scale, y, y_row, work); return 0;
+    case 32: attend_4(q, q_row, kv, kv_row, nh, block, n, rows, scale, y, y_row, work); return 0;
+    case 64: attend_8(q, q_row, kv, kv_row, nh, block, n, rows, scale, y, y_row, work); return 0;
+    case 128: attend_16(q, q_row, kv, kv_row, nh, block, n, rows, scale, y, y_row, work); return 0;
+    default: return -1;
+    }
+}
