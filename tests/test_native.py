@@ -15,9 +15,10 @@ import pytest
 import torch
 from test_generate import BLOCK, assert_exact_tops, expected_top, tiny_model, tops_beside_full
 
+from gptcore.config import GPTConfig
 from gptcore.generation.engine import Engine
 from gptcore.generation.generate import SamplingConfig, generate_ids
-from gptcore.model import native
+from gptcore.model import GPT, native
 from gptcore.model.decode import CachedDecoder
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -231,13 +232,29 @@ def test_the_row_kernels_refuse_what_they_cannot_take(lib):
         kernels.attend(torch.randn(2, 2, 16), torch.randn(1, 2, 2, 8, 16), [3, 3])  # 2 rows, 1 cache
 
 
-@pytest.mark.parametrize("kw", [{}, {"position": "rope", "mlp_activation": "relu2", "norm": "rmsnorm",
-                                      "qk_norm": True}], ids=["learned-gelu", "rope-relu2-rmsnorm-qknorm"])
+def native_model(seed: int = 8, **kw) -> GPT:
+    """A random model for the native blocks, with weights large enough that rows differ."""
+    torch.manual_seed(seed)
+    cfg = {"vocab_size": 500, "block_size": 64, "n_layer": 2, "n_head": 2, "n_embd": 32, **kw}
+    model = GPT(GPTConfig(**cfg))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.3)
+    return model.eval()
+
+
+@pytest.mark.parametrize("kw", [
+    {},
+    {"position": "rope", "mlp_activation": "relu2", "norm": "rmsnorm", "qk_norm": True},
+    {"position": "rope", "bias": False},
+    {"qk_norm": True, "norm": "rmsnorm", "n_head": 8, "n_embd": 64},  # head size 8
+    {"position": "rope", "n_head": 1, "n_embd": 128, "n_layer": 1},   # head size 128
+], ids=["learned-gelu", "rope-relu2-rmsnorm-qknorm", "rope-nobias", "hs8-qknorm", "hs128"])
 def test_a_row_decodes_the_same_bits_alone_and_beside_rows_at_other_positions(lib, kw):
-    """With the native blocks and head, a step's arithmetic for a row does not depend on
-    the other rows: four rows at four positions give, at every step, the bits each gets
-    alone; and torch's blocks (sdpa under a mask, addmm) agree to fp32 rounding."""
-    model = tiny_model(500, block_size=64, seed=8, **kw)
+    """The blocks in one native call and the native head: four rows at four positions
+    give, at every step, the bits each gets alone; torch's step (addmm, sdpa under a mask)
+    agrees to fp32 rounding, and so does the KV cache each leaves."""
+    model = native_model(**kw)
     gen = torch.Generator().manual_seed(8)
     prompts = [torch.randint(0, 500, (n,), generator=gen).tolist() for n in (5, 17, 40, 3)]
 
@@ -250,14 +267,53 @@ def test_a_row_decodes_the_same_bits_alone_and_beside_rows_at_other_positions(li
             top = decoder.step(tokens, top=20)
             out.append(top.values.clone())
             tokens = [int(t) for t in top.ids[:, i % 3]]  # not greedy: the rows wander apart
-        return torch.stack(out, 1)  # (rows, steps, 20)
+        return torch.stack(out, 1), decoder  # (rows, steps, 20)
 
-    together = steps(prompts)
-    assert isinstance(CachedDecoder(model).kernels, native.NativeRows)
+    together, decoder = steps(prompts)
+    assert isinstance(decoder.kernels, native.NativeRows)
     for r, prompt in enumerate(prompts):
-        assert torch.equal(steps([prompt])[0], together[r])
-    torch_blocks = steps(prompts, native_rows=False)
-    assert ((together - torch_blocks).abs() <= 1e-4 * (1 + together.abs())).all()
+        assert torch.equal(steps([prompt])[0][0], together[r])
+    torch_steps, torch_decoder = steps(prompts, native_rows=False)
+    assert torch_decoder.kernels is None
+    assert ((together - torch_steps).abs() <= 1e-4 * (1 + together.abs())).all()
+    for mine, theirs in zip(decoder.kv, torch_decoder.kv):
+        assert ((mine - theirs).abs() <= 1e-4 * (1 + theirs.abs())).all()
+
+
+def test_the_native_blocks_stand_aside_where_they_cannot_run(lib):
+    """Head sizes without a kernel, widths not in whole panels, training mode: torch's step,
+    and ``native_rows=True`` says which condition failed."""
+    for kw, why in (({"n_head": 2, "n_embd": 48}, "head size 24"), ({"n_head": 1, "n_embd": 40}, "head size 40")):
+        model = native_model(**kw)
+        assert CachedDecoder(model).kernels is None
+        with pytest.raises(ValueError, match=why):
+            CachedDecoder(model, native_rows=True)
+    model = native_model().train()
+    assert CachedDecoder(model).kernels is None
+    with pytest.raises(ValueError, match="training mode"):
+        CachedDecoder(model, native_rows=True)
+
+
+def test_native_blocks_that_disagree_with_torch_are_not_used(lib, monkeypatch):
+    """Each model's first decoder checks the native blocks against torch's step (two rows
+    at different positions): a kernel that computes something else (here made to nudge
+    every other channel of the stream, as a miscompiled build might) is never used, and
+    decoding still works."""
+    step = native.NativeRows.step
+
+    def off(self, x, *args):
+        out = step(self, x, *args)
+        out[:, ::2] += 0.05  # not a uniform shift: the final LayerNorm would remove that
+        return out
+
+    monkeypatch.setattr(native.NativeRows, "step", off)
+    model = native_model(seed=3)
+    decoder = CachedDecoder(model, max_rows=2)
+    assert decoder.kernels is None
+    decoder.prefill(0, [1, 2, 3])
+    assert decoder.step([4], top=5).ids.shape == (1, 5)
+    monkeypatch.setattr(native.NativeRows, "step", step)
+    assert CachedDecoder(native_model(seed=4)).kernels is not None  # another model: checked afresh, used
 
 
 def test_engine_rows_admitted_at_different_times_sample_what_they_sample_alone(lib):

@@ -47,7 +47,9 @@ def _derived(model: GPT, name: str, limit: int, make):
 
 
 class LayerWeights(NamedTuple):
-    """One block's parameters for the fast step, matrices transposed to (in, out): named, so no two can be swapped."""
+    """One block's parameters for the fast step, matrices transposed to (in, out) for
+    torch's addmm, or packed for NativeRows.linear (one or the other, never both: a copy
+    per decoder): named, so no two can be swapped."""
 
     ln_1_w: torch.Tensor
     ln_1_b: torch.Tensor | None  # None: RMSNorm
@@ -61,7 +63,6 @@ class LayerWeights(NamedTuple):
     fc_b: torch.Tensor
     mlp_proj_w: torch.Tensor
     mlp_proj_b: torch.Tensor
-    packed: tuple[torch.Tensor, ...] | None = None  # attn, attn_proj, fc, mlp_proj for NativeRows.linear
 
 
 def _packable(w: torch.Tensor) -> bool:
@@ -229,13 +230,15 @@ class CachedDecoder:
     row: the weights are streamed once for all of them). In training mode (dropout on)
     each row steps through ``GPT.hidden_states``.
 
-    ``native_rows`` (None: wherever the native library is built, on a CPU in fp32; False:
-    torch's kernels): the blocks' linear layers and attention through
-    :class:`NativeRows`, whose arithmetic for a row does not depend on the other rows
-    (torch's picks a matrix-product kernel by the number of rows, and attends over the
-    longest row's span under a mask); with the native head too (the usual choice for
-    several rows here, forced by ``screen="native"``) a row's logits have the same bits
-    alone and beside any other rows.
+    ``native_rows`` (None: wherever the native library is built, on a CPU in fp32, once a
+    first check on the model agrees with torch's step; False: torch's kernels; True:
+    forced, unchecked, an error where it can't run): every block of a step in one call
+    through :class:`NativeRows`, whose arithmetic for a row does not depend on the other
+    rows (torch picks a matrix-product kernel by the number of rows, and attends over the
+    longest row's span under a mask), and with none of the ~50 per-operation dispatches
+    a 4-layer step costs in Python; with the native head too (the usual choice for several
+    rows here, forced by ``screen="native"``) a row's logits have the same bits alone and
+    beside any other rows.
 
     ``top`` (per call): when only the ``top`` largest logits of each row matter, the head
     that selects them fastest here runs (``screen`` None: timed once per model; False: the
@@ -265,7 +268,7 @@ class CachedDecoder:
                    for _ in range(cfg.n_layer)]
         self.lengths = [0] * max_rows
         self.fast = not model.training
-        self.kernels: NativeRows | None = None
+        self.kernels = self._native_rows(native_rows)
         if self.fast:
             tr = model.transformer
 
@@ -275,7 +278,7 @@ class CachedDecoder:
                 return torch.zeros(lin.out_features, device=w.device, dtype=w.dtype)
 
             def t(weight):  # (in, out) row-major: a vector-matrix product streams it in order
-                return weight.t().contiguous()
+                return NativeRows.pack(weight.t()) if self.kernels else weight.t().contiguous()
 
             def norm(ln):  # (weight, bias); RMSNorm has no bias
                 return ln.weight, getattr(ln, "bias", None)
@@ -289,10 +292,9 @@ class CachedDecoder:
                     mlp_proj_w=t(b.mlp.c_proj.weight), mlp_proj_b=bias(b.mlp.c_proj))
 
             self.layers = [layer(b) for b in tr.h]
-            self.kernels = self._native_rows(native_rows)
             if self.kernels:
-                self.layers = [lw._replace(packed=tuple(map(NativeRows.pack, (
-                    lw.attn_w, lw.attn_proj_w, lw.fc_w, lw.mlp_proj_w)))) for lw in self.layers]
+                self.kernels.blocks([lw._asdict() for lw in self.layers], self.kv, rms=cfg.norm == "rmsnorm",
+                                    qk_norm=cfg.qk_norm, relu2=cfg.mlp_activation == "relu2", eps=self.eps)
             self.wte = tr.wte.weight
             self.wpe = tr.wpe.weight if "wpe" in tr else None  # None: rotary positions
             self.ln_f = norm(tr.ln_f)
@@ -305,16 +307,42 @@ class CachedDecoder:
         self._screens = self._misses = 0  # screened heads, and those that fell back to the exact one
 
     def _native_rows(self, wanted: bool | None) -> NativeRows | None:
-        """NativeRows for this model's step, or None: CPU, fp32, a head size rows_attend
-        takes, layer widths in whole panels, and the library built."""
-        if wanted is False or self.device.type != "cpu" or self.model.lm_head.weight.dtype != torch.float32:
+        """NativeRows for this model's step, or None: eval mode, CPU, fp32, a head size
+        rows_attend takes, layer widths in whole panels, and the library built (``wanted``
+        True: all of that, or a ValueError saying what is missing)."""
+        if wanted is False:
             return None
-        widths = [w.size(1) for lw in self.layers for w in (lw.attn_w, lw.attn_proj_w, lw.fc_w, lw.mlp_proj_w)]
-        lib = native_library() if self.hs in HEAD_SIZES and all(n % WIDTH == 0 for n in widths) else None
+        widths = [lin.out_features for b in self.model.transformer.h
+                  for lin in (b.attn.c_attn, b.attn.c_proj, b.mlp.c_fc, b.mlp.c_proj)]
+        dtype = self.model.lm_head.weight.dtype
+        missing = ("training mode" if not self.fast else f"device {self.device.type}" if self.device.type != "cpu"
+                   else f"dtype {dtype}" if dtype != torch.float32
+                   else f"head size {self.hs} (takes {HEAD_SIZES})" if self.hs not in HEAD_SIZES
+                   else f"layer widths {sorted(set(widths))} (multiples of {WIDTH})" if any(n % WIDTH for n in widths)
+                   else None)
+        lib = native_library() if missing is None else None
         if wanted and lib is None:
-            raise ValueError("native_rows=True needs the native library (python -m gptcore.model.native says why "
-                             f"it is off), head size in {HEAD_SIZES} and layer widths multiple of {WIDTH}")
-        return NativeRows(lib, self.block) if lib else None
+            why = missing or "no library (python -m gptcore.model.native says why)"
+            raise ValueError(f"native_rows=True needs eval mode on a CPU in fp32, a head size in {HEAD_SIZES}, "
+                             f"layer widths in multiples of {WIDTH} and the native library: {why}")
+        if lib is None or (wanted is None and not _derived(self.model, "rows_agree", self.limit, self._rows_agree)):
+            return None
+        return NativeRows(lib, self.block)
+
+    def _rows_agree(self) -> bool:
+        """Once per model (and weights version): do the native blocks give torch's step to
+        fp32 rounding on this model? Two rows at different positions, a few steps; a
+        kernel the compiler got wrong for this shape must not decode."""
+        decoders = [CachedDecoder(self.model, max_rows=2, vocab_limit=self.limit, native_rows=n) for n in (True, False)]
+        prompts = [[i % self.limit for i in range(5)], [7 % self.limit]]
+        agree = True
+        for d in decoders:
+            for slot, prompt in enumerate(prompts):
+                d.prefill(slot, prompt)
+        for i in range(3):
+            got, want = (d._hidden([(3 * i + 1) % self.limit, (5 * i + 2) % self.limit]) for d in decoders)
+            agree = agree and bool(((got - want).abs() <= 1e-3 * (1 + want.abs())).all())
+        return agree
 
     @staticmethod
     def cache_bytes(model: GPT, max_rows: int) -> int:
@@ -583,18 +611,19 @@ class CachedDecoder:
     def step(self, tokens: list[int], top: int | None = None) -> torch.Tensor | TopLogits:
         """Feed ``tokens[i]`` to the row in slot ``i`` at its next position; logits (rows,
         limit), or each row's top ``top`` (:class:`TopLogits`)."""
+        return self._logits(self._hidden(tokens), top)
+
+    @torch.inference_mode()
+    def _hidden(self, tokens: list[int]) -> torch.Tensor:
+        """``step``'s forward pass: the rows' final-norm outputs (rows, C)."""
         B = len(tokens)
         lengths = self.lengths[:B]
         if max(lengths) >= self.block:
             raise ValueError(f"KV cache full ({max(lengths)} positions); crop and prefill again")
         if not self.fast:
-            h = torch.cat([self._module_hidden(b, token) for b, token in enumerate(tokens)])
-            return self._logits(h, top)
+            return torch.cat([self._module_hidden(b, token) for b, token in enumerate(tokens)])
         C, nh, hs, eps, shape = self.C, self.nh, self.hs, self.eps, (self.C,)
         addmm, act, sdpa, kernels = torch.addmm, self.act, F.scaled_dot_product_attention, self.kernels
-
-        def linear(h, w, b, packed, i):  # h @ w + b: the i-th of a block's packed weights, or torch's
-            return kernels.linear(h, packed[i], b) if kernels else addmm(b, h, w)
 
         def norm(h, w, b):
             return F.rms_norm(h, shape, w, eps) if self.rms else F.layer_norm(h, shape, w, b, eps)
@@ -608,16 +637,22 @@ class CachedDecoder:
             at = torch.tensor(lengths, device=self.device)
             span = max(lengths) + 1
             rows = torch.arange(B, device=self.device)
-            # The native kernel attends each row over its own positions; sdpa, over the longest's, masked.
             mask = None if kernels else (torch.arange(span, device=self.device) <= at[:, None]).view(B, 1, 1, span)
             x = self.wte[torch.tensor(tokens, device=self.device)]
         if self.wpe is not None:
             x = x + (self.wpe[pos] if uniform else self.wpe[at])
         else:  # rotary: each row's angles, broadcast over heads
             where = torch.tensor([pos], device=self.device) if uniform else at
-            cos, sin = (a.view(-1, 1, 1, hs // 2) for a in rope_angles(where, hs))
-        for lw, kv in zip(self.layers, self.kv):
-            qkv = linear(norm(x, lw.ln_1_w, lw.ln_1_b), lw.attn_w, lw.attn_b, lw.packed, 0).view(B, 3, nh, 1, hs)
+            cos, sin = rope_angles(where, hs)
+            if kernels:  # (rows, hs/2) for the kernel
+                cos, sin = (a.expand(B, hs // 2).contiguous() for a in (cos, sin))
+            else:
+                cos, sin = (a.view(-1, 1, 1, hs // 2) for a in (cos, sin))
+        if kernels:  # every block in one native call; x is a copy (it may view the embedding table)
+            x = kernels.step(x.clone(memory_format=torch.contiguous_format), lengths,
+                             *((cos, sin) if self.wpe is None else ()))
+        for lw, kv in zip(self.layers, self.kv if not kernels else ()):
+            qkv = addmm(lw.attn_b, norm(x, lw.ln_1_w, lw.ln_1_b), lw.attn_w).view(B, 3, nh, 1, hs)
             q, kv_new = qkv[:, 0], qkv[:, 1:, :, 0]  # (B, nh, 1, hs), (B, 2, nh, hs)
             if self.qk_norm or self.wpe is None:  # the key changes before it is cached
                 k = qkv[:, 1]
@@ -630,16 +665,13 @@ class CachedDecoder:
                 kv[:B, :, :, pos] = kv_new  # K and V of this position, one write
             else:
                 kv[rows, :, :, at] = kv_new  # each row's own position
-            if kernels:
-                y = kernels.attend(q.view(B, nh, hs), kv, [n + 1 for n in lengths])
-            else:
-                y = sdpa(q, kv[:B, 0, :, :span], kv[:B, 1, :, :span], attn_mask=mask).reshape(B, C)
-            x = x + linear(y, lw.attn_proj_w, lw.attn_proj_b, lw.packed, 1)
-            h = act(linear(norm(x, lw.ln_2_w, lw.ln_2_b), lw.fc_w, lw.fc_b, lw.packed, 2))
-            x = x + linear(h, lw.mlp_proj_w, lw.mlp_proj_b, lw.packed, 3)
+            y = sdpa(q, kv[:B, 0, :, :span], kv[:B, 1, :, :span], attn_mask=mask)  # (B, nh, 1, hs)
+            x = x + addmm(lw.attn_proj_b, y.reshape(B, C), lw.attn_proj_w)
+            h = act(addmm(lw.fc_b, norm(x, lw.ln_2_w, lw.ln_2_b), lw.fc_w))
+            x = x + addmm(lw.mlp_proj_b, h, lw.mlp_proj_w)
         for b in range(B):
             self.lengths[b] += 1
-        return self._logits(norm(x, *self.ln_f), top)
+        return norm(x, *self.ln_f)
 
     def _module_hidden(self, slot: int, token: int) -> torch.Tensor:
         """One row through ``nn.Module`` calls (training mode: dropout as in training):

@@ -66,7 +66,8 @@ static void ltile_##R##_##P(const float *x, int64_t K, const float *w, const flo
     }                                                                                      \
 }
 
-/* Panels at a time per row count: enough independent sums (2 R P >= 8) to hide the FMA
+/* Panels at a time per row count (1 row: 4 panels a pass, 2-3 rows: 2, groups of 4: 1):
+ * enough independent sums (2 R P >= 8) to hide the FMA
  * latency, few enough (<= 12) to stay in 16 vector registers. */
 LTILE(1, 4) LTILE(1, 2) LTILE(1, 1) LTILE(2, 2) LTILE(2, 1) LTILE(3, 2) LTILE(3, 1) LTILE(4, 1)
 
@@ -93,7 +94,7 @@ int rows_linear(const float *x, int64_t rows, int64_t K, const float *w, int64_t
     for (int64_t p = 0; p < panels;) {
         int step = P;
         while (step > panels - p) step /= 2;  /* the last panels: 2, then 1, at a time */
-        for (int64_t r0 = 0; r0 < rows; r0 += GROUP) {  /* the panels stay in L1 between groups */
+        for (int64_t r0 = 0; r0 < rows; r0 += GROUP) {  /* the panels are still cached for the next group */
             int R = rows - r0 < GROUP ? (int)(rows - r0) : GROUP;
             ltile(R, step, x + r0 * K, K, w, b, y + r0 * N, N, p);
         }
@@ -115,12 +116,15 @@ static inline v8 select8(m8 mask, v8 a, v8 b) {
     return r;
 }
 
-/* e^x for x <= 0 (below -87, e^-87 ~ 1.6e-38: nothing beside the maximum's 1): x = n ln 2
- * + r with |r| <= ln 2 / 2 (ln 2 in two parts), e^r by its Taylor polynomial to r^6
- * (remainder under 1.3e-7 relative), times 2^n through the exponent bits. */
-static inline v8 exp_nonpositive(v8 x) {
-    const v8 low = (v8){0} - 87.0f, magic = (v8){0} + 12582912.0f;  /* 1.5 * 2^23: rounds to an integer */
+/* e^x, x clamped to [-87, 88] (e^-87 ~ 1.6e-38: nothing beside a softmax maximum's 1;
+ * e^88 ~ 1.7e38, under the largest float): x = n ln 2 + r with |r| <= ln 2 / 2 (ln 2 in
+ * two parts), e^r by its Taylor polynomial to r^6 (remainder under 1.7e-7 relative;
+ * 2.3e-7, under 3 ulp, measured with the rounding), times 2^n through the exponent bits. */
+static inline v8 exp8(v8 x) {
+    const v8 low = (v8){0} - 87.0f, high = (v8){0} + 88.0f;
+    const v8 magic = (v8){0} + 12582912.0f;  /* 1.5 * 2^23: adding it rounds to an integer */
     x = select8(x < low, low, x);
+    x = select8(x > high, high, x);
     v8 n = (x * 1.44269504088896341f + magic) - magic;
     v8 r = x - n * 0.693145751953125f;
     r = r - n * 1.428606765330187e-06f;
@@ -204,7 +208,7 @@ static inline __attribute__((always_inline)) void attend_head(const float *q, co
     for (int64_t i = 0; i < padded; i += 8) {
         v8 s;
         __builtin_memcpy(&s, work + i, sizeof s);
-        v8 p = exp_nonpositive(s - m);
+        v8 p = exp8(s - m);
         __builtin_memcpy(work + i, &p, sizeof p);
         total += p;  /* the padding's e^-87 each: invisible beside the maximum's 1 */
     }
@@ -255,4 +259,154 @@ int rows_attend(const float *q, int64_t q_row, const float *kv, int64_t kv_row, 
     case 128: attend_16(q, q_row, kv, kv_row, nh, block, n, rows, scale, y, y_row, work); return 0;
     default: return -1;
     }
+}
+
+/* ---- a whole decoding step through the blocks, in one call ----
+ *
+ * Per operation, Python's overhead (torch's dispatch, or ctypes') is as large as the
+ * arithmetic of a few rows at this size: a step of a 4-layer model is ~50 operations. So
+ * the blocks run here end to end, the model's equations in gpt.py restated (as
+ * decode.py's torch step restates them): pre-norm, fused QKV, QK-norm and rotary
+ * positions when the model has them, the new key and value written at each row's own
+ * position, attention, projection, the MLP (tanh GELU or ReLU²), residuals. */
+
+struct rows_layer {                      /* one block; matrices packed as for rows_linear */
+    const float *ln_1_w, *ln_1_b;        /* ln_1_b NULL: RMSNorm (or a LayerNorm without bias) */
+    const float *attn_w, *attn_b, *attn_proj_w, *attn_proj_b;
+    const float *ln_2_w, *ln_2_b;
+    const float *fc_w, *fc_b, *mlp_proj_w, *mlp_proj_b;
+    float *kv;                           /* this layer's cache, (slots, 2, nh, block, hs) */
+};
+
+#define STEP_RMSNORM 1
+#define STEP_QK_NORM 2
+#define STEP_RELU2 4
+
+/* A row's norm: LayerNorm (mean and variance over C, then w and b) or RMSNorm (no mean, no b). */
+static void norm_row(const float *x, int64_t C, const float *w, const float *b, int rms, float eps, float *out) {
+    float mean = 0.0f;
+    if (!rms) {
+        v8 s = (v8){0};
+        for (int64_t i = 0; i < C; i += 8) {  /* C is a multiple of WIDTH */
+            v8 xi;
+            __builtin_memcpy(&xi, x + i, sizeof xi);
+            s += xi;
+        }
+        mean = lane_sum(s) / (float)C;
+    }
+    v8 ss = (v8){0};
+    for (int64_t i = 0; i < C; i += 8) {
+        v8 d;
+        __builtin_memcpy(&d, x + i, sizeof d);
+        d -= mean;
+        ss += d * d;
+    }
+    float inv = 1.0f / __builtin_sqrtf(lane_sum(ss) / (float)C + eps);
+    for (int64_t i = 0; i < C; i++) out[i] = (x[i] - mean) * inv * w[i] + (b ? b[i] : 0.0f);
+}
+
+/* RMS-normalise each of a row's nh heads of hs, no weight (QK-norm). */
+static void norm_heads(float *x, int nh, int hs, float eps) {
+    for (int h = 0; h < nh; h++) {
+        float *v = x + h * hs;
+        v8 ss = (v8){0};
+        for (int i = 0; i < hs; i += 8) {
+            v8 d;
+            __builtin_memcpy(&d, v + i, sizeof d);
+            ss += d * d;
+        }
+        float inv = 1.0f / __builtin_sqrtf(lane_sum(ss) / (float)hs + eps);
+        for (int i = 0; i < hs; i++) v[i] *= inv;
+    }
+}
+
+/* Rotate each head's pairs (i, i + hs/2) by the row's angles (cos, sin: hs/2 each). */
+static void rope_heads(float *x, int nh, int hs, const float *cos, const float *sin) {
+    int half = hs / 2;
+    for (int h = 0; h < nh; h++) {
+        float *v = x + h * hs;
+        for (int i = 0; i < half; i++) {
+            float a = v[i], b = v[i + half];
+            v[i] = a * cos[i] - b * sin[i];
+            v[i + half] = a * sin[i] + b * cos[i];
+        }
+    }
+}
+
+/* tanh-approximated GELU, 0.5 u (1 + tanh(sqrt(2/pi) (u + 0.044715 u^3))), or ReLU², in place. */
+static void activate(float *x, int64_t n, int relu2) {
+    int64_t i = 0;
+    if (relu2) {
+        for (; i < n; i++) x[i] = x[i] > 0.0f ? x[i] * x[i] : 0.0f;
+        return;
+    }
+    for (; i + 8 <= n; i += 8) {
+        v8 u;
+        __builtin_memcpy(&u, x + i, sizeof u);
+        v8 e = exp8(2.0f * 0.7978845608028654f * (u + 0.044715f * u * u * u));
+        v8 g = 0.5f * u * (2.0f - 2.0f / (e + 1.0f));  /* 1 + tanh(z) = 2 - 2 / (e^2z + 1) */
+        __builtin_memcpy(x + i, &g, sizeof g);
+    }
+    for (; i < n; i++) {  /* the tail through the same vector code, one lane used */
+        v8 u = (v8){0} + x[i];
+        v8 e = exp8(2.0f * 0.7978845608028654f * (u + 0.044715f * u * u * u));
+        v8 g = 0.5f * u * (2.0f - 2.0f / (e + 1.0f));
+        x[i] = g[0];
+    }
+}
+
+/* Bytes of rows_step's workspace for `rows` rows. */
+int64_t rows_step_work(int64_t rows, int64_t C, int64_t hidden, int64_t block) {
+    return (int64_t)sizeof(float) * (rows * (5 * C + hidden) + block + 8);
+}
+
+/* x (rows, C), the residual stream after the embeddings, through n_layer blocks in place:
+ * row r at position pos[r] (its cache slot r holds positions 0 .. pos[r] - 1), its key and
+ * value written at pos[r]. cos/sin (rows, hs/2): rotary angles, or NULL (learned
+ * positions, already in x). hidden: the MLP's width. work: rows_step_work bytes. Returns
+ * 0, or -1 for arguments it cannot take. */
+int rows_step(float *x, int64_t rows, int64_t C, int nh, int64_t block, int64_t hidden, int n_layer,
+              const struct rows_layer *layers, const int64_t *pos, const float *cos, const float *sin,
+              int flags, float eps, float *work) {
+    int hs = (int)(C / nh);
+    if (rows < 1 || nh < 1 || C % nh || C % WIDTH || hidden % WIDTH || n_layer < 0) return -1;
+    if (hs != 8 && hs != 16 && hs != 32 && hs != 64 && hs != 128) return -1;
+    for (int64_t r = 0; r < rows; r++)
+        if (pos[r] < 0 || pos[r] >= block) return -1;
+    int rms = flags & STEP_RMSNORM;
+    float *h = work, *qkv = h + rows * C, *y = qkv + rows * 3 * C, *f = y + rows * C, *scores = f + rows * hidden;
+    int64_t n[rows];
+    for (int64_t r = 0; r < rows; r++) n[r] = pos[r] + 1;
+    int64_t kv_row = 2 * (int64_t)nh * block * hs;
+    for (int l = 0; l < n_layer; l++) {
+        const struct rows_layer *L = layers + l;
+        for (int64_t r = 0; r < rows; r++) norm_row(x + r * C, C, L->ln_1_w, L->ln_1_b, rms, eps, h + r * C);
+        rows_linear(h, rows, C, L->attn_w, 3 * C, L->attn_b, qkv);
+        for (int64_t r = 0; r < rows; r++) {
+            float *q = qkv + r * 3 * C, *k = q + C, *v = k + C;
+            if (flags & STEP_QK_NORM) {
+                norm_heads(q, nh, hs, eps);
+                norm_heads(k, nh, hs, eps);
+            }
+            if (cos) {
+                rope_heads(q, nh, hs, cos + r * (hs / 2), sin + r * (hs / 2));
+                rope_heads(k, nh, hs, cos + r * (hs / 2), sin + r * (hs / 2));
+            }
+            float *slot = L->kv + r * kv_row;
+            for (int hd = 0; hd < nh; hd++) {
+                memcpy(slot + ((int64_t)hd * block + pos[r]) * hs, k + hd * hs, hs * sizeof(float));
+                memcpy(slot + ((int64_t)(nh + hd) * block + pos[r]) * hs, v + hd * hs, hs * sizeof(float));
+            }
+        }
+        rows_attend(qkv, 3 * C, L->kv, kv_row, nh, block, hs, n, rows, 1.0f / __builtin_sqrtf((float)hs), y, C,
+                    scores);
+        rows_linear(y, rows, C, L->attn_proj_w, C, L->attn_proj_b, h);
+        for (int64_t i = 0; i < rows * C; i++) x[i] += h[i];
+        for (int64_t r = 0; r < rows; r++) norm_row(x + r * C, C, L->ln_2_w, L->ln_2_b, rms, eps, h + r * C);
+        rows_linear(h, rows, C, L->fc_w, hidden, L->fc_b, f);
+        activate(f, rows * hidden, flags & STEP_RELU2);
+        rows_linear(f, rows, hidden, L->mlp_proj_w, C, L->mlp_proj_b, h);
+        for (int64_t i = 0; i < rows * C; i++) x[i] += h[i];
+    }
+    return 0;
 }

@@ -108,6 +108,10 @@ def _build() -> tuple[ctypes.CDLL | None, str]:
     lib.rows_linear.restype = i32
     lib.rows_attend.argtypes = [p, i64, p, i64, i32, i64, i32, p, i64, ctypes.c_float, p, i64, p]
     lib.rows_attend.restype = i32
+    lib.rows_step.argtypes = [p, i64, i64, i32, i64, i64, i32, p, p, p, p, i32, ctypes.c_float, p]
+    lib.rows_step.restype = i32
+    lib.rows_step_work.argtypes = [i64, i64, i64, i64]
+    lib.rows_step_work.restype = i64
     try:
         problem = _self_check(lib)
     except Exception as e:  # noqa: BLE001 - any failure of a fresh build means: decode without it
@@ -181,6 +185,17 @@ class NativeHead:
         return out[:, :self.vocab]
 
 
+class _Layer(ctypes.Structure):
+    """decode_rows.c's struct rows_layer: one block's pointers."""
+
+    _fields_ = [(name, ctypes.c_void_p) for name in (
+        "ln_1_w", "ln_1_b", "attn_w", "attn_b", "attn_proj_w", "attn_proj_b",
+        "ln_2_w", "ln_2_b", "fc_w", "fc_b", "mlp_proj_w", "mlp_proj_b", "kv")]
+
+
+STEP_RMSNORM, STEP_QK_NORM, STEP_RELU2 = 1, 2, 4  # decode_rows.c's rows_step flags
+
+
 class NativeRows:
     """A decoding step's linear layers and attention for a few rows (``decode_rows.c``):
     each row's result is the same arithmetic in the same order whatever the other rows
@@ -199,13 +214,54 @@ class NativeRows:
             raise ValueError(f"a linear layer of {n} outputs: the row kernels take multiples of {WIDTH}")
         return w.detach().float().reshape(k, n // WIDTH, WIDTH).transpose(0, 1).contiguous()
 
+    def blocks(self, layers: list[dict], kv: list[torch.Tensor], *, rms: bool, qk_norm: bool, relu2: bool,
+               eps: float) -> None:
+        """Set the model's blocks for :meth:`step`: per layer a dict of rows_layer's fields
+        (matrices from :meth:`pack`, fp32 vectors, ln biases may be None) and its KV cache
+        (slots, 2, nh, block, hs). The tensors must outlive the calls (the decoder holds them)."""
+        for tensors in layers:
+            if not _plain(*(t for t in tensors.values() if t is not None)):
+                raise ValueError("rows_step: every weight must be a contiguous fp32 CPU tensor")
+        for cache in kv:
+            if cache.dim() != 5 or cache.size(1) != 2 or not _plain(cache):
+                raise ValueError(f"rows_step: a KV cache of shape {tuple(cache.shape)}; want (slots, 2, nh, block, hs)")
+        self.layers = (_Layer * len(layers))(*(
+            _Layer(**{k: (None if t is None else t.data_ptr()) for k, t in tensors.items()}, kv=cache.data_ptr())
+            for tensors, cache in zip(layers, kv)))
+        self.n_layer, self.slots = len(layers), kv[0].size(0)
+        self.nh, self.block, self.hs = kv[0].size(2), kv[0].size(3), kv[0].size(4)
+        self.hidden = layers[0]["fc_w"].size(0) * WIDTH
+        self.flags = STEP_RMSNORM * rms | STEP_QK_NORM * qk_norm | STEP_RELU2 * relu2
+        self.eps = eps
+        c = self.nh * self.hs
+        self.step_work = torch.empty(self.lib.rows_step_work(self.slots, c, self.hidden, self.block) // 4 + 1)
+
+    def step(self, x: torch.Tensor, positions: list[int], cos: torch.Tensor | None = None,
+             sin: torch.Tensor | None = None) -> torch.Tensor:
+        """The residual stream ``x`` (rows, C) after the embeddings through every block
+        set by :meth:`blocks`, in place: row r in cache slot r at ``positions[r]`` (its key
+        and value written there). ``cos``/``sin`` (rows, hs/2): rotary angles, or None."""
+        rows, c = x.shape
+        if c != self.nh * self.hs or rows > self.slots or len(positions) != rows or not _plain(x) or (
+                cos is not None and (cos.shape != (rows, self.hs // 2) or sin.shape != cos.shape
+                                     or not _plain(cos, sin))):
+            raise ValueError(f"rows_step: x {tuple(x.shape)} for {self.slots} slots of width {self.nh * self.hs}, "
+                             f"{len(positions)} positions, cos {None if cos is None else tuple(cos.shape)}")
+        pos = (ctypes.c_int64 * rows)(*positions)
+        rc = self.lib.rows_step(x.data_ptr(), rows, c, self.nh, self.block, self.hidden, self.n_layer, self.layers,
+                                pos, None if cos is None else cos.data_ptr(), None if sin is None else sin.data_ptr(),
+                                self.flags, self.eps, self.step_work.data_ptr())
+        if rc != 0:
+            raise RuntimeError(f"rows_step rejected its arguments (positions {positions}): rc {rc}")
+        return x
+
     def linear(self, x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """x (rows, in) @ the packed weight + bias: (rows, out). x must be contiguous fp32."""
         rows, k = x.shape
         n = packed.size(0) * WIDTH
         # The kernel trusts its pointers: shapes are checked here, where a mistake is an error.
-        if packed.shape[1:] != (k, WIDTH) or not packed.is_contiguous() or not x.is_contiguous() \
-                or (bias is not None and bias.shape != (n,)):
+        if packed.shape[1:] != (k, WIDTH) or not _plain(packed, x) or (
+                bias is not None and (bias.shape != (n,) or not _plain(bias))):
             raise ValueError(f"rows_linear: x {tuple(x.shape)}, packed {tuple(packed.shape)} (want (n/{WIDTH}, "
                              f"{k}, {WIDTH}) contiguous), bias {None if bias is None else tuple(bias.shape)}")
         y = torch.empty(rows, n, dtype=torch.float32)
@@ -219,9 +275,10 @@ class NativeRows:
         """Row r's query ``q[r]`` (nh, hs) (rows may be strided, as slices of a fused QKV),
         over the first ``lengths[r]`` positions of its cache ``kv[r]`` (2, nh, block, hs):
         softmax(q k / sqrt(hs)) v, (rows, nh * hs)."""
-        rows, nh, hs, block = q.size(0), kv.size(2), kv.size(4), kv.size(3)
-        if q.shape[1:] != (nh, hs) or kv.size(0) < rows or kv.size(1) != 2 or len(lengths) != rows \
-                or kv[0].stride() != (nh * block * hs, block * hs, hs, 1) or self.work.numel() < block + 8:
+        rows, nh, hs, block = q.size(0), kv.size(-3), kv.size(-1), kv.size(-2)
+        if q.dim() != 3 or kv.dim() != 5 or q.shape[1:] != (nh, hs) or kv.size(0) < rows or kv.size(1) != 2 \
+                or len(lengths) != rows or kv[0].stride() != (nh * block * hs, block * hs, hs, 1) \
+                or not _plain(q, contiguous=False) or not _plain(kv, contiguous=False) or self.work.numel() < block + 8:
             raise ValueError(f"rows_attend: q {tuple(q.shape)}, kv {tuple(kv.shape)}, {len(lengths)} lengths")
         if q.stride(2) != 1 or q.stride(1) != hs:
             q = q.contiguous()
@@ -232,6 +289,12 @@ class NativeRows:
         if rc != 0:
             raise RuntimeError(f"rows_attend rejected its arguments (head size {hs}, lengths {lengths}): rc {rc}")
         return y
+
+
+def _plain(*tensors: torch.Tensor, contiguous: bool = True) -> bool:
+    """fp32 on the CPU (and contiguous): what the C code's pointers assume."""
+    return all(t.dtype == torch.float32 and t.device.type == "cpu" and (t.is_contiguous() or not contiguous)
+               for t in tensors)
 
 
 def _attention_reference(q: torch.Tensor, kv: torch.Tensor, lengths: list[int]) -> torch.Tensor:
