@@ -294,6 +294,18 @@ def test_the_native_blocks_stand_aside_where_they_cannot_run(lib):
         CachedDecoder(model, native_rows=True)
 
 
+@pytest.mark.parametrize("block", [1, 2, 4, 8])
+def test_the_first_check_fits_a_model_with_a_context_of_a_few_positions(lib, block):
+    """The once-per-model check decodes two rows a few positions ahead of each other: a model
+    whose context is shorter than that still gets a decoder (checked within its context)."""
+    model = native_model(block_size=block)
+    decoder = CachedDecoder(model)
+    assert decoder.kernels is not None
+    decoder.prefill(0, [1])
+    if block > 1:
+        assert decoder.step([2], top=3).ids.shape == (1, 3)
+
+
 def test_native_blocks_that_disagree_with_torch_are_not_used(lib, monkeypatch):
     """Each model's first decoder checks the native blocks against torch's step (two rows
     at different positions): a kernel that computes something else (here made to nudge
