@@ -2,9 +2,9 @@
 
 Decoding a few rows spends most of a step in the LM head and in selecting each row's top
 logits from it (docs/generation.md, "Selecting a row's top"). ``head_top.c`` streams the
-head once for up to 8 rows and selects exactly; ``decode_rows.c`` runs the blocks' linear
-layers and each row's attention over its own cached positions, with the same arithmetic
-for a row whatever the other rows are. Plain C; this module builds both with the
+head once for up to 8 rows and selects exactly; ``decode_rows.c`` runs every block of a
+step in one call (each row attending over its own cached positions), with the same
+arithmetic for a row whatever the other rows are. Plain C; this module builds both with the
 machine's C compiler the first time they are needed, caches the library, and calls it
 through ctypes (which releases the GIL for the call).
 
