@@ -22,8 +22,20 @@
 typedef float v8 __attribute__((vector_size(32)));
 typedef int32_t m8 __attribute__((vector_size(32)));
 
-#define WIDTH 16  /* output columns a panel of packed weights holds: two vectors */
+#define WIDTH 16  /* output columns a panel of packed weights holds: two vectors, or one of AVX-512 */
 #define GROUP 4   /* rows sharing one pass over a panel */
+
+/* The linear layers' vector: 16 floats where the CPU has AVX-512 (one per panel, twice the
+ * FMA work per instruction, 32 registers), else 8 (two per panel). Each output is the same
+ * chain of FMAs either way. */
+#if defined(__AVX512F__)
+typedef float vl __attribute__((vector_size(64)));
+#define LANES 16
+#else
+typedef v8 vl;
+#define LANES 8
+#endif
+#define HALVES (WIDTH / LANES)  /* vectors per panel row */
 
 /* ---- linear layers: y (rows, N) = x (rows, K) W (K, N) + b ----
  *
@@ -34,53 +46,54 @@ typedef int32_t m8 __attribute__((vector_size(32)));
 #define LTILE(R, P)                                                                        \
 static void ltile_##R##_##P(const float *x, int64_t K, const float *w, const float *b,     \
                             float *y, int64_t N, int64_t p0) {                             \
-    v8 acc[R][P][2];                                                                       \
+    vl acc[R][P][HALVES];                                                                  \
     for (int r = 0; r < R; r++)                                                            \
-        for (int q = 0; q < P; q++) acc[r][q][0] = acc[r][q][1] = (v8){0};                 \
+        for (int q = 0; q < P; q++)                                                        \
+            for (int h = 0; h < HALVES; h++) acc[r][q][h] = (vl){0};                       \
     for (int64_t k = 0; k < K; k++) {                                                      \
-        v8 w0[P], w1[P];                                                                   \
-        for (int q = 0; q < P; q++) {                                                      \
-            const float *wk = w + ((p0 + q) * K + k) * WIDTH;                              \
-            __builtin_memcpy(&w0[q], wk, sizeof(v8));                                      \
-            __builtin_memcpy(&w1[q], wk + 8, sizeof(v8));                                  \
-        }                                                                                  \
+        vl wv[P][HALVES];                                                                  \
+        for (int q = 0; q < P; q++)                                                        \
+            for (int h = 0; h < HALVES; h++)                                               \
+                __builtin_memcpy(&wv[q][h], w + ((p0 + q) * K + k) * WIDTH + h * LANES, sizeof(vl)); \
         for (int r = 0; r < R; r++) {                                                      \
             float xs = x[r * K + k];                                                       \
-            for (int q = 0; q < P; q++) {                                                  \
-                acc[r][q][0] += xs * w0[q];                                                \
-                acc[r][q][1] += xs * w1[q];                                                \
+            for (int q = 0; q < P; q++)                                                    \
+                for (int h = 0; h < HALVES; h++) acc[r][q][h] += xs * wv[q][h];            \
+        }                                                                                  \
+    }                                                                                      \
+    for (int q = 0; q < P; q++)                                                            \
+        for (int h = 0; h < HALVES; h++) {                                                 \
+            vl bv = (vl){0};                                                               \
+            if (b) __builtin_memcpy(&bv, b + (p0 + q) * WIDTH + h * LANES, sizeof(vl));    \
+            for (int r = 0; r < R; r++) {                                                  \
+                vl o = acc[r][q][h] + bv;                                                  \
+                __builtin_memcpy(y + r * N + (p0 + q) * WIDTH + h * LANES, &o, sizeof(vl)); \
             }                                                                              \
         }                                                                                  \
-    }                                                                                      \
-    for (int q = 0; q < P; q++) {                                                          \
-        v8 b0 = (v8){0}, b1 = (v8){0};                                                     \
-        if (b) {                                                                           \
-            __builtin_memcpy(&b0, b + (p0 + q) * WIDTH, sizeof(v8));                       \
-            __builtin_memcpy(&b1, b + (p0 + q) * WIDTH + 8, sizeof(v8));                   \
-        }                                                                                  \
-        for (int r = 0; r < R; r++) {                                                      \
-            v8 o0 = acc[r][q][0] + b0, o1 = acc[r][q][1] + b1;                             \
-            __builtin_memcpy(y + r * N + (p0 + q) * WIDTH, &o0, sizeof(v8));               \
-            __builtin_memcpy(y + r * N + (p0 + q) * WIDTH + 8, &o1, sizeof(v8));           \
-        }                                                                                  \
-    }                                                                                      \
 }
 
-/* Panels at a time per row count (1 row: 4 panels a pass, 2-3 rows: 2, groups of 4: 1):
- * enough independent sums (2 R P >= 8) to hide the FMA
- * latency, few enough (<= 12) to stay in 16 vector registers. */
-LTILE(1, 4) LTILE(1, 2) LTILE(1, 1) LTILE(2, 2) LTILE(2, 1) LTILE(3, 2) LTILE(3, 1) LTILE(4, 1)
+/* Panels at a time by the rows in a tile (AVX2: 1 row 4 panels, 2-3 rows 2, groups of 4
+ * rows 1; AVX-512, a vector per panel: twice those): enough independent sums (>= 8) to
+ * hide the FMA latency, few enough to stay in the vector registers (<= 12 of 16 with
+ * AVX2, <= 16 of 32 with AVX-512). */
+#define PANELS(rows) ((rows == 1 ? 4 : rows < GROUP ? 2 : 1) * (2 / HALVES))
+LTILE(1, 8) LTILE(1, 4) LTILE(1, 2) LTILE(1, 1) LTILE(2, 4) LTILE(2, 2) LTILE(2, 1) LTILE(3, 4)
+LTILE(3, 2) LTILE(3, 1) LTILE(4, 2) LTILE(4, 1)
 
 static void ltile(int R, int P, const float *x, int64_t K, const float *w, const float *b, float *y,
                   int64_t N, int64_t p0) {
-    switch (R * 8 + P) {
-    case 12: ltile_1_4(x, K, w, b, y, N, p0); break;
-    case 10: ltile_1_2(x, K, w, b, y, N, p0); break;
-    case 9: ltile_1_1(x, K, w, b, y, N, p0); break;
-    case 18: ltile_2_2(x, K, w, b, y, N, p0); break;
-    case 17: ltile_2_1(x, K, w, b, y, N, p0); break;
-    case 26: ltile_3_2(x, K, w, b, y, N, p0); break;
-    case 25: ltile_3_1(x, K, w, b, y, N, p0); break;
+    switch (R * 16 + P) {
+    case 24: ltile_1_8(x, K, w, b, y, N, p0); break;
+    case 20: ltile_1_4(x, K, w, b, y, N, p0); break;
+    case 18: ltile_1_2(x, K, w, b, y, N, p0); break;
+    case 17: ltile_1_1(x, K, w, b, y, N, p0); break;
+    case 36: ltile_2_4(x, K, w, b, y, N, p0); break;
+    case 34: ltile_2_2(x, K, w, b, y, N, p0); break;
+    case 33: ltile_2_1(x, K, w, b, y, N, p0); break;
+    case 52: ltile_3_4(x, K, w, b, y, N, p0); break;
+    case 50: ltile_3_2(x, K, w, b, y, N, p0); break;
+    case 49: ltile_3_1(x, K, w, b, y, N, p0); break;
+    case 66: ltile_4_2(x, K, w, b, y, N, p0); break;
     default: ltile_4_1(x, K, w, b, y, N, p0); break;
     }
 }
@@ -90,10 +103,10 @@ static void ltile(int R, int P, const float *x, int64_t K, const float *w, const
 int rows_linear(const float *x, int64_t rows, int64_t K, const float *w, int64_t N, const float *b, float *y) {
     if (rows < 1 || K < 1 || N < WIDTH || N % WIDTH) return -1;
     int64_t panels = N / WIDTH;
-    int P = rows == 1 ? 4 : rows < GROUP ? 2 : 1;  /* with GROUP rows, 8 sums per panel already */
+    int P = PANELS(rows);  /* with GROUP rows, 8 sums per panel already */
     for (int64_t p = 0; p < panels;) {
         int step = P;
-        while (step > panels - p) step /= 2;  /* the last panels: 2, then 1, at a time */
+        while (step > panels - p) step /= 2;  /* the last panels: fewer at a time */
         for (int64_t r0 = 0; r0 < rows; r0 += GROUP) {  /* the panels are still cached for the next group */
             int R = rows - r0 < GROUP ? (int)(rows - r0) : GROUP;
             ltile(R, step, x + r0 * K, K, w, b, y + r0 * N, N, p);

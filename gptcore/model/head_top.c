@@ -9,7 +9,8 @@
  *      each 64-id block's maximum while the block is still in L1;
  *   2. per row, the top-th largest block maximum, a floor no higher than the row's top-th
  *      logit (top blocks each hold a logit at least that large), found among the ~800
- *      maxima; only blocks whose maximum reaches the floor are read again, and their
+ *      maxima; only blocks whose maximum reaches the floor are read again (a vector compare
+ *      gives a mask of the logits that reach it), and their
  *      logits at or above it (every id that can be in the top, ties included) are
  *      selected and sorted: value descending, id ascending among equals, as gptcore's
  *      exact_top orders.
@@ -28,9 +29,20 @@
 #include <stddef.h>
 #include <stdint.h>
 
-typedef float v8 __attribute__((vector_size(32)));
-
-#define BLOCK 8     /* ids per vector */
+/* One vector of ids: 16 floats where the CPU has AVX-512 (twice the FMA work per
+ * instruction and 32 registers for the sums), else 8. Each lane is the same chain of FMAs
+ * either way, so the logits' bits do not depend on the width. */
+#if defined(__AVX512F__)
+typedef float vf __attribute__((vector_size(64)));
+typedef int32_t vi __attribute__((vector_size(64)));
+#define BLOCK 16
+#define LANE_BITS ((vi){1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768})
+#else
+typedef float vf __attribute__((vector_size(32)));
+typedef int32_t vi __attribute__((vector_size(32)));
+#define BLOCK 8
+#define LANE_BITS ((vi){1, 2, 4, 8, 16, 32, 64, 128})
+#endif
 #define SUPER 64    /* ids whose weights are stored together, and whose maximum is kept */
 #define PREFETCH 2  /* super-blocks ahead the weights are prefetched */
 #define CHUNK 256   /* ids computed per call of tile() */
@@ -54,19 +66,32 @@ static inline int64_t id_of(uint64_t key) { return (int64_t)(0xFFFFFFFFu - (uint
 
 static inline void swap(uint64_t *a, uint64_t *b) { uint64_t t = *a; *a = *b; *b = t; }
 
+/* Partition keys[lo..hi] around keys[hi] (the pivot, after a median of three of lo, mid
+ * and hi): the keys above it first, then the pivot, whose index is returned. Every key is
+ * swapped and the count advances by the comparison, so no branch depends on the data
+ * (a compare-and-branch mispredicts on about every other key of logits in random order). */
+static inline int partition(uint64_t *keys, int lo, int hi) {
+    int mid = lo + (hi - lo) / 2;
+    if (keys[mid] < keys[lo]) swap(&keys[mid], &keys[lo]);
+    if (keys[hi] < keys[lo]) swap(&keys[hi], &keys[lo]);
+    if (keys[mid] < keys[hi]) swap(&keys[mid], &keys[hi]);
+    uint64_t pivot = keys[hi];
+    int store = lo;
+    for (int i = lo; i < hi; i++) {
+        uint64_t v = keys[i];
+        keys[i] = keys[store];
+        keys[store] = v;
+        store += v > pivot;
+    }
+    swap(&keys[store], &keys[hi]);  /* keys are distinct (ids differ): a strict order */
+    return store;
+}
+
 /* Reorder keys[0..n) so that keys[0..k) are the k largest (in no order). */
 static void select_largest(uint64_t *keys, int n, int k) {
     int lo = 0, hi = n - 1;
     while (hi > lo) {
-        int mid = lo + (hi - lo) / 2;  /* median of three as the pivot, moved to hi */
-        if (keys[mid] < keys[lo]) swap(&keys[mid], &keys[lo]);
-        if (keys[hi] < keys[lo]) swap(&keys[hi], &keys[lo]);
-        if (keys[mid] < keys[hi]) swap(&keys[mid], &keys[hi]);
-        uint64_t pivot = keys[hi];
-        int store = lo;
-        for (int i = lo; i < hi; i++)
-            if (keys[i] > pivot) swap(&keys[i], &keys[store++]);
-        swap(&keys[store], &keys[hi]);  /* keys are distinct (ids differ): a strict order */
+        int store = partition(keys, lo, hi);
         if (store == k || store == k - 1) return;
         if (store < k) lo = store + 1; else hi = store - 1;
     }
@@ -76,15 +101,7 @@ static void select_largest(uint64_t *keys, int n, int k) {
  * side, insertion sort below 16. */
 static void sort_descending(uint64_t *keys, int n) {
     while (n > 16) {
-        int mid = n / 2, hi = n - 1;
-        if (keys[mid] < keys[0]) swap(&keys[mid], &keys[0]);
-        if (keys[hi] < keys[0]) swap(&keys[hi], &keys[0]);
-        if (keys[mid] < keys[hi]) swap(&keys[mid], &keys[hi]);
-        uint64_t pivot = keys[hi];
-        int store = 0;
-        for (int i = 0; i < hi; i++)
-            if (keys[i] > pivot) swap(&keys[i], &keys[store++]);
-        swap(&keys[store], &keys[hi]);
+        int store = partition(keys, 0, n - 1);
         if (store < n - store - 1) {
             sort_descending(keys, store);
             keys += store + 1;
@@ -102,25 +119,25 @@ static void sort_descending(uint64_t *keys, int n) {
     }
 }
 
-/* Logits of R rows for the SUPER ids of super-block s, T blocks of 8 ids at a time:
+/* Logits of R rows for the SUPER ids of super-block s, T vectors of BLOCK ids at a time:
  * out[r * stride + i] for id s * SUPER + i. */
 #define TILE(R, T)                                                                        \
-static void tile_##R##_##T(const float *x, int C, const float *w, int64_t s, float *out,  \
-                           int stride) {                                                  \
+static void tile_##R(const float *x, int C, const float *w, int64_t s, float *out,        \
+                     int stride) {                                                        \
     const float *ws = w + (size_t)s * C * SUPER;                                          \
     for (int b = 0; b < SUPER; b += T * BLOCK) {                                          \
-        v8 acc[R][T];                                                                     \
+        vf acc[R][T];                                                                     \
         for (int r = 0; r < R; r++)                                                       \
-            for (int t = 0; t < T; t++) acc[r][t] = (v8){0};                              \
+            for (int t = 0; t < T; t++) acc[r][t] = (vf){0};                              \
         for (int k = 0; k < C; k++) {                                                     \
             /* the super-block PREFETCH ahead, spread over this one's iterations */      \
             const char *ahead = (const char *)(ws + (size_t)PREFETCH * C * SUPER)         \
                 + ((size_t)b * C + (size_t)k * T * BLOCK) * sizeof(float);                \
             for (int l = 0; l < T * BLOCK * (int)sizeof(float); l += 64)                  \
                 __builtin_prefetch(ahead + l);                                            \
-            v8 wv[T];                                                                     \
+            vf wv[T];                                                                     \
             for (int t = 0; t < T; t++)                                                   \
-                __builtin_memcpy(&wv[t], ws + (size_t)k * SUPER + b + t * BLOCK, sizeof(v8)); \
+                __builtin_memcpy(&wv[t], ws + (size_t)k * SUPER + b + t * BLOCK, sizeof(vf)); \
             for (int r = 0; r < R; r++) {                                                 \
                 float xs = x[(size_t)r * C + k];                                          \
                 for (int t = 0; t < T; t++) acc[r][t] += xs * wv[t];                      \
@@ -128,27 +145,31 @@ static void tile_##R##_##T(const float *x, int C, const float *w, int64_t s, flo
         }                                                                                 \
         for (int r = 0; r < R; r++)                                                       \
             for (int t = 0; t < T; t++)                                                   \
-                __builtin_memcpy(out + (size_t)r * stride + b + t * BLOCK, &acc[r][t], sizeof(v8)); \
+                __builtin_memcpy(out + (size_t)r * stride + b + t * BLOCK, &acc[r][t], sizeof(vf)); \
     }                                                                                     \
 }
 
-/* T blocks at a time: enough independent sums (R * T >= 8) to hide the FMA latency, few
- * enough (<= 12) to stay in 16 vector registers. */
+/* T vectors at a time: enough independent sums (R * T >= 8; one row streams from memory
+ * anyway) to hide the FMA latency, few enough to stay in the vector registers (<= 12 of 16 with AVX2, <= 24 of 32 with AVX-512). */
+#if BLOCK == 16
+TILE(1, 4) TILE(2, 4) TILE(3, 4) TILE(4, 4) TILE(5, 4) TILE(6, 4) TILE(7, 2) TILE(8, 2)
+#else
 TILE(1, 8) TILE(2, 4) TILE(3, 4) TILE(4, 2) TILE(5, 2) TILE(6, 2) TILE(7, 1) TILE(8, 1)
+#endif
 
 static void tile(int R, const float *x, int C, const float *w, int64_t start, float *out, int stride) {
     for (int i = 0; i < CHUNK; i += SUPER) {
         int64_t s = (start + i) / SUPER;
         float *o = out + i;
         switch (R) {
-        case 1: tile_1_8(x, C, w, s, o, stride); break;
-        case 2: tile_2_4(x, C, w, s, o, stride); break;
-        case 3: tile_3_4(x, C, w, s, o, stride); break;
-        case 4: tile_4_2(x, C, w, s, o, stride); break;
-        case 5: tile_5_2(x, C, w, s, o, stride); break;
-        case 6: tile_6_2(x, C, w, s, o, stride); break;
-        case 7: tile_7_1(x, C, w, s, o, stride); break;
-        default: tile_8_1(x, C, w, s, o, stride); break;
+        case 1: tile_1(x, C, w, s, o, stride); break;
+        case 2: tile_2(x, C, w, s, o, stride); break;
+        case 3: tile_3(x, C, w, s, o, stride); break;
+        case 4: tile_4(x, C, w, s, o, stride); break;
+        case 5: tile_5(x, C, w, s, o, stride); break;
+        case 6: tile_6(x, C, w, s, o, stride); break;
+        case 7: tile_7(x, C, w, s, o, stride); break;
+        default: tile_8(x, C, w, s, o, stride); break;
         }
     }
 }
@@ -160,15 +181,44 @@ int64_t head_top_work(int64_t first, int64_t last) {
         + blocks * (int64_t)sizeof(uint64_t) + n * (int64_t)sizeof(uint64_t);
 }
 
+/* Whether any lane of v is at least f (NaN-blind): the lanes' maxima folded in halves. */
+static inline int any_at_least(vf v, float f) {
+    float lane[BLOCK];
+    __builtin_memcpy(lane, &v, sizeof lane);
+    for (int w = BLOCK / 2; w >= 1; w /= 2)
+        for (int l = 0; l < w; l++) lane[l] = lane[l + w] > lane[l] ? lane[l + w] : lane[l];
+    return lane[0] >= f;
+}
+
+/* The lanes of a, or of b where b's are larger (a NaN in b is never taken). */
+static inline vf larger(vf a, vf b) {
+    vi m = b > a, ai, bi;
+    __builtin_memcpy(&ai, &a, sizeof ai);
+    __builtin_memcpy(&bi, &b, sizeof bi);
+    ai = (ai & ~m) | (bi & m);
+    __builtin_memcpy(&a, &ai, sizeof a);
+    return a;
+}
+
+/* Bit l set where lane l of v is at least f (a NaN never is). */
+static inline uint32_t lanes_at_least(vf v, float f) {
+    vi bit = (v >= f) & LANE_BITS;
+    uint32_t r = 0;
+    for (int l = 0; l < BLOCK; l++) r |= (uint32_t)bit[l];
+    return r;
+}
+
 /* The largest of a block's SUPER logits, `valid` of them real (NaN-blind). */
 static inline float block_max(const float *b, int64_t valid) {
     float m = -__builtin_inff();
     if (valid >= SUPER) {
-        float lane[BLOCK];  /* from -inf, so a NaN never becomes a lane's running maximum */
-        for (int l = 0; l < BLOCK; l++) lane[l] = -__builtin_inff();
-        for (int j = 0; j < SUPER; j += BLOCK)
-            for (int l = 0; l < BLOCK; l++) lane[l] = b[j + l] > lane[l] ? b[j + l] : lane[l];
-        for (int l = 0; l < BLOCK; l++) m = lane[l] > m ? lane[l] : m;
+        vf lanes = (vf){0} - __builtin_inff();  /* from -inf, so a NaN never becomes a lane's maximum */
+        for (int j = 0; j < SUPER; j += BLOCK) {
+            vf v;
+            __builtin_memcpy(&v, b + j, sizeof v);
+            lanes = larger(lanes, v);
+        }
+        for (int l = 0; l < BLOCK; l++) m = lanes[l] > m ? lanes[l] : m;
     } else {
         for (int64_t j = 0; j < valid; j++) m = b[j] > m ? b[j] : m;
     }
@@ -219,8 +269,21 @@ int head_top(const float *x, int64_t rows, int C, const float *w, int64_t first,
                 if (!(br[blk] >= floor)) continue;
                 const float *b = yr + blk * SUPER;
                 int64_t m = real - blk * SUPER < SUPER ? real - blk * SUPER : SUPER;
-                for (int64_t j = 0; j < m; j++)
-                    if (b[j] >= floor) cand[found++] = key_of(b[j], first + blk * SUPER + j);
+                if (m == SUPER) {  /* a mask of the block's logits at the floor, then only those */
+                    uint64_t hits = 0;
+                    for (int j = 0; j < SUPER; j += BLOCK) {
+                        vf v;
+                        __builtin_memcpy(&v, b + j, sizeof v);
+                        hits |= (uint64_t)lanes_at_least(v, floor) << j;
+                    }
+                    for (; hits; hits &= hits - 1) {
+                        int j = __builtin_ctzll(hits);
+                        cand[found++] = key_of(b[j], first + blk * SUPER + j);
+                    }
+                } else {
+                    for (int64_t j = 0; j < m; j++)
+                        if (b[j] >= floor) cand[found++] = key_of(b[j], first + blk * SUPER + j);
+                }
             }
             if (found > top) select_largest(cand, found, top);
             int kept = found < top ? found : top;
