@@ -245,7 +245,7 @@ class TrainConfig:
     learning_rate: float = 1.5e-3
     min_lr: float = 1.5e-4
     warmup_steps: int = 50
-    weight_decay: float = 0.1
+    weight_decay: float = 0.3
     beta1: float = 0.9
     beta2: float = 0.99
     muon_lr_scale: float = 3.0  # Muon's rate = this x the scheduled learning_rate (optimizer: muon)

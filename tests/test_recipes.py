@@ -63,6 +63,8 @@ def test_the_base_is_the_muon_recipe_and_the_winner_is_params_yaml(sweep):
     previous = sweep.with_overrides(recipes["rope_ls0.02_ema0.995_mean"], seed=1337, device="auto")
     assert previous.model.mlp_activation == "gelu"  # the default before ReLU², as measured
     assert sweep.with_overrides(recipes["rope_ls0.02_ema0.995_mean_relu2"], seed=1337,
+                                device="auto").train.weight_decay == 0.1  # the default before wd 0.3
+    assert sweep.with_overrides(recipes["rope_ls0.02_ema0.995_mean_relu2_wd0.3"], seed=1337,
                                 device="auto") == load_params(REPO / "params.yaml")
 
 
