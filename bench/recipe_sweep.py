@@ -76,9 +76,14 @@ def parse_sets(items: list[str]) -> dict:
 
 def with_overrides(overrides: dict, seed: int, device: str = "auto", root: Path = ROOT):
     """params.yaml in ``root`` with the overrides, the seed and the device: validated Params."""
+    import yaml
+
     from gptcore.config import Params, load_params
 
     d = load_params(root / "params.yaml").to_dict()
+    if yaml.safe_load((root / "params.yaml").read_text()).get("model", {}).get("vocab_size", "auto") == "auto":
+        # to_dict resolved "auto" with params.yaml's tokenizer; a recipe's own (bpe 4,096 ids, say) sizes it
+        d["model"]["vocab_size"] = "auto"
     for dotted, value in {**overrides, "train.seed": seed, "train.device": device}.items():
         section, _, key = dotted.partition(".")
         if section not in d or key not in d[section]:

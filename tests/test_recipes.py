@@ -68,6 +68,16 @@ def test_the_base_is_the_muon_recipe_and_the_winner_is_params_yaml(sweep):
                                 device="auto") == load_params(REPO / "params.yaml")
 
 
+def test_a_recipe_with_its_own_tokenizer_gets_that_vocabulary(sweep):
+    # model.vocab_size: auto in params.yaml follows the recipe's tokenizer, as in the pipeline
+    # (a direct sweep or bench_recipe_cost once built a 50,257-row model for a 4,096-id BPE).
+    recipes = sweep.load_recipes(REPO / "bench" / "recipes.yaml")
+    assert sweep.with_overrides(recipes["bpe4k_wd0.3"], seed=1337).model.vocab_size == 4096
+    assert sweep.with_overrides(recipes["bpe8k"], seed=1337).model.vocab_size == 8192
+    assert sweep.with_overrides(recipes["char1000"], seed=1337).model.vocab_size == 66
+    assert sweep.with_overrides(recipes["muon"], seed=1337).model.vocab_size == 50257
+
+
 def _gone(pid: int) -> bool:
     """Ended: no such process, or a zombie nobody has reaped yet (a container's init may not)."""
     try:
