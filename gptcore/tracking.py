@@ -276,7 +276,17 @@ class Tracker:
             self._call("system metrics", self._monitor.finish)
             self._monitor = None
         if self.enabled:
-            self._call("end run", self._client.set_terminated, self.run_id, status)
+            # A run left RUNNING looks alive for good: retry a store that another stage or
+            # experiment holds locked (SQLite, two `dvc queue` workers) before giving up.
+            for attempt in range(5):
+                try:
+                    self._client.set_terminated(self.run_id, status)
+                    return
+                except Exception as exc:  # noqa: BLE001 - tracking must never break a stage
+                    if attempt == 4:
+                        self._warn("end run", exc)
+                        return
+                    time.sleep(0.25 * 2 ** attempt)
 
 
 def write_run_file(run_id: str | None, path: str | Path = RUN_FILE) -> None:
