@@ -150,7 +150,8 @@ static void tile_##R(const float *x, int C, const float *w, int64_t s, float *ou
 }
 
 /* T vectors at a time: enough independent sums (R * T >= 8; one row streams from memory
- * anyway) to hide the FMA latency, few enough to stay in the vector registers (<= 12 of 16 with AVX2, <= 24 of 32 with AVX-512). */
+ * anyway) to hide the FMA latency, few enough to stay in the vector registers (<= 12 of
+ * 16 with AVX2, <= 24 of 32 with AVX-512). */
 #if BLOCK == 16
 TILE(1, 4) TILE(2, 4) TILE(3, 4) TILE(4, 4) TILE(5, 4) TILE(6, 4) TILE(7, 2) TILE(8, 2)
 #else
@@ -179,15 +180,6 @@ int64_t head_top_work(int64_t first, int64_t last) {
     int64_t n = last - first, blocks = n / SUPER;
     return 8 * n * (int64_t)sizeof(float) + 8 * blocks * (int64_t)sizeof(float)
         + blocks * (int64_t)sizeof(uint64_t) + n * (int64_t)sizeof(uint64_t);
-}
-
-/* Whether any lane of v is at least f (NaN-blind): the lanes' maxima folded in halves. */
-static inline int any_at_least(vf v, float f) {
-    float lane[BLOCK];
-    __builtin_memcpy(lane, &v, sizeof lane);
-    for (int w = BLOCK / 2; w >= 1; w /= 2)
-        for (int l = 0; l < w; l++) lane[l] = lane[l + w] > lane[l] ? lane[l + w] : lane[l];
-    return lane[0] >= f;
 }
 
 /* The lanes of a, or of b where b's are larger (a NaN in b is never taken). */
